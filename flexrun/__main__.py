@@ -1,0 +1,3 @@
+from flexrun.cli import main
+
+main()

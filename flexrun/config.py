@@ -1,0 +1,285 @@
+"""Model configs: a frozen ``OptConfig``, the table of known models, and ``resolve()``.
+
+The tensor shapes the runtime holds are listed once, in ``OptConfig.layer_shapes()`` and
+``OptConfig.global_shapes()``; the byte counts, dummy weights and the tensor store all follow from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flexrun.errors import ConfigError, UnknownModelError
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class OptConfig:
+    """Dimensions and flags of a decoder model, named after FlexGen's ``OptConfig``.
+
+    OPT is the reference family; the extra fields (``n_kv_head``, ``gated_mlp``, ``position``...) let the
+    same formulas describe the other architectures a policy maps onto the fused layer.
+    """
+
+    name: str
+    num_hidden_layers: int
+    hidden_size: int
+    n_head: int
+    ffn_embed_dim: int
+    vocab_size: int = 50272
+    max_seq_len: int = 2048
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+    dtype: str = "float16"
+    do_layer_norm_before: bool = True
+    # OPT-350m embeds tokens in 512 dims and projects in/out of the 1024-dim stack; 0 means hidden_size.
+    word_embed_proj_dim: int = 0
+    activation: str = "relu"
+    enable_bias: bool = True
+    # HF drops the final layer norm of post-LN OPT (350m) and of a few old fine-tunes.
+    final_layer_norm: bool = True
+    tie_word_embeddings: bool = True
+    arch: str = "opt"
+    # Grouped-query attention: key/value heads (0 means n_head).
+    n_kv_head: int = 0
+    # SwiGLU-style MLP with a gate projection (LLaMA); OPT has a plain two-matrix MLP.
+    gated_mlp: bool = False
+    # "learned" (OPT's table, read at position + position_offset), "rotary", "alibi" or "none".
+    position: str = "learned"
+    position_offset: int = 2
+    # "layernorm" or "rmsnorm"; layer norms carry a bias when norm_bias is set.
+    norm: str = "layernorm"
+    norm_bias: bool = True
+    layer_norm_eps: float = 1e-5
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_hidden_layers",
+            "hidden_size",
+            "n_head",
+            "ffn_embed_dim",
+            "vocab_size",
+            "max_seq_len",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.hidden_size % self.n_head:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
+        if self.word_embed_proj_dim == 0:
+            object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
+        if self.n_kv_head == 0:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_head
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of K (and of V) per token: key/value heads x head dim."""
+        return self.n_kv_head * self.head_dim
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    def layer_shapes(self) -> dict[str, Shape]:
+        """Shapes of one fused decoder layer's tensors, by slot name (Linear weights are [out, in])."""
+        h, f, bias = self.hidden_size, self.ffn_embed_dim, self.enable_bias
+        qkv = self.hidden_size + 2 * self.kv_dim
+        shapes: dict[str, Shape] = {"ln1_w": (h,)}
+        if self.norm_bias:
+            shapes["ln1_b"] = (h,)
+        shapes["qkv_w"] = (qkv, h)
+        if bias:
+            shapes["qkv_b"] = (qkv,)
+        shapes["out_w"] = (h, h)
+        if bias:
+            shapes["out_b"] = (h,)
+        shapes["ln2_w"] = (h,)
+        if self.norm_bias:
+            shapes["ln2_b"] = (h,)
+        if self.gated_mlp:
+            shapes["gate_w"] = (f, h)
+        shapes["fc1_w"] = (f, h)
+        if bias:
+            shapes["fc1_b"] = (f,)
+        shapes["fc2_w"] = (h, f)
+        if bias:
+            shapes["fc2_b"] = (h,)
+        return shapes
+
+    def global_shapes(self) -> dict[str, Shape]:
+        """Shapes of the tensors outside the layer stack: embeddings, projections, final norm, LM head."""
+        h, p = self.hidden_size, self.word_embed_proj_dim
+        shapes: dict[str, Shape] = {"embed_tokens": (self.vocab_size, p)}
+        if self.position == "learned":
+            shapes["embed_positions"] = (self.max_seq_len + self.position_offset, h)
+        if p != h:
+            shapes["project_in"] = (h, p)
+            shapes["project_out"] = (p, h)
+        if self.final_layer_norm:
+            shapes["final_ln_w"] = (h,)
+            if self.norm_bias:
+                shapes["final_ln_b"] = (h,)
+        if not self.tie_word_embeddings:
+            shapes["lm_head"] = (self.vocab_size, p)
+        return shapes
+
+    def layer_bytes(self) -> int:
+        """Bytes of one decoder layer's weights."""
+        return sum(math.prod(s) for s in self.layer_shapes().values()) * self.dtype_bytes
+
+    def model_bytes(self) -> int:
+        """Bytes of all weights: layers, embeddings, norms, biases (a tied LM head counted once)."""
+        glob = sum(math.prod(s) for s in self.global_shapes().values()) * self.dtype_bytes
+        return self.num_hidden_layers * self.layer_bytes() + glob
+
+    def cache_bytes(self, batch_size: int, seq_len: int) -> int:
+        """Bytes of the KV cache: K and V for every layer and token."""
+        return 2 * self.num_hidden_layers * batch_size * seq_len * self.kv_dim * self.dtype_bytes
+
+    def hidden_bytes(self, batch_size: int, seq_len: int) -> int:
+        """Bytes of the hidden state (the activations passed from layer to layer)."""
+        return batch_size * seq_len * self.hidden_size * self.dtype_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if not d["extra"]:
+            d.pop("extra")
+        return d
+
+
+# ---- the name table --------------------------------------------------------------------------------
+# (layers, hidden, heads, ffn) from the OPT paper (Zhang et al. 2022, table 1) and the published
+# facebook/opt-* config.json files; Galactica from Taylor et al. 2022, table 1, and facebook/galactica-*.
+_OPT = {
+    "opt-125m": (12, 768, 12, 3072),
+    "opt-350m": (24, 1024, 16, 4096),
+    "opt-1.3b": (24, 2048, 32, 8192),
+    "opt-2.7b": (32, 2560, 32, 10240),
+    "opt-6.7b": (32, 4096, 32, 16384),
+    "opt-13b": (40, 5120, 40, 20480),
+    "opt-30b": (48, 7168, 56, 28672),
+    "opt-66b": (64, 9216, 72, 36864),
+    "opt-175b": (96, 12288, 96, 49152),
+}
+_GALACTICA = {
+    "galactica-125m": (12, 768, 12, 3072),
+    "galactica-1.3b": (24, 2048, 32, 8192),
+    "galactica-6.7b": (32, 4096, 32, 16384),
+    "galactica-30b": (48, 7168, 56, 28672),
+    "galactica-120b": (96, 10240, 80, 40960),
+}
+# Per-model field changes from the family defaults.
+_SPECIAL: dict[str, dict[str, Any]] = {
+    "opt-350m": {"do_layer_norm_before": False, "word_embed_proj_dim": 512, "final_layer_norm": False},
+}
+_GALACTICA_FIELDS: dict[str, Any] = {"vocab_size": 50000, "activation": "gelu", "bos_token_id": 0}
+# Instruction-tuned variants share their base model's architecture.
+_ALIASES = {
+    "opt-iml-1.3b": "opt-1.3b",
+    "opt-iml-30b": "opt-30b",
+    "opt-iml-max-1.3b": "opt-1.3b",
+    "opt-iml-max-30b": "opt-30b",
+}
+
+
+def _table() -> dict[str, dict[str, Any]]:
+    table: dict[str, dict[str, Any]] = {}
+    for family, extra in ((_OPT, {}), (_GALACTICA, _GALACTICA_FIELDS)):
+        for key, (layers, hidden, heads, ffn) in family.items():
+            table[key] = {
+                "num_hidden_layers": layers,
+                "hidden_size": hidden,
+                "n_head": heads,
+                "ffn_embed_dim": ffn,
+                **extra,
+                **_SPECIAL.get(key, {}),
+            }
+    for alias, base in _ALIASES.items():
+        table[alias] = table[base]
+    return table
+
+
+MODEL_TABLE: dict[str, dict[str, Any]] = _table()
+
+
+def known_models() -> list[str]:
+    """Every short name in the table, e.g. ``opt-30b``, ``galactica-120b``, ``opt-iml-max-30b``."""
+    return sorted(MODEL_TABLE)
+
+
+def _short_name(name: str) -> str:
+    return name.strip().rstrip("/").split("/")[-1].lower()
+
+
+def _apply_overrides(config: OptConfig, overrides: dict[str, Any]) -> OptConfig:
+    if not overrides:
+        return config
+    fields = {f.name for f in dataclasses.fields(OptConfig)} - {"extra"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}")
+    return dataclasses.replace(config, **overrides)
+
+
+def resolve(name: str, **overrides: Any) -> OptConfig:
+    """The config for ``name``: a table name (any ``org/`` prefix, any case) or a checkpoint directory.
+
+    ``overrides`` replace fields (e.g. ``dtype="bfloat16"``); an unknown field raises ConfigError.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        return _apply_overrides(config_from_path(path), overrides)
+    key = _short_name(name)
+    if key not in MODEL_TABLE:
+        close = difflib.get_close_matches(key, known_models(), n=4, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else f"; known: {', '.join(known_models())}"
+        raise UnknownModelError(f"unknown model {name!r}{hint} (or pass a local checkpoint directory)")
+    return _apply_overrides(OptConfig(name=key, **MODEL_TABLE[key]), overrides)
+
+
+def config_from_path(path: Path) -> OptConfig:
+    """Read a checkpoint directory's (or a tensor store's) config.json."""
+    if path.is_dir():
+        if (path / "index.json").exists() and not (path / "config.json").exists():
+            meta = json.loads((path / "index.json").read_text())
+            return OptConfig(**meta["config"])
+        cfg_file = path / "config.json"
+        if not cfg_file.exists():
+            raise UnknownModelError(f"{path} is a directory but has no config.json")
+        try:
+            hf = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{cfg_file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return config_from_hf(hf, name=path.name)
+    raise UnknownModelError(f"{path} is not a checkpoint directory (expected a folder with config.json)")
+
+
+def _hf_dtype(hf: dict[str, Any]) -> str:
+    dtype = hf.get("torch_dtype") or hf.get("dtype") or "float16"
+    return dtype if dtype in DTYPE_BYTES else "float16"
+
+
+def config_from_hf(hf: dict[str, Any], name: str) -> OptConfig:
+    """An ``OptConfig`` from a Hugging Face config.json dict, through the architecture's policy."""
+    from flexrun.policies import policy_for_hf_config
+
+    return policy_for_hf_config(hf).config_from_hf(hf, name=name, dtype=_hf_dtype(hf))

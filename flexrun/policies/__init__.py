@@ -1,0 +1,80 @@
+"""Architecture policies and the registry that matches a checkpoint to one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flexrun.errors import CheckpointError
+from flexrun.policies.base import Policy, TensorGetter
+
+_REGISTRY: dict[str, Policy] = {}
+
+
+def register(policy: Policy) -> Policy:
+    """Add ``policy`` to the registry (last registration of a name wins, so tests can add toy policies)."""
+    _REGISTRY[policy.name] = policy
+    return policy
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def supported() -> list[str]:
+    """Names of the registered policies."""
+    return sorted(_REGISTRY)
+
+
+def _supported_line() -> str:
+    archs = sorted(a for p in _REGISTRY.values() for a in p.architectures)
+    return f"supported architectures: {', '.join(archs)}"
+
+
+def policy_by_name(name: str) -> Policy:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise CheckpointError(f"no policy named {name!r}; {_supported_line()}") from None
+
+
+def policy_for_hf_config(hf: dict[str, Any]) -> Policy:
+    """The policy for a config.json: matched by ``architectures`` first, then by ``model_type``."""
+    for arch in hf.get("architectures") or []:
+        for policy in _REGISTRY.values():
+            if arch in policy.architectures:
+                return policy
+    model_type = hf.get("model_type")
+    for policy in _REGISTRY.values():
+        if model_type in policy.model_types:
+            return policy
+    found = ", ".join(hf.get("architectures") or []) or f"model_type {model_type!r}"
+    raise CheckpointError(f"unsupported architecture {found}; {_supported_line()}")
+
+
+def policy_for_layer(layer: object) -> Policy:
+    """The policy whose layer class is exactly ``type(layer)`` (subclasses do not match)."""
+    cls = type(layer).__name__
+    for policy in _REGISTRY.values():
+        if cls in policy.layer_classes:
+            return policy
+    raise CheckpointError(f"no policy for layer class {cls}; {_supported_line()}")
+
+
+def _register_builtin() -> None:
+    from flexrun.policies.opt import OptPolicy
+
+    register(OptPolicy())
+
+
+_register_builtin()
+
+__all__ = [
+    "Policy",
+    "TensorGetter",
+    "policy_by_name",
+    "policy_for_hf_config",
+    "policy_for_layer",
+    "register",
+    "supported",
+    "unregister",
+]
