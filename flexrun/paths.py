@@ -1,0 +1,15 @@
+"""Where flexrun keeps its cache (converted tensor stores, calibration results)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """``$FLEXRUN_CACHE_DIR``, else ``$XDG_CACHE_HOME/flexrun``, else ``~/.cache/flexrun``."""
+    env = os.environ.get("FLEXRUN_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "flexrun"
