@@ -57,7 +57,7 @@ def read_into(fd: int, buf: torch.Tensor, offset: int = 0, nbytes: int | None = 
     With O_DIRECT, ``buf`` must be page-aligned (``aligned_empty``) and ``offset``/``nbytes`` multiples of
     ``ALIGN``. Returns the bytes read (short only at end of file).
     """
-    view = memoryview(buf.numpy()).cast("B")
+    view = memoryview(buf.numpy()).cast("B")  # type: ignore[arg-type]
     want = len(view) if nbytes is None else nbytes
     done = 0
     while done < want:
