@@ -62,18 +62,22 @@ class Shares:
     def only(cls, tier: str) -> Shares:
         return cls(**{t: float(t == tier) for t in TIERS})
 
-    def split(self, n: int) -> list[str]:
-        """The tier of each of ``n`` equal items along the stack, realising these shares in order.
+    def split(self, sizes: list[int] | int) -> list[str]:
+        """The tier of each item along the stack, realising these shares by size, in stack order.
 
-        Items go to device first, then host, then disk; item ``i`` takes the tier in which the cumulative
-        share reaches its midpoint, so 40/60 of 10 items is exactly 4 and 6.
+        ``sizes`` are the items' byte sizes (an int ``n`` means ``n`` equal items). Items go to device first,
+        then host, then disk; an item takes the tier in which the cumulative size reaches its midpoint, so
+        40/60 of 10 equal items is exactly 4 and 6, and no item is split across tiers.
         """
-        cut_device = self.device * n
-        cut_host = (self.device + self.host) * n
-        tiers = []
-        for i in range(n):
-            mid = i + 0.5
+        weights = [1] * sizes if isinstance(sizes, int) else list(sizes)
+        total = sum(weights)
+        cut_device = self.device * total
+        cut_host = (self.device + self.host) * total
+        tiers, cum = [], 0.0
+        for w in weights:
+            mid = cum + w / 2
             tiers.append("device" if mid < cut_device else "host" if mid < cut_host else "disk")
+            cum += w
         return tiers
 
 

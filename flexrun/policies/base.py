@@ -41,5 +41,6 @@ class Policy(ABC):
         """Layer ``i``'s tensors by slot name, read with ``get(hf_name)``."""
 
     @abstractmethod
-    def global_tensors(self, config: OptConfig, get: TensorGetter) -> dict[str, torch.Tensor]:
-        """Embeddings, projections, final norm and (untied) LM head by slot name."""
+    def global_names(self, config: OptConfig) -> dict[str, str]:
+        """Hugging Face names of the tensors outside the layer stack (embeddings, projections, final norm,
+        untied LM head), by slot name (see ``OptConfig.global_shapes``)."""

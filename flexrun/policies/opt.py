@@ -68,17 +68,14 @@ class OptPolicy(Policy):
             out["fc2_b"] = get(p + "fc2.bias")
         return out
 
-    def global_tensors(self, config: OptConfig, get: TensorGetter) -> dict[str, torch.Tensor]:
-        out = {
-            "embed_tokens": get("decoder.embed_tokens.weight"),
-            "embed_positions": get("decoder.embed_positions.weight"),
-        }
+    def global_names(self, config: OptConfig) -> dict[str, str]:
+        names = {"embed_tokens": "decoder.embed_tokens.weight", "embed_positions": "decoder.embed_positions.weight"}
         if config.word_embed_proj_dim != config.hidden_size:
-            out["project_in"] = get("decoder.project_in.weight")
-            out["project_out"] = get("decoder.project_out.weight")
+            names["project_in"] = "decoder.project_in.weight"
+            names["project_out"] = "decoder.project_out.weight"
         if config.final_layer_norm:
-            out["final_ln_w"] = get("decoder.final_layer_norm.weight")
-            out["final_ln_b"] = get("decoder.final_layer_norm.bias")
+            names["final_ln_w"] = "decoder.final_layer_norm.weight"
+            names["final_ln_b"] = "decoder.final_layer_norm.bias"
         if not config.tie_word_embeddings:
-            out["lm_head"] = get("lm_head.weight")
-        return out
+            names["lm_head"] = "lm_head.weight"
+        return names

@@ -1,0 +1,332 @@
+"""The offloading engine: the block schedule over (layer x micro-batch) for prefill and each decode step.
+
+For each step the stack is walked group by group (input embeddings, each layer, output head). A group's
+weights are loaded once and reused by every micro-batch of the block, while the next group's weights
+and the next micro-batch's KV cache load on I/O threads (``overlap``); with overlap off the same loads
+run in line, in the same order, and give identical tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flexrun.errors import InputError, PlacementError
+from flexrun.kernels import reference as K
+from flexrun.paths import cache_dir
+from flexrun.placement import Placement
+from flexrun.runtime.activations import ActivationStore
+from flexrun.runtime.iopool import IOPool
+from flexrun.runtime.kvcache import KVCache
+from flexrun.runtime.layer import FusedLayer, LayerSpec, LayerWeights
+from flexrun.runtime.sampling import Sampler, SamplingParams
+from flexrun.runtime.stats import Timers, peak_rss, reset_peak_rss
+from flexrun.runtime.tiers import Budgets, Ledger, compute_device
+from flexrun.runtime.weights import WeightManager
+from flexrun.weights.store import TORCH_DTYPES, TensorStore
+
+log = logging.getLogger(__name__)
+
+TokenCallback = Callable[[list[int], list[int]], None]
+
+
+@dataclass
+class RunStats:
+    """What one ``generate`` measured."""
+
+    sequences: int = 0
+    blocks: int = 0
+    prompt_tokens: int = 0  # padded prompt tokens processed in prefill
+    generated_tokens: int = 0  # tokens produced (padded across the block: the throughput FlexGen reports)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    disk_bytes_read: int = 0
+    peak_rss: int = 0
+    planned: dict[str, dict[str, int]] = field(default_factory=dict)
+    budgets: dict[str, int] = field(default_factory=dict)
+    direct_io: bool | None = None
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    def throughput(self) -> dict[str, float]:
+        def rate(n: float, s: float) -> float:
+            return n / s if s > 0 else 0.0
+
+        return {
+            "prefill_tok_s": rate(self.prompt_tokens, self.prefill_s),
+            "decode_tok_s": rate(self.generated_tokens - self.sequences, self.decode_s),
+            "total_tok_s": rate(self.generated_tokens, self.total_s),
+        }
+
+
+@dataclass
+class _Block:
+    """One block's inputs: left-padded ids and the validity of every position so far."""
+
+    ids: torch.Tensor  # (n, s) prompt ids, left-padded
+    valid: torch.Tensor  # (n, t) bool, grows by one column per decode step
+    sizes: list[int]  # micro-batch sizes
+
+
+class Engine:
+    """Generates with a placement over device / host / disk. Use as a context manager (it owns temp files)."""
+
+    def __init__(
+        self,
+        store: TensorStore,
+        placement: Placement,
+        max_seq_len: int,
+        budgets: Budgets | None = None,
+        offload_dir: str | Path | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.store = store
+        self.cfg = cfg = store.config
+        self.placement = placement
+        self.device = device or compute_device()
+        if cfg.position == "learned" and max_seq_len > cfg.max_seq_len:
+            raise InputError(f"{max_seq_len} tokens exceed the model's {cfg.max_seq_len} positions")
+        self.max_len = max_seq_len
+        self.dtype = TORCH_DTYPES[cfg.dtype]
+        root = Path(offload_dir).expanduser() if offload_dir else cache_dir() / "offload"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            self.workdir = Path(tempfile.mkdtemp(prefix="run-", dir=root))
+        except OSError as exc:
+            raise PlacementError(f"offload dir {root} is not usable: {exc.strerror}") from None
+        self.pool = IOPool(placement.overlap)
+        ledger = Ledger()
+        gbs, ngb = placement.gpu_batch_size, placement.num_gpu_batches
+        try:
+            self._plan_working_memory(ledger)
+            self.budgets = (budgets or Budgets()).resolved(root, self.device.type == "cuda")
+            args = (cfg, placement.cache, self.device, self.pool, ledger, self.workdir)
+            # Plan everything, check the budgets, and only then allocate.
+            self.cache = KVCache(*args, max_len=self.max_len, max_batch=gbs, num_batches=ngb)
+            acts_args = (cfg, placement.activations, self.device, self.pool, ledger, self.workdir)
+            self.acts = ActivationStore(*acts_args, max_tokens=gbs * self.max_len, num_batches=ngb)
+            self.weights = WeightManager(store, placement.weights, self.device, self.pool, ledger)
+            if self.device.type == "cpu":
+                ledger.items["host"].update({f"{k} (device)": v for k, v in ledger.items.pop("device").items()})
+                ledger.items["device"] = {}
+            ledger.check(self.budgets)
+            self.cache.allocate()
+            self.weights.load()
+        except BaseException:
+            self.close()
+            raise
+        self.ledger = ledger
+        self._first: Future[Any] | None = None
+        self.layer = FusedLayer(LayerSpec.from_config(cfg))
+        self.slots = [[(name, name.rsplit(".", 1)[-1]) for name in group] for group in self.weights.groups]
+        log.info("placement: %s", placement.describe())
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.pool.shutdown()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _plan_working_memory(self, ledger: Ledger) -> None:
+        """Intermediates of one micro-batch in prefill (the largest step), on the compute device."""
+        cfg, b, s = self.cfg, self.placement.gpu_batch_size, self.max_len
+        act = b * s * (6 * cfg.hidden_size + 2 * cfg.ffn_embed_dim) * cfg.dtype_bytes
+        scores = b * cfg.n_head * s * s * 4
+        logits = 2 * b * cfg.vocab_size * 4
+        ledger.add("device", "working memory", act + scores + logits)
+
+    # ---- compute of the non-layer groups ---------------------------------------------------------
+    def _embed(self, w: dict[str, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, w["embed_tokens"])  # (b, q, word_embed_proj_dim)
+        if "project_in" in w:
+            x = F.linear(x, w["project_in"])
+        if "embed_positions" in w:
+            x = x + F.embedding(positions + self.cfg.position_offset, w["embed_positions"])
+        return x
+
+    def _head(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        x = x[:, -1]  # (b, h): only the last position's logits are needed
+        if "final_ln_w" in w:
+            x = K.NORMS[self.cfg.norm](x, w["final_ln_w"], w.get("final_ln_b"), self.cfg.layer_norm_eps)
+        if "project_out" in w:
+            x = F.linear(x, w["project_out"])
+        head = w["lm_head"] if "lm_head" in w else w["embed_tokens"]
+        return F.linear(x, head).float()  # (b, vocab)
+
+    # ---- one step of the block schedule ----------------------------------------------------------
+    def _step(self, block: _Block, ids: list[torch.Tensor], past: int) -> torch.Tensor:
+        """Run the whole stack for every micro-batch: ``ids[j]`` (b_j, q) new tokens after ``past`` cached."""
+        q = ids[0].shape[1]
+        valid = block.valid.to(self.device)
+        positions = (valid.long().cumsum(1) * valid - 1)[:, past:]
+        offsets = [sum(block.sizes[:j]) for j in range(len(block.sizes))]
+        masks = [K.additive_mask(valid[o : o + b], q, self.dtype) for o, b in zip(offsets, block.sizes, strict=True)]
+        weights = self.weights
+        # The input group was prefetched at the end of the previous step, overlapping the output head.
+        fut = self._first if self._first is not None else weights.prefetch(0)
+        n_groups, n_layers, n_mb = len(self.slots), self.cfg.num_hidden_layers, len(block.sizes)
+        cfut = self.cache.fetch(0, 0, block.sizes[0], past)
+        logits = []
+        for g in range(n_groups):
+            w = weights.wait(fut)
+            if g + 1 < n_groups:
+                fut = weights.prefetch(g + 1)
+            else:
+                self._first = weights.prefetch(0)
+            if g == 0:
+                for j, o in enumerate(offsets):
+                    x = self._embed(w, ids[j].to(self.device), positions[o : o + block.sizes[j]])
+                    self.acts.put(0, j, x)
+                continue
+            if g == n_groups - 1:
+                logits = [self._head(w, self.acts.take(j)) for j in range(n_mb)]
+                continue
+            i = g - 1
+            lw = LayerWeights.from_slots({slot: w[name] for name, slot in self.slots[g]})
+            for j in range(n_mb):
+                (k, v), turn = cfut.result()
+                if j + 1 < n_mb:
+                    cfut = self.cache.fetch(i, j + 1, block.sizes[j + 1], past)
+                elif i + 1 < n_layers:
+                    cfut = self.cache.fetch(i + 1, 0, block.sizes[0], past)
+                x = self.layer(lw, self.acts.take(j), k, v, past, masks[j])
+                self.cache.store(i, j, (k, v), turn, past, past + q)
+                self.acts.put(min(g, n_layers - 1), j, x)
+        return torch.cat(logits).cpu()
+
+    # ---- generation --------------------------------------------------------------------------------
+    def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        for n, p in enumerate(prompts):
+            if not p:
+                raise InputError(f"prompt {n} is empty")
+            if min(p) < 0 or max(p) >= self.cfg.vocab_size:
+                raise InputError(f"prompt {n} has token ids outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+            if len(p) + max_new_tokens > self.max_len:
+                raise InputError(
+                    f"prompt {n} has {len(p)} tokens; with {max_new_tokens} new tokens that exceeds the "
+                    f"{self.max_len} positions this run was sized for"
+                )
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        seq_ids: list[int] | None = None,
+        on_step: TokenCallback | None = None,
+        stop_check: Callable[[int, list[int]], bool] | None = None,
+        return_logits: bool = False,
+    ) -> tuple[list[list[int]], RunStats, list[torch.Tensor]]:
+        """Generate for every prompt, one block (placement.block_size sequences) at a time.
+
+        Returns the new tokens of each prompt (ending at EOS or a stop), the measured stats and, when asked,
+        the logits of every step per block. ``seq_ids`` seed each sequence's sampler (default: index).
+        """
+        self._check_prompts(prompts, params.max_new_tokens)
+        stats = RunStats(sequences=len(prompts), planned=self.ledger.items, budgets=self.budgets)
+        reset_peak_rss()
+        timers = Timers(self.device)
+        block_size = self.placement.block_size
+        # Similar lengths together waste less padding; results go back in input order.
+        order = sorted(range(len(prompts)), key=lambda n: -len(prompts[n]))
+        ids = list(range(len(prompts))) if seq_ids is None else seq_ids
+        outputs: list[list[int]] = [[] for _ in prompts]
+        all_logits: list[torch.Tensor] = []
+        read_before = self.store.bytes_read + self.cache.bytes_read
+        for start in range(0, len(order), block_size):
+            members = order[start : start + block_size]
+            new, logits = self._generate_block(
+                [prompts[n] for n in members],
+                params,
+                [ids[n] for n in members],
+                timers,
+                stats,
+                on_step,
+                stop_check,
+                members,
+                return_logits,
+            )
+            for n, toks in zip(members, new, strict=True):
+                outputs[n] = toks
+            all_logits.extend(logits)
+            stats.blocks += 1
+        self.cache.flush()
+        if self._first is not None:  # the prefetch for a step that did not come
+            self._first.result()
+            self._first = None
+        stats.prefill_s = timers.seconds["prefill"]
+        stats.decode_s = timers.seconds["decode"]
+        stats.disk_bytes_read = self.store.bytes_read + self.cache.bytes_read - read_before
+        stats.peak_rss = peak_rss()
+        stats.direct_io = self.store.direct
+        return outputs, stats, all_logits
+
+    def _generate_block(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        seq_ids: list[int],
+        timers: Timers,
+        stats: RunStats,
+        on_step: TokenCallback | None,
+        stop_check: Callable[[int, list[int]], bool] | None,
+        members: list[int],
+        return_logits: bool,
+    ) -> tuple[list[list[int]], list[torch.Tensor]]:
+        n, s = len(prompts), max(len(p) for p in prompts)
+        gbs = self.placement.gpu_batch_size
+        sizes = [min(gbs, n - o) for o in range(0, n, gbs)]
+        pad = self.cfg.pad_token_id
+        ids = torch.full((n, s), pad, dtype=torch.long)
+        valid = torch.zeros((n, s), dtype=torch.bool)
+        for r, p in enumerate(prompts):
+            ids[r, s - len(p) :] = torch.tensor(p)
+            valid[r, s - len(p) :] = True
+        block = _Block(ids, valid, sizes)
+        sampler = Sampler(params, seq_ids)
+        history = ids
+        out: list[list[int]] = [[] for _ in range(n)]
+        finished = torch.zeros(n, dtype=torch.bool)
+        logits_log: list[torch.Tensor] = []
+        with timers.time("prefill"):
+            logits = self._step(block, list(ids.split(sizes)), past=0)
+        stats.prompt_tokens += n * s
+        for t in range(params.max_new_tokens):
+            if return_logits:
+                logits_log.append(logits)
+            nxt = sampler(logits, history)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            stats.generated_tokens += n
+            for r in range(n):
+                if not finished[r]:
+                    out[r].append(int(nxt[r]))
+                    if (params.stop_at_eos and int(nxt[r]) == self.cfg.eos_token_id) or (
+                        stop_check is not None and stop_check(members[r], out[r])
+                    ):
+                        finished[r] = True
+            if on_step is not None:
+                on_step(members, [o[-1] if o else pad for o in out])
+            if bool(finished.all()) or t == params.max_new_tokens - 1:
+                break
+            history = torch.cat([history, nxt[:, None]], dim=1)
+            block.valid = torch.cat([block.valid, torch.ones((n, 1), dtype=torch.bool)], dim=1)
+            with timers.time("decode"):
+                logits = self._step(block, list(nxt[:, None].split(sizes)), past=s + t)
+            stats.decode_steps += 1
+        return out, logits_log

@@ -1,0 +1,75 @@
+"""Memory tiers and their budgets, and the compute device.
+
+On a machine without CUDA the compute device is the CPU and the ``device`` tier *is* host RAM: shares
+placed on ``device`` are held in host memory and count against the host budget, and nothing is copied
+between the two.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from flexrun.errors import PlacementError
+from flexrun.units import format_bytes
+
+log = logging.getLogger(__name__)
+
+
+def compute_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Bytes flexrun may hold on each tier (``None``: what the machine has free)."""
+
+    device: int | None = None
+    host: int | None = None
+    disk: int | None = None
+
+    def resolved(self, offload_dir: Path, has_cuda: bool) -> dict[str, int]:
+        """Concrete budgets: unset tiers get 90% of what is free now (device: the GPU's free memory)."""
+        host = self.host if self.host is not None else int(psutil.virtual_memory().available * 0.9)
+        if has_cuda:
+            device = self.device if self.device is not None else int(torch.cuda.mem_get_info()[0] * 0.9)
+        else:
+            if self.device is not None:
+                log.info("no CUDA device: the device tier is host RAM, --device-mem is ignored")
+            device = 0
+        probe = offload_dir
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free_disk = shutil.disk_usage(probe).free
+        disk = min(self.disk, free_disk) if self.disk is not None else free_disk
+        return {"device": device, "host": host, "disk": disk}
+
+
+@dataclass
+class Ledger:
+    """What the runtime plans to hold on each tier, by purpose; checked against the budgets up front."""
+
+    items: dict[str, dict[str, int]] = field(default_factory=lambda: {"device": {}, "host": {}, "disk": {}})
+
+    def add(self, tier: str, what: str, nbytes: int) -> None:
+        self.items[tier][what] = self.items[tier].get(what, 0) + int(nbytes)
+
+    def total(self, tier: str) -> int:
+        return sum(self.items[tier].values())
+
+    def check(self, budgets: dict[str, int]) -> None:
+        """Raise PlacementError naming the first tier whose planned use exceeds its budget, and by how much."""
+        for tier in ("device", "host", "disk"):
+            need, have = self.total(tier), budgets[tier]
+            if need > have:
+                parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.items[tier].items() if v)
+                raise PlacementError(
+                    f"placement does not fit: the {tier} tier needs {format_bytes(need)} ({parts}) but its budget is "
+                    f"{format_bytes(have)}, short by {format_bytes(need - have)}; move shares off {tier} or raise "
+                    f"--{tier}-mem"
+                )

@@ -1,0 +1,148 @@
+"""Weight residency: which tier holds each tensor, and loading a layer's weights for compute.
+
+The stack is walked in groups: the input embeddings, each decoder layer, the output head. Weight shares
+are realised per tensor, by bytes, along that order. Device- and host-resident tensors are read once at
+start; disk-resident tensors are read from the tensor store in place (never copied to the offload dir),
+every step, into one of two reusable page-aligned arenas, so the next group loads while this one computes.
+On CUDA, host and disk tensors are then copied into one of two device arenas on a side stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flexrun import diskio
+from flexrun.config import OptConfig
+from flexrun.placement import Shares
+from flexrun.runtime.iopool import IOPool
+from flexrun.runtime.tiers import Ledger
+from flexrun.weights.convert import store_order
+from flexrun.weights.store import TensorStore
+
+log = logging.getLogger(__name__)
+
+_INPUT = ("embed_tokens", "embed_positions", "project_in")
+_GPU_ALIGN = 256
+
+
+def stack_groups(cfg: OptConfig) -> list[list[str]]:
+    """Tensor names per compute group: [input embeddings], layer 0 ... layer L-1, [output head]."""
+    glob = list(cfg.global_shapes())
+    groups = [[n for n in glob if n in _INPUT]]
+    groups += [[f"layers.{i}.{slot}" for slot in cfg.layer_shapes()] for i in range(cfg.num_hidden_layers)]
+    out = [n for n in glob if n not in _INPUT]
+    if cfg.tie_word_embeddings:
+        out.append("embed_tokens")
+    groups.append(out)
+    return groups
+
+
+@dataclass
+class _Loaded:
+    tensors: dict[str, torch.Tensor]
+    event: Any = None  # a CUDA event the compute stream waits on
+
+
+class WeightManager:
+    def __init__(self, store: TensorStore, shares: Shares, device: torch.device, pool: IOPool, ledger: Ledger) -> None:
+        """Plan the residency and record it in ``ledger``; ``load()`` then reads and allocates."""
+        self.store = store
+        self.cfg = store.config
+        self.device = device
+        self.pool = pool
+        self.on_cuda = device.type == "cuda"
+        order = store_order(self.cfg)
+        tiers = shares.split([store.meta(n).nbytes for n in order])
+        # Without CUDA the device tier is host RAM.
+        self.tier = {n: (t if self.on_cuda or t != "device" else "host") for n, t in zip(order, tiers, strict=True)}
+        self.groups = stack_groups(self.cfg)
+        self._order = order
+        self.resident: dict[str, torch.Tensor] = {}
+        for name in order:
+            if self.tier[name] != "disk":
+                ledger.add(self.tier[name], "weights", store.meta(name).nbytes)
+        # Per group: the disk tensors (read each step) and, on CUDA, everything not on the device.
+        self._disk = [[n for n in g if self.tier[n] == "disk"] for g in self.groups]
+        self._streamed = [[n for n in g if self.tier[n] != "device"] for g in self.groups] if self.on_cuda else []
+        self._arena_bytes = max((sum(store.meta(n).padded_nbytes for n in names) for names in self._disk), default=0)
+        ledger.add("host", "weight buffers", 2 * self._arena_bytes)
+        self._gpu_arena_bytes = 0
+        if self.on_cuda:
+            self._gpu_arena_bytes = max((self._gpu_offsets(names)[1] for names in self._streamed), default=0)
+            ledger.add("device", "weight buffers", 2 * self._gpu_arena_bytes)
+        self._arenas: list[torch.Tensor] = []
+        self._gpu_arenas: list[torch.Tensor] = []
+        self._turn = 0
+        self.bytes_read_per_step = sum(store.meta(n).nbytes for names in self._disk for n in names)
+
+    def load(self) -> None:
+        """Read the resident tensors and allocate the streaming arenas (after the budgets were checked)."""
+        for name in self._order:
+            tier = self.tier[name]
+            if tier == "disk":
+                continue
+            meta = self.store.meta(name)
+            t = self.store.read(name, diskio.aligned_empty(meta.nbytes, pin=self.on_cuda and tier == "host"))
+            self.resident[name] = t.to(self.device) if tier == "device" else t
+        if self._arena_bytes:
+            self._arenas = [diskio.aligned_empty(self._arena_bytes, pin=self.on_cuda) for _ in range(2)]
+        if self._gpu_arena_bytes:
+            self._gpu_arenas = [
+                torch.empty(self._gpu_arena_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)
+            ]
+            self._stream = torch.cuda.Stream(self.device)
+
+    def _gpu_offsets(self, names: list[str]) -> tuple[dict[str, int], int]:
+        offsets, off = {}, 0
+        for n in names:
+            offsets[n] = off
+            off += -(-self.store.meta(n).nbytes // _GPU_ALIGN) * _GPU_ALIGN
+        return offsets, off
+
+    def prefetch(self, g: int) -> Future[_Loaded]:
+        """Start loading group ``g``'s weights into the next free arena."""
+        turn = self._turn
+        self._turn ^= 1
+        # On CUDA the target device arena was last read by compute enqueued before now: wait for it.
+        done_reading = None
+        if self.on_cuda:
+            done_reading = torch.cuda.Event()
+            done_reading.record(torch.cuda.current_stream())
+        return self.pool.submit(self._load, g, turn, done_reading)
+
+    def _load(self, g: int, turn: int, done_reading: Any = None) -> _Loaded:
+        out = {n: self.resident[n] for n in self.groups[g] if n in self.resident}
+        if self._disk[g]:
+            arena, off = self._arenas[turn], 0
+            for n in self._disk[g]:
+                size = self.store.meta(n).padded_nbytes
+                out[n] = self.store.read(n, arena[off : off + size])
+                off += size
+        if not self.on_cuda or not self._streamed[g]:
+            return _Loaded(out)
+        offsets, _ = self._gpu_offsets(self._streamed[g])
+        gpu = self._gpu_arenas[turn]
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(done_reading)
+            for n in self._streamed[g]:
+                meta = self.store.meta(n)
+                dst = gpu[offsets[n] : offsets[n] + meta.nbytes].view(meta.torch_dtype).view(meta.shape)
+                dst.copy_(out[n], non_blocking=True)
+                out[n] = dst
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        # The host arena is reused two loads later; make sure the copies out of it have finished.
+        event.synchronize()
+        return _Loaded(out, event)
+
+    @staticmethod
+    def wait(fut: Future[_Loaded]) -> dict[str, torch.Tensor]:
+        loaded = fut.result()
+        if loaded.event is not None:
+            torch.cuda.current_stream().wait_event(loaded.event)
+        return loaded.tensors

@@ -1,0 +1,104 @@
+"""Lazy, tensor-by-tensor access to a Hugging Face checkpoint directory.
+
+safetensors files are memory-mapped; ``.bin`` files are loaded only with ``torch.load(weights_only=True,
+mmap=True)``, which refuses pickles that would execute code. Nothing is materialised until asked for, so
+converting a checkpoint bigger than RAM needs memory for one layer at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexrun.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+)
+
+
+class Checkpoint:
+    """Tensors of a checkpoint directory by name, with an optional ``model.`` prefix tolerated."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._where: dict[str, Path] = {}
+        self._open: dict[Path, Any] = {}
+        files = sorted(self.path.glob("*.safetensors"))
+        if files:
+            from safetensors import safe_open
+
+            for f in files:
+                handle = safe_open(str(f), framework="pt")
+                self._open[f] = handle
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    self._where[key] = f
+            self.kind = "safetensors"
+        else:
+            files = sorted(self.path.glob("pytorch_model*.bin")) or sorted(self.path.glob("*.bin"))
+            if not files:
+                raise CheckpointError(f"{self.path}: no *.safetensors or pytorch_model*.bin weight files")
+            for f in files:
+                for key in self._load_bin(f):
+                    self._where[key] = f
+            self.kind = "bin"
+
+    def _load_bin(self, f: Path) -> dict[str, torch.Tensor]:
+        if f not in self._open:
+            try:
+                self._open[f] = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                # Legacy (non-zip) files cannot be memory-mapped; they are loaded whole, still without code.
+                try:
+                    self._open[f] = torch.load(f, map_location="cpu", weights_only=True)
+                except Exception as exc:
+                    raise CheckpointError(
+                        f"{f}: refused to load ({exc.__class__.__name__}); only plain tensor pickles are accepted"
+                    ) from None
+            except Exception as exc:
+                raise CheckpointError(
+                    f"{f}: refused to load ({exc.__class__.__name__}); only plain tensor pickles are accepted"
+                ) from None
+        return self._open[f]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def _resolve(self, name: str) -> str:
+        for candidate in (name, "model." + name, name.removeprefix("model.")):
+            if candidate in self._where:
+                return candidate
+        raise CheckpointError(f"{self.path}: tensor {name} not found in the checkpoint")
+
+    def get(self, name: str) -> torch.Tensor:
+        key = self._resolve(name)
+        f = self._where[key]
+        if self.kind == "safetensors":
+            return self._open[f].get_tensor(key)
+        return self._load_bin(f)[key]
+
+    def has(self, name: str) -> bool:
+        try:
+            self._resolve(name)
+        except CheckpointError:
+            return False
+        return True
+
+    def hf_config(self) -> dict[str, Any]:
+        return json.loads((self.path / "config.json").read_text())
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / f for f in TOKENIZER_FILES if (self.path / f).exists()]

@@ -1,0 +1,168 @@
+"""Hugging Face checkpoint (or random dummy weights) -> flexrun tensor store, one tensor at a time.
+
+Peak memory while converting is about two copies of the largest fused tensor (a layer's QKV or the
+embedding table) in the target dtype, plus the checkpoint pages the OS maps in and can drop again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from flexrun.config import OptConfig, config_from_hf, resolve
+from flexrun.errors import CheckpointError, OfflineError
+from flexrun.paths import cache_dir
+from flexrun.policies import policy_for_hf_config
+from flexrun.weights.checkpoint import Checkpoint
+from flexrun.weights.store import StoreWriter, TensorStore
+
+log = logging.getLogger(__name__)
+
+
+def store_order(cfg: OptConfig) -> list[str]:
+    """Tensor names in the order the engine walks the stack: input embeddings, layers, output head."""
+    glob = list(cfg.global_shapes())
+    first = [n for n in glob if n in ("embed_tokens", "embed_positions", "project_in")]
+    last = [n for n in glob if n not in first]
+    layers = [f"layers.{i}.{slot}" for i in range(cfg.num_hidden_layers) for slot in cfg.layer_shapes()]
+    return first + layers + last
+
+
+def _checked(cfg: OptConfig, name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(f"{cfg.name}: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    return tensor
+
+
+def _hf_tensors(ckpt: Checkpoint, cfg: OptConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The store's tensors in store order, each read from the checkpoint only when it is written."""
+    policy = policy_for_hf_config(ckpt.hf_config())
+    layer_shapes, global_shapes = cfg.layer_shapes(), cfg.global_shapes()
+    hf_names = policy.global_names(cfg)
+    slots: dict[str, torch.Tensor] = {}
+    for name in store_order(cfg):
+        if not name.startswith("layers."):
+            yield name, _checked(cfg, name, ckpt.get(hf_names[name]), global_shapes[name])
+            continue
+        _, i, slot = name.split(".")
+        if not slots:
+            slots = policy.layer_tensors(cfg, ckpt.get, int(i))
+        yield name, _checked(cfg, name, slots.pop(slot), layer_shapes[slot])
+
+
+def convert_checkpoint(src: str | Path, out: str | Path, dtype: str | None = None, progress: bool = True) -> Path:
+    """Convert the Hugging Face checkpoint directory ``src`` into a tensor store at ``out``."""
+    src = Path(src)
+    ckpt = Checkpoint(src)
+    hf = ckpt.hf_config()
+    cfg = config_from_hf(hf, name=src.name)
+    if dtype:
+        cfg = resolve(str(src), dtype=dtype)
+    writer = StoreWriter(out, cfg, extra={"source": str(src.resolve())})
+    try:
+        names = store_order(cfg)
+        for name, tensor in tqdm(
+            _hf_tensors(ckpt, cfg), total=len(names), desc=f"convert {cfg.name}", unit="tensor", disable=not progress
+        ):
+            writer.add(name, tensor)
+        tok = ckpt.tokenizer_files()
+        if tok:
+            (writer.tmp / "tokenizer").mkdir()
+            for f in tok:
+                shutil.copy2(f, writer.tmp / "tokenizer" / f.name)
+            shutil.copy2(src / "config.json", writer.tmp / "tokenizer" / "config.json")
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def write_dummy_store(cfg: OptConfig, out: str | Path, seed: int = 0, progress: bool = True) -> Path:
+    """A store of random weights with the right shapes (FlexGen's ``_DUMMY_``): no download needed.
+
+    Values are small (normal, std 0.02; norms at 1) so activations stay finite in low precision.
+    """
+    writer = StoreWriter(out, cfg, extra={"source": "dummy", "seed": seed})
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {
+        **cfg.global_shapes(),
+        **{f"layers.{i}.{k}": s for i in range(cfg.num_hidden_layers) for k, s in cfg.layer_shapes().items()},
+    }
+    try:
+        for name in tqdm(store_order(cfg), desc=f"dummy {cfg.name}", unit="tensor", disable=not progress):
+            slot = name.rsplit(".", 1)[-1]
+            if slot.startswith(("ln", "final_ln")) and slot.endswith("_w"):
+                t = torch.ones(shapes[name])
+            else:
+                t = torch.randn(shapes[name], generator=gen).mul_(0.02)
+            writer.add(name, t)
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _store_key(cfg: OptConfig, source: str) -> str:
+    digest = hashlib.sha256(f"{source}|{sorted(cfg.to_dict().items())}".encode()).hexdigest()[:10]
+    return f"{cfg.name}-{cfg.dtype}-{digest}"
+
+
+def hub_download(name: str) -> Path:
+    """Download a Hugging Face hub checkpoint (weights, config, tokenizer) and return its directory."""
+    repo = name if "/" in name else f"facebook/{name}"
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                repo,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "tokenizer.model"],
+            )
+        )
+    except Exception as exc:  # network errors come in many classes; all mean the same to the user
+        raise OfflineError(
+            f"cannot download {repo} from the Hugging Face hub ({exc.__class__.__name__}); "
+            "pass a local checkpoint directory, or --dummy-weights for random weights"
+        ) from None
+
+
+def ensure_store(
+    model: str,
+    dtype: str | None = None,
+    dummy: bool = False,
+    store_root: str | Path | None = None,
+    progress: bool = True,
+) -> TensorStore:
+    """The tensor store for ``model`` (a name, checkpoint directory or existing store), converting on first use."""
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "index.json").exists() and not (path / "config.json").exists():
+        store = TensorStore(path)
+        if dtype and store.config.dtype != dtype:
+            raise CheckpointError(f"{path} holds {store.config.dtype} weights; convert again with --dtype {dtype}")
+        return store
+    overrides = {"dtype": dtype} if dtype else {}
+    root = Path(store_root) if store_root else cache_dir() / "stores"
+    if dummy:
+        cfg = resolve(model, **overrides)
+        out = root / (_store_key(cfg, "dummy") + "-dummy")
+        if not (out / "index.json").exists():
+            log.info("writing dummy weights for %s to %s", cfg.name, out)
+            write_dummy_store(cfg, out, progress=progress)
+        return TensorStore(out)
+    if path.exists():
+        src = path
+    else:
+        resolve(model)  # an unknown name fails here, with close matches, before any download
+        src = hub_download(model)
+    cfg = resolve(str(src), **overrides)
+    out = root / _store_key(cfg, str(src.resolve()))
+    if not (out / "index.json").exists():
+        log.info("converting %s to a tensor store at %s", src, out)
+        convert_checkpoint(src, out, dtype=cfg.dtype, progress=progress)
+    return TensorStore(out)

@@ -1,0 +1,187 @@
+"""flexrun's tensor store: ``index.json`` plus one raw, page-padded file per tensor.
+
+Each tensor file can be read with one aligned read (O_DIRECT) straight into a preallocated buffer. The
+index records name, dtype, shape, byte size and a CRC32 per tensor, and the model config. A store is
+written into a temporary directory and renamed into place when complete, so a crash never leaves a store
+that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexrun import diskio
+from flexrun.config import OptConfig
+from flexrun.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "flexrun-store"
+VERSION = 1
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    crc32: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
+
+    @property
+    def padded_nbytes(self) -> int:
+        return diskio.padded(self.nbytes)
+
+
+def _crc(buf: torch.Tensor) -> int:
+    return zlib.crc32(memoryview(buf.numpy()).cast("B"))  # type: ignore[arg-type]
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(-1).view(torch.uint8)
+
+
+class StoreWriter:
+    """Writes tensors one at a time; ``finish()`` writes the index and moves the store into place."""
+
+    def __init__(self, path: str | Path, config: OptConfig, extra: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.config = config
+        self.extra = extra or {}
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            self.tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot create tensor store under {self.path.parent}: {exc.strerror}") from None
+        self.tensors: dict[str, TensorMeta] = {}
+        self.dtype = TORCH_DTYPES[config.dtype]
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Cast ``tensor`` to the store's dtype and write it (fsync'd) as ``name``."""
+        data = _as_bytes(tensor.to(self.dtype))
+        file = f"{name}.bin"
+        try:
+            diskio.write_padded(self.tmp / file, memoryview(data.numpy()))  # type: ignore[arg-type]
+        except OSError as exc:
+            raise CheckpointError(f"cannot write {self.tmp / file}: {exc.strerror}") from None
+        self.tensors[name] = TensorMeta(name, file, self.config.dtype, tuple(tensor.shape), data.numel(), _crc(data))
+
+    def finish(self) -> Path:
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "align": diskio.ALIGN,
+            "config": self.config.to_dict(),
+            **self.extra,
+            "tensors": {
+                m.name: {"file": m.file, "dtype": m.dtype, "shape": list(m.shape), "nbytes": m.nbytes, "crc32": m.crc32}
+                for m in self.tensors.values()
+            },
+        }
+        (self.tmp / "index.json").write_text(json.dumps(index, indent=1))
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class TensorStore:
+    """A read-only view of a finished store. Reads are O_DIRECT where the filesystem allows it."""
+
+    def __init__(self, path: str | Path, verify: bool = True) -> None:
+        self.path = Path(path)
+        index_file = self.path / "index.json"
+        if not index_file.exists():
+            raise CheckpointError(f"{self.path} is not a flexrun tensor store (no index.json)")
+        try:
+            index = json.loads(index_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(
+                f"{index_file}: corrupted index ({exc.msg}); delete the store and convert again"
+            ) from None
+        if index.get("format") != FORMAT or index.get("version") != VERSION:
+            raise CheckpointError(f"{index_file}: not a version-{VERSION} flexrun store; convert again")
+        self.index = index
+        self.config = OptConfig(**index["config"])
+        self.tensors = {
+            name: TensorMeta(name, m["file"], m["dtype"], tuple(m["shape"]), m["nbytes"], m["crc32"])
+            for name, m in index["tensors"].items()
+        }
+        self.verify = verify
+        self._verified: set[str] = set()
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        self.direct: bool | None = None
+
+    def meta(self, name: str) -> TensorMeta:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name} is missing from the store; convert again") from None
+
+    def tokenizer_dir(self) -> Path | None:
+        tok = self.path / "tokenizer"
+        return tok if tok.is_dir() else None
+
+    def read(self, name: str, buf: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name`` read into ``buf`` (a page-aligned uint8 buffer from ``diskio.aligned_empty`` of at
+        least its padded size) or into a new buffer. The returned tensor is a typed view of the buffer."""
+        meta = self.meta(name)
+        if buf is None:
+            buf = diskio.aligned_empty(meta.nbytes)
+        elif buf.numel() < meta.padded_nbytes:
+            raise ValueError(f"buffer of {buf.numel()} bytes is too small for {name} ({meta.padded_nbytes})")
+        file = self.path / meta.file
+        try:
+            fd, direct = diskio.open_for_read(file)
+        except FileNotFoundError:
+            raise CheckpointError(f"{file} is missing; the store is incomplete, convert again") from None
+        try:
+            got = diskio.read_into(fd, buf, 0, meta.padded_nbytes)
+        finally:
+            os.close(fd)
+        self.direct = direct if self.direct is None else self.direct and direct
+        if got < meta.nbytes:
+            raise CheckpointError(f"{file} is truncated ({got} of {meta.nbytes} bytes); convert again")
+        data = buf[: meta.nbytes]
+        with self._lock:
+            self.bytes_read += got
+            check = self.verify and name not in self._verified
+        if check:
+            if _crc(data) != meta.crc32:
+                raise CheckpointError(f"{file}: checksum mismatch, the tensor file is corrupted; convert again")
+            with self._lock:
+                self._verified.add(name)
+        return data.view(meta.torch_dtype).view(meta.shape)
+
+    def total_bytes(self) -> int:
+        return sum(m.nbytes for m in self.tensors.values())
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.meta(name).shape)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES[dtype]
