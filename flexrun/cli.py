@@ -102,6 +102,185 @@ def config_cmd(name: str, batch_size: int, prompt_len: int, gen_len: int, dtype:
     )
 
 
+# ---- shared options for commands that run the engine ----------------------------------------------
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from flexrun.units import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _shares(ctx: click.Context, param: click.Parameter, value: str) -> Any:
+    from flexrun.placement import Shares
+
+    try:
+        return Shares.parse(value)
+    except FlexrunError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def engine_options(fn: Any) -> Any:
+    """Model, weights and placement options shared by generate and bench."""
+    options = [
+        click.option("--model", "-m", required=True, help="Model name, checkpoint directory or tensor store."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute/storage dtype."),
+        click.option("--dummy-weights", is_flag=True, help="Random weights of the right shapes (no download)."),
+        click.option("--store-dir", type=click.Path(file_okay=False), help="Where converted stores are cached."),
+        click.option(
+            "--weights",
+            default="host=100",
+            show_default=True,
+            callback=_shares,
+            help="Weight shares, e.g. host=40,disk=60.",
+        ),
+        click.option("--cache", default="host=100", show_default=True, callback=_shares, help="KV cache shares."),
+        click.option(
+            "--activations", default="host=100", show_default=True, callback=_shares, help="Activation shares."
+        ),
+        click.option(
+            "--gpu-batch-size", default=4, show_default=True, callback=_positive, help="Sequences per micro-batch."
+        ),
+        click.option(
+            "--num-gpu-batches", default=1, show_default=True, callback=_positive, help="Micro-batches per block."
+        ),
+        click.option("--overlap/--no-overlap", default=True, show_default=True, help="Overlap I/O with compute."),
+        click.option(
+            "--offload-dir", type=click.Path(file_okay=False), help="Directory for disk-resident cache and activations."
+        ),
+        click.option("--device-mem", callback=_size, help="Device memory budget, e.g. 14GiB."),
+        click.option("--host-mem", callback=_size, help="Host memory budget, e.g. 8GiB."),
+        click.option("--disk-mem", callback=_size, help="Disk budget in the offload dir."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _placement(kw: dict[str, Any]) -> Any:
+    from flexrun.placement import Placement
+
+    return Placement(
+        weights=kw["weights"],
+        cache=kw["cache"],
+        activations=kw["activations"],
+        gpu_batch_size=kw["gpu_batch_size"],
+        num_gpu_batches=kw["num_gpu_batches"],
+        overlap=kw["overlap"],
+    )
+
+
+def _engine(kw: dict[str, Any], max_seq_len: int) -> Any:
+    from flexrun.runtime.engine import Engine
+    from flexrun.runtime.tiers import Budgets
+    from flexrun.weights.convert import ensure_store
+
+    store = ensure_store(kw["model"], dtype=kw["dtype"], dummy=kw["dummy_weights"], store_root=kw["store_dir"])
+    budgets = Budgets(device=kw["device_mem"], host=kw["host_mem"], disk=kw["disk_mem"])
+    return store, Engine(store, _placement(kw), max_seq_len, budgets=budgets, offload_dir=kw["offload_dir"])
+
+
+def _print_summary(store: Any, engine: Any, stats: Any, as_json: bool) -> None:
+    from flexrun.report import summary_dict, summary_text
+
+    if as_json:
+        click.echo(json.dumps(summary_dict(store.config, engine.placement, stats)))
+    else:
+        click.echo(summary_text(store.config, engine.placement, stats), err=True)
+
+
+@cli.command("convert")
+@click.option("--model", "-m", required=True, help="Checkpoint directory or hub name.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output store directory.")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Store dtype (default: the checkpoint's)."
+)
+def convert_cmd(model: str, out: str, dtype: str | None) -> None:
+    """Convert a Hugging Face checkpoint into flexrun's tensor store, one tensor at a time."""
+    from pathlib import Path
+
+    from flexrun.config import resolve
+    from flexrun.weights.convert import convert_checkpoint, hub_download
+
+    src = Path(model)
+    if not src.exists():
+        resolve(model)
+        src = hub_download(model)
+    path = convert_checkpoint(src, out, dtype=dtype)
+    click.echo(str(path))
+
+
+@cli.command("generate")
+@engine_options
+@click.option("--prompt", "-p", "prompts", multiple=True, help="A prompt text (repeatable).")
+@click.option(
+    "--input", "-i", "input_file", help='JSONL file of {"prompt": ...} or {"input_ids": [...]} records (- for stdin).'
+)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write JSONL results here (default stdout).")
+@click.option("--max-new-tokens", default=32, show_default=True, callback=_positive)
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--stop", multiple=True, help="Stop a sequence when this text appears (repeatable).")
+def generate_cmd(
+    prompts: tuple[str, ...],
+    input_file: str | None,
+    output: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    repetition_penalty: float,
+    seed: int,
+    stop: tuple[str, ...],
+    **kw: Any,
+) -> None:
+    """Generate completions for prompts with an offloaded placement; JSONL results, summary on stderr."""
+    from flexrun.generation import run_generate
+
+    run_generate(
+        kw,
+        prompts=prompts,
+        input_file=input_file,
+        output=output,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+        make_engine=_engine,
+        print_summary=_print_summary,
+    )
+
+
+@cli.command("bench")
+@engine_options
+@click.option("--prompt-len", default=512, show_default=True, callback=_positive)
+@click.option("--gen-len", default=32, show_default=True, callback=_positive)
+def bench_cmd(prompt_len: int, gen_len: int, **kw: Any) -> None:
+    """Generate from synthetic prompts (one block) and report throughput, like FlexGen's benchmark."""
+    import torch
+
+    from flexrun.runtime.sampling import SamplingParams
+
+    store, engine = _engine(kw, prompt_len + gen_len)
+    with engine:
+        gen = torch.Generator().manual_seed(0)
+        n = engine.placement.block_size
+        vocab = store.config.vocab_size
+        prompts = torch.randint(4, vocab, (n, prompt_len), generator=gen).tolist()
+        _, stats, _ = engine.generate(prompts, SamplingParams(max_new_tokens=gen_len, stop_at_eos=False))
+    _print_summary(store, engine, stats, kw["as_json"])
+
+
 def main() -> None:
     cli(prog_name="flexrun")
 

@@ -29,6 +29,7 @@ def hf_opt_config(cfg: OptConfig, **extra: Any) -> OPTConfig:
         eos_token_id=cfg.eos_token_id,
         tie_word_embeddings=cfg.tie_word_embeddings,
         dropout=0.0,
+        init_std=0.3,
         **extra,
     )
 

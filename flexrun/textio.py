@@ -1,0 +1,70 @@
+"""Prompts in (``--prompt``, JSONL files, stdin) and result records out (JSONL)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from flexrun.errors import InputError
+
+
+@dataclass
+class PromptRecord:
+    id: Any
+    prompt: str | None = None
+    input_ids: list[int] | None = None
+
+
+def _record(obj: Any, where: str, default_id: int) -> PromptRecord:
+    if not isinstance(obj, dict):
+        raise InputError(f'{where}: expected a JSON object with "prompt" or "input_ids"')
+    prompt, ids = obj.get("prompt"), obj.get("input_ids")
+    if prompt is None and ids is None:
+        raise InputError(f'{where}: record has neither "prompt" nor "input_ids"')
+    if prompt is not None and not isinstance(prompt, str):
+        raise InputError(f'{where}: "prompt" must be a string')
+    if ids is not None and (
+        not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+    ):
+        raise InputError(f'{where}: "input_ids" must be a list of integers')
+    return PromptRecord(id=obj.get("id", default_id), prompt=prompt, input_ids=ids)
+
+
+def read_jsonl(stream: IO[str], name: str) -> list[PromptRecord]:
+    """Records from a JSONL stream; a bad line is an InputError naming the file and line."""
+    records = []
+    for lineno, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{name}:{lineno}: malformed JSON ({exc.msg})") from None
+        records.append(_record(obj, f"{name}:{lineno}", lineno))
+    return records
+
+
+def read_prompts(prompts: tuple[str, ...], input_file: str | None, stdin: IO[str] | None) -> list[PromptRecord]:
+    """Prompts from ``--prompt`` texts, else a JSONL file (``-`` for stdin), else stdin lines (JSONL)."""
+    if prompts:
+        return [PromptRecord(id=n, prompt=p) for n, p in enumerate(prompts)]
+    if input_file and input_file != "-":
+        path = Path(input_file)
+        try:
+            with path.open(encoding="utf-8") as f:
+                records = read_jsonl(f, str(path))
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not UTF-8 text") from None
+        source = str(path)
+    elif stdin is not None:
+        records = read_jsonl(stdin, "<stdin>")
+        source = "<stdin>"
+    else:
+        records, source = [], "input"
+    if not records:
+        raise InputError(f"{source}: no prompts (give --prompt TEXT, --input FILE.jsonl, or JSONL on stdin)")
+    return records
