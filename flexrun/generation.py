@@ -52,7 +52,8 @@ def run_generate(
     make_engine: Callable[[dict[str, Any], int], Any],
     print_summary: Callable[[Any, Any, Any, bool], None],
 ) -> None:
-    stdin = sys.stdin if not prompts and not input_file and not sys.stdin.isatty() else None
+    use_stdin = input_file == "-" or (not prompts and not input_file and not sys.stdin.isatty())
+    stdin = sys.stdin if use_stdin else None
     records = read_prompts(prompts, input_file, stdin)
     out_stream = None
     if output:

@@ -101,4 +101,7 @@ class Checkpoint:
         return json.loads((self.path / "config.json").read_text())
 
     def tokenizer_files(self) -> list[Path]:
-        return [self.path / f for f in TOKENIZER_FILES if (self.path / f).exists()]
+        """The tokenizer's files, or nothing when the checkpoint has no tokenizer."""
+        files = [self.path / f for f in TOKENIZER_FILES if (self.path / f).exists()]
+        has_vocab = any(f.name in ("tokenizer.json", "vocab.json", "tokenizer.model") for f in files)
+        return files if has_vocab else []

@@ -1,0 +1,140 @@
+"""generate / convert / bench through the CLI, including each bad input's exit code and message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from flexrun.cli import cli
+from tests.hf_reference import tiny_opt
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    _, model = tiny_opt(seed=3)
+    d = tmp_path_factory.mktemp("cli") / "ckpt"
+    model.save_pretrained(d)
+    return d, model
+
+
+def run(*args: str, input: str | None = None):
+    return CliRunner().invoke(cli, list(args), input=input)
+
+
+def test_generate_jsonl_matches_hf(ckpt, tmp_path: Path) -> None:
+    path, model = ckpt
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "a", "input_ids": [5, 6, 7]}) + "\n\n" + json.dumps({"input_ids": [9, 10]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = [
+        "generate",
+        "-m",
+        str(path),
+        "--store-dir",
+        str(tmp_path / "stores"),
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+    ]
+    result = run(*args, "--max-new-tokens", "4", "--weights", "disk=100", "--offload-dir", str(tmp_path / "off"))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", 3]
+    for r in rows:
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([r["input_ids"]]), max_new_tokens=4, do_sample=False, pad_token_id=1)
+        expected = ref[0, len(r["input_ids"]) :].tolist()
+        assert r["output_ids"] == expected[: len(r["output_ids"])] and len(r["output_ids"]) >= 1
+    assert "total throughput" in result.output
+
+
+def test_bench_json(ckpt, tmp_path: Path) -> None:
+    path, _ = ckpt
+    result = run(
+        "bench",
+        "-m",
+        str(path),
+        "--store-dir",
+        str(tmp_path),
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "3",
+        "--json",
+        "--gpu-batch-size",
+        "2",
+        "--num-gpu-batches",
+        "2",
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["sequences"] == 4 and data["generated_tokens"] == 12 and data["total_tok_s"] > 0
+
+
+def test_convert_writes_a_store(ckpt, tmp_path: Path) -> None:
+    path, _ = ckpt
+    result = run("convert", "-m", str(path), "--out", str(tmp_path / "s"), "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert index["config"]["dtype"] == "bfloat16" and "layers.0.qkv_w" in index["tensors"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"input_ids": [1, 2]}\n{"input_ids": [3,\n', "in.jsonl:2: malformed JSON"),
+        ('{"text": "hi"}\n', 'in.jsonl:1: record has neither "prompt" nor "input_ids"'),
+        ('{"input_ids": [1, 99999]}\n', "outside the vocabulary"),
+        ('{"input_ids": ' + json.dumps(list(range(3, 70))) + "}\n", "exceeds the model's 64 positions"),
+        ('{"prompt": "hello"}\n', "has no tokenizer"),
+        ("\n", "no prompts"),
+    ],
+)
+def test_bad_input_is_one_line_exit_1(ckpt, tmp_path: Path, content: str, message: str) -> None:
+    path, _ = ckpt
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(content)
+    result = run("generate", "-m", str(path), "--store-dir", str(tmp_path / "stores"), "--input", str(inp))
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--weights", "host=50"],
+        ["--weights", "ram=100"],
+        ["--host-mem", "lots"],
+        ["--gpu-batch-size", "0"],
+        ["--top-p", "2"],
+    ],
+)
+def test_bad_option_values_exit_2(ckpt, args: list[str]) -> None:
+    path, _ = ckpt
+    result = run("generate", "-m", str(path), "-p", "x", *args)
+    assert result.exit_code == 2, result.output
+
+
+def test_unwritable_offload_dir_and_budget_errors(ckpt, tmp_path: Path) -> None:
+    path, _ = ckpt
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    base = ["generate", "-m", str(path), "--store-dir", str(tmp_path / "stores"), "--input", "-"]
+    result = run(*base, "--offload-dir", str(blocker / "sub"), input='{"input_ids": [4, 5]}\n')
+    assert result.exit_code == 1 and "offload dir" in result.output
+    result = run(*base, "--host-mem", "1KiB", input='{"input_ids": [4, 5]}\n')
+    assert result.exit_code == 1 and "host tier needs" in result.output and "short by" in result.output
+
+
+def test_offline_hub_name_suggests_alternatives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    result = run("generate", "-m", "facebook/opt-125m", "--store-dir", str(tmp_path), "-p", "hi")
+    assert result.exit_code == 1
+    assert "--dummy-weights" in result.output and "Traceback" not in result.output
