@@ -23,8 +23,8 @@ run: install
 	$(BIN)/flexrun bench --model opt-125m --dummy-weights --dtype bfloat16 --weights disk=100 --prompt-len 64 --gen-len 16 --gpu-batch-size 8 --num-gpu-batches 2
 
 lint: install
-	$(BIN)/ruff check flexrun tests benchmarks
-	$(BIN)/ruff format --check flexrun tests benchmarks
+	$(BIN)/ruff check flexrun tests
+	$(BIN)/ruff format --check flexrun tests
 	$(BIN)/mypy
 
 test: lint
