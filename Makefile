@@ -20,7 +20,7 @@ install: $(STAMP)
 
 run: install
 	$(BIN)/flexrun config facebook/opt-175b
-	$(BIN)/flexrun bench --model opt-125m --dummy-weights --dtype bfloat16 --weights disk=100 --prompt-len 64 --gen-len 16 --gpu-batch-size 8 --num-gpu-batches 2
+	$(BIN)/flexrun bench --model opt-125m --dummy-weights --dtype float32 --weights disk=100 --prompt-len 64 --gen-len 16 --gpu-batch-size 8 --num-gpu-batches 2
 
 lint: install
 	$(BIN)/ruff check flexrun tests
