@@ -53,7 +53,7 @@ def cli(verbose: int) -> None:
     _setup_logging(verbose)
 
 
-def _positive(ctx: click.Context, param: click.Parameter, value: int) -> int:
+def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
     if value is not None and value < 1:
         raise click.BadParameter(f"must be >= 1, got {value}")
     return value
@@ -114,9 +114,11 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
         raise click.BadParameter(str(exc)) from None
 
 
-def _shares(ctx: click.Context, param: click.Parameter, value: str) -> Any:
+def _shares(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     from flexrun.placement import Shares
 
+    if value is None:
+        return None
     try:
         return Shares.parse(value)
     except FlexrunError as exc:
@@ -131,22 +133,22 @@ def engine_options(fn: Any) -> Any:
         click.option("--dummy-weights", is_flag=True, help="Random weights of the right shapes (no download)."),
         click.option("--store-dir", type=click.Path(file_okay=False), help="Where converted stores are cached."),
         click.option(
-            "--weights",
-            default="host=100",
+            "--placement",
+            type=click.Choice(["auto", "manual"]),
+            default="auto",
             show_default=True,
-            callback=_shares,
-            help="Weight shares, e.g. host=40,disk=60.",
-        ),
-        click.option("--cache", default="host=100", show_default=True, callback=_shares, help="KV cache shares."),
-        click.option(
-            "--activations", default="host=100", show_default=True, callback=_shares, help="Activation shares."
+            help="auto: the planner chooses what the options below leave open; manual: unset shares are host=100.",
         ),
         click.option(
-            "--gpu-batch-size", default=4, show_default=True, callback=_positive, help="Sequences per micro-batch."
+            "--hardware",
+            callback=_hardware,
+            help="Hardware figures for the planner: a preset or a `flexrun calibrate` JSON (default: this machine's).",
         ),
-        click.option(
-            "--num-gpu-batches", default=1, show_default=True, callback=_positive, help="Micro-batches per block."
-        ),
+        click.option("--weights", callback=_shares, help="Weight shares, e.g. host=40,disk=60."),
+        click.option("--cache", callback=_shares, help="KV cache shares, e.g. host=100."),
+        click.option("--activations", callback=_shares, help="Activation shares, e.g. host=100."),
+        click.option("--gpu-batch-size", type=int, callback=_positive, help="Sequences per micro-batch."),
+        click.option("--num-gpu-batches", type=int, callback=_positive, help="Micro-batches per block."),
         click.option("--overlap/--no-overlap", default=True, show_default=True, help="Overlap I/O with compute."),
         click.option(
             "--offload-dir", type=click.Path(file_okay=False), help="Directory for disk-resident cache and activations."
@@ -161,27 +163,38 @@ def engine_options(fn: Any) -> Any:
     return fn
 
 
-def _placement(kw: dict[str, Any]) -> Any:
-    from flexrun.placement import Placement
+def _hardware(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    from flexrun.costmodel.hardware import load_hardware
 
-    return Placement(
-        weights=kw["weights"],
-        cache=kw["cache"],
-        activations=kw["activations"],
-        gpu_batch_size=kw["gpu_batch_size"],
-        num_gpu_batches=kw["num_gpu_batches"],
-        overlap=kw["overlap"],
-    )
+    if value is None:
+        return None
+    try:
+        return load_hardware(value)
+    except FlexrunError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
-def _engine(kw: dict[str, Any], max_seq_len: int) -> Any:
+def _engine(kw: dict[str, Any], prompt_len: int, gen_len: int, num_prompts: int | None = None) -> Any:
+    """The tensor store and an engine sized for ``prompt_len + gen_len`` tokens, with the placement given
+    on the command line or, with ``--placement auto``, chosen by the planner for this job."""
+    from flexrun.autoplace import choose_placement
     from flexrun.runtime.engine import Engine
     from flexrun.runtime.tiers import Budgets
     from flexrun.weights.convert import ensure_store
 
     store = ensure_store(kw["model"], dtype=kw["dtype"], dummy=kw["dummy_weights"], store_root=kw["store_dir"])
     budgets = Budgets(device=kw["device_mem"], host=kw["host_mem"], disk=kw["disk_mem"])
-    return store, Engine(store, _placement(kw), max_seq_len, budgets=budgets, offload_dir=kw["offload_dir"])
+    placement = choose_placement(
+        store.config,
+        kw,
+        budgets,
+        prompt_len,
+        gen_len,
+        num_prompts,
+        report=lambda line: click.echo(line, err=True),
+    )
+    engine = Engine(store, placement, prompt_len + gen_len, budgets=budgets, offload_dir=kw["offload_dir"])
+    return store, engine
 
 
 def _print_summary(store: Any, engine: Any, stats: Any, as_json: bool) -> None:
@@ -271,7 +284,7 @@ def bench_cmd(prompt_len: int, gen_len: int, **kw: Any) -> None:
 
     from flexrun.runtime.sampling import SamplingParams
 
-    store, engine = _engine(kw, prompt_len + gen_len)
+    store, engine = _engine(kw, prompt_len, gen_len)
     with engine:
         gen = torch.Generator().manual_seed(0)
         n = engine.placement.block_size
@@ -279,6 +292,16 @@ def bench_cmd(prompt_len: int, gen_len: int, **kw: Any) -> None:
         prompts = torch.randint(4, vocab, (n, prompt_len), generator=gen).tolist()
         _, stats, _ = engine.generate(prompts, SamplingParams(max_new_tokens=gen_len, stop_at_eos=False))
     _print_summary(store, engine, stats, kw["as_json"])
+
+
+def _register_costmodel_commands() -> None:
+    from flexrun.cli_costmodel import calibrate_cmd, plan_cmd
+
+    cli.add_command(plan_cmd)
+    cli.add_command(calibrate_cmd)
+
+
+_register_costmodel_commands()
 
 
 def main() -> None:

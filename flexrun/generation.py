@@ -49,7 +49,7 @@ def run_generate(
     repetition_penalty: float,
     seed: int,
     stop: tuple[str, ...],
-    make_engine: Callable[[dict[str, Any], int], Any],
+    make_engine: Callable[[dict[str, Any], int, int, int], Any],
     print_summary: Callable[[Any, Any, Any, bool], None],
 ) -> None:
     use_stdin = input_file == "-" or (not prompts and not input_file and not sys.stdin.isatty())
@@ -92,7 +92,7 @@ def run_generate(
                 text = tokenizer.decode(toks, skip_special_tokens=True)
                 return any(s in text for s in stop)
 
-        _, engine = make_engine(kw, longest + max_new_tokens)
+        _, engine = make_engine(kw, longest, max_new_tokens, len(ids))
         with engine:
             new, stats, _ = engine.generate(ids, params, stop_check=stop_check)
         stream = out_stream or sys.stdout

@@ -76,6 +76,34 @@ def test_bench_json(ckpt, tmp_path: Path) -> None:
     assert data["sequences"] == 4 and data["generated_tokens"] == 12 and data["total_tok_s"] > 0
 
 
+def test_auto_placement_plans_what_is_not_given(ckpt, tmp_path: Path) -> None:
+    path, model = ckpt
+    base = ["generate", "-m", str(path), "--store-dir", str(tmp_path), "--max-new-tokens", "3"]
+    prompts = ["--input", "-"]
+    records = "".join(json.dumps({"input_ids": [5 + n, 6, 7]}) + "\n" for n in range(5))
+    # Nothing given: the planner chooses everything, prints the plan, and the tokens still match HF.
+    result = run(*base, *prompts, input=records)
+    assert result.exit_code == 0, result.output
+    assert "plan (" in result.stderr and "predicted" in result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([r["input_ids"] for r in rows]), max_new_tokens=3, do_sample=False)
+    assert [r["output_ids"] for r in rows] == ref[:, 3:].tolist()
+    # What is given is held: weights on disk and micro-batches of 2; the block never exceeds the job.
+    result = run(*base, *prompts, "--weights", "disk=100", "--gpu-batch-size", "2", input=records)
+    assert result.exit_code == 0, result.output
+    assert "placement: weights disk=100 |" in result.stderr and "| batch 2 x" in result.stderr
+    assert [json.loads(line)["output_ids"] for line in result.stdout.splitlines()] == ref[:, 3:].tolist()
+
+
+def test_plan_and_calibrate_are_flexrun_commands() -> None:
+    result = run("plan", "-m", "opt-30b", "--hardware", "t4", "--compress", "off", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["placement"]["gpu_batch_size"] >= 1
+    assert run("calibrate", "--help").exit_code == 0
+    assert run("plan", "-m", "opt-30b", "--hardware", "nope").exit_code == 2
+
+
 def test_convert_writes_a_store(ckpt, tmp_path: Path) -> None:
     path, _ = ckpt
     result = run("convert", "-m", str(path), "--out", str(tmp_path / "s"), "--dtype", "bfloat16")
@@ -128,8 +156,11 @@ def test_unwritable_offload_dir_and_budget_errors(ckpt, tmp_path: Path) -> None:
     base = ["generate", "-m", str(path), "--store-dir", str(tmp_path / "stores"), "--input", "-"]
     result = run(*base, "--offload-dir", str(blocker / "sub"), input='{"input_ids": [4, 5]}\n')
     assert result.exit_code == 1 and "offload dir" in result.output
-    result = run(*base, "--host-mem", "1KiB", input='{"input_ids": [4, 5]}\n')
+    result = run(*base, "--placement", "manual", "--host-mem", "1KiB", input='{"input_ids": [4, 5]}\n')
     assert result.exit_code == 1 and "host tier needs" in result.output and "short by" in result.output
+    # The planner says the same before anything is allocated, with the budget that would do.
+    result = run(*base, "--host-mem", "1KiB", input='{"input_ids": [4, 5]}\n')
+    assert result.exit_code == 1 and "host tier is short by" in result.output and "--host-mem" in result.output
 
 
 def test_offline_hub_name_suggests_alternatives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,107 @@
+"""The placement a run uses: the one given on the command line, or the planner's choice (``--placement auto``).
+
+In auto mode the options the user did give are held (shares of a kind, the micro-batch size or count) and
+the planner chooses the rest for this job's prompt and generation lengths, within the tier budgets the
+runtime will enforce. Options the runtime does not implement (compression, host-side attention) are not
+offered to the planner.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexrun.config import OptConfig
+from flexrun.errors import PlacementError
+from flexrun.paths import cache_dir
+from flexrun.placement import Placement, Shares
+from flexrun.runtime.tiers import Budgets
+from flexrun.units import format_bytes
+
+log = logging.getLogger(__name__)
+
+KINDS = ("weights", "cache", "activations")
+# What `--placement manual` uses for an option left out.
+MANUAL_DEFAULTS: dict[str, Any] = {
+    "weights": Shares(),
+    "cache": Shares(),
+    "activations": Shares(),
+    "gpu_batch_size": 4,
+    "num_gpu_batches": 1,
+}
+
+
+def offload_root(offload_dir: str | Path | None) -> Path:
+    """The directory the engine puts its disk-resident cache and activations under."""
+    return Path(offload_dir).expanduser() if offload_dir else cache_dir() / "offload"
+
+
+def manual_placement(opts: dict[str, Any]) -> Placement:
+    """The placement spelled by the options, with ``MANUAL_DEFAULTS`` for those left out."""
+    given = {k: opts[k] if opts.get(k) is not None else v for k, v in MANUAL_DEFAULTS.items()}
+    return Placement(**given, overlap=opts.get("overlap", True))
+
+
+def choose_placement(
+    cfg: OptConfig,
+    opts: dict[str, Any],
+    budgets: Budgets,
+    prompt_len: int,
+    gen_len: int,
+    num_prompts: int | None = None,
+    report: Callable[[str], None] | None = None,
+) -> Placement:
+    """The run's placement. ``opts`` holds the CLI's placement options (None where not given), ``placement``
+    ("auto" or "manual"), ``hardware`` (a HardwareSpec or None) and ``overlap``. ``report`` gets one line
+    describing a planned placement."""
+    if opts.get("placement", "auto") == "manual":
+        return manual_placement(opts)
+    from flexrun.costmodel.hardware import load_hardware
+    from flexrun.costmodel.search import plan
+
+    has_cuda = torch.cuda.is_available()
+    tiers = budgets.resolved(offload_root(opts.get("offload_dir")), has_cuda)
+    hw = opts.get("hardware") or load_hardware(None)
+    hw = hw.with_memory(device=tiers["device"] if has_cuda else None, host=tiers["host"], disk=tiers["disk"])
+    fixed = {k: opts[k] for k in KINDS if opts.get(k) is not None}
+    gbs = opts.get("gpu_batch_size")
+    nb = opts.get("num_gpu_batches")
+    # A block bigger than the job only pads; with a micro-batch count given, the size is what it caps.
+    max_block = num_prompts if num_prompts and gbs is None else None
+    try:
+        result = plan(
+            cfg,
+            hw,
+            prompt_len,
+            gen_len,
+            compress=False,
+            cpu_cache_compute=False,
+            gpu_batch_sizes=[gbs] if gbs else None,
+            max_block_size=max_block,
+            fixed=fixed,
+            num_gpu_batches=nb,
+        )
+    except PlacementError as exc:
+        raise PlacementError(f"{exc}; or give the placement yourself (--placement manual --weights ...)") from None
+    pl = result.placement
+    placement = Placement(
+        weights=pl.weights,
+        cache=pl.cache,
+        activations=pl.activations,
+        gpu_batch_size=pl.gpu_batch_size,
+        num_gpu_batches=pl.num_gpu_batches,
+        overlap=opts.get("overlap", True),
+    )
+    pr = result.prediction
+    line = (
+        f"plan ({hw.name}, budgets {', '.join(f'{t} {format_bytes(b)}' for t, b in result.budgets.items())}): "
+        f"{placement.describe()}; predicted {pr.throughput:.3g} tok/s, bottleneck {pr.bottleneck}"
+    )
+    log.info("%s", line)
+    if report is not None:
+        report(line)
+    return placement

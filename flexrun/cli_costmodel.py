@@ -1,0 +1,240 @@
+"""``flexrun plan`` and ``flexrun calibrate``: parsing and output only; the work is in ``flexrun.costmodel``.
+
+The commands are registered on the ``flexrun`` group by ``flexrun.cli``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from flexrun.errors import FlexrunError
+
+DTYPES = ["float32", "float16", "bfloat16"]
+_TRI = {"auto": None, "on": True, "off": False}
+
+
+def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise click.BadParameter(f"must be >= 1, got {value}")
+    return value
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from flexrun.units import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _hardware(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """A preset or JSON file, loaded now so that a bad value is a usage error; None: decided later."""
+    from flexrun.costmodel.hardware import load_hardware
+
+    if value is None:
+        return None
+    try:
+        return load_hardware(value)
+    except FlexrunError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _pct_bytes(share: float, total: int) -> str:
+    from flexrun.units import format_bytes
+
+    return f"{share * 100:6.1f}% {format_bytes(share * total):>10}"
+
+
+def _spec(shares: Any) -> str:
+    """``host=40,disk=60`` rounded to 0.1%, the largest share absorbing the rounding so they add to 100."""
+    from flexrun.placement import TIERS
+
+    pct = {t: round(shares.get(t) * 100, 1) for t in TIERS}
+    top = max(pct, key=lambda t: pct[t])
+    pct[top] = round(100 - sum(v for t, v in pct.items() if t != top), 1)
+    return ",".join(f"{t}={v:g}" for t, v in pct.items() if v > 0)
+
+
+def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
+    from flexrun.costmodel.search import RELAXATION
+    from flexrun.placement import TIERS
+    from flexrun.units import format_bytes
+
+    pl, pr, hw = plan.placement, plan.prediction, plan.hardware
+    on_off = {True: "on", False: "off"}
+    tiers = [t for t in TIERS if t in plan.budgets]
+    budgets = ", ".join(f"{t} {format_bytes(b)}" for t, b in plan.budgets.items())
+    relax = int(RELAXATION["host"] * 100)
+    lines = [
+        f"model:      {cfg.name} ({cfg.dtype}, {format_bytes(cfg.model_bytes())} of weights, {cfg.num_hidden_layers} layers)",
+        f"hardware:   {hw.name}: {hw.source}",
+        f"budgets:    {budgets} (the plan uses at most {relax}% of each)",
+        f"workload:   prompt {pr.prompt_len} + generate {pr.gen_len} tokens",
+        "",
+        f"block:      {pl.gpu_batch_size} x {pl.num_gpu_batches} = {pl.block_size} sequences"
+        f" (micro-batch size x micro-batches)",
+        f"options:    compress weights {on_off[pl.compress_weight]}, compress cache {on_off[pl.compress_cache]},"
+        f" host-side attention {on_off[pl.cpu_cache_compute]}",
+        "",
+        f"{'tier':<8}" + "".join(f"{k:>19}" for k in ("weights", "cache", "activations")),
+    ]
+    for tier in tiers:
+        cells = [_pct_bytes(getattr(pl, kind).get(tier), kinds[kind]) for kind in ("weights", "cache", "activations")]
+        lines.append(f"{tier:<8}" + "".join(f"{c:>19}" for c in cells))
+    peak = ", ".join(f"{t} {format_bytes(pr.peak[t])} of {format_bytes(plan.budgets[t])}" for t in tiers)
+    lines += [
+        "",
+        f"predicted:  prefill {pr.prefill_throughput:.2f} tok/s ({pr.prefill_s:.2f} s), "
+        f"decode {pr.decode_throughput:.2f} tok/s ({pr.decode_s:.2f} s), "
+        f"total {pr.throughput:.3g} tok/s ({pr.total_s:.2f} s per block)",
+        f"bottleneck: {pr.bottleneck} (prefill: {pr.prefill.bottleneck}, decode: {pr.decode.bottleneck})",
+        f"peak:       {peak}"
+        + (f" (+ {format_bytes(pr.disk_weight_bytes)} of weights read from the store)" if pr.disk_weight_bytes else ""),
+        f"search:     {plan.lps_solved} LPs in {plan.search_s:.2f} s",
+        f"flags:      --weights {_spec(pl.weights)} --cache {_spec(pl.cache)} --activations {_spec(pl.activations)}"
+        f" --gpu-batch-size {pl.gpu_batch_size} --num-gpu-batches {pl.num_gpu_batches}",
+    ]
+    return "\n".join(lines)
+
+
+@click.command("plan")
+@click.option("--model", "-m", required=True, help="Model name or checkpoint directory.")
+@click.option("--prompt-len", default=512, show_default=True, callback=_positive, help="Prompt tokens.")
+@click.option("--gen-len", default=32, show_default=True, callback=_positive, help="Generated tokens.")
+@click.option("--device-mem", callback=_size, help="Device memory budget, e.g. 14GiB (replaces the hardware's).")
+@click.option("--host-mem", callback=_size, help="Host memory budget, e.g. 200GiB.")
+@click.option("--disk-mem", callback=_size, help="Disk budget in the offload dir, e.g. 1.5TB.")
+@click.option(
+    "--hardware",
+    callback=_hardware,
+    help="A preset (cpu, t4, a100-40gb, a100-80gb, h100-80gb) or a JSON file from `flexrun calibrate`. "
+    "Default: this machine's saved calibration, else a preset.",
+)
+@click.option("--dtype", type=click.Choice(DTYPES), help="Override the model's dtype.")
+@click.option(
+    "--compress",
+    type=click.Choice(list(_TRI)),
+    default="auto",
+    show_default=True,
+    help="Group-wise int4 weights and KV cache: auto tries with and without.",
+)
+@click.option(
+    "--cpu-cache-compute",
+    "host_attention",
+    type=click.Choice(list(_TRI)),
+    default="auto",
+    show_default=True,
+    help="Attention over a host-resident cache on the host: auto tries both.",
+)
+@click.option("--max-block-size", type=int, callback=_positive, help="At most this many sequences per block.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output with exact byte counts.")
+def plan_cmd(
+    model: str,
+    prompt_len: int,
+    gen_len: int,
+    device_mem: int | None,
+    host_mem: int | None,
+    disk_mem: int | None,
+    hardware: Any,
+    dtype: str | None,
+    compress: str,
+    host_attention: str,
+    max_block_size: int | None,
+    as_json: bool,
+) -> None:
+    """Choose a placement for MODEL with the cost model and print it, without running anything.
+
+    The planner searches micro-batch sizes and counts and, for each, solves a linear program for the
+    shares of weights, KV cache and activations on device, host and disk that maximise predicted
+    throughput within the memory budgets. It prints the placement (tier x kind, in percent and bytes),
+    the block shape, the predicted prefill / decode / total throughput, the bottleneck link and the peak
+    memory per tier.
+    """
+    from flexrun.config import resolve
+    from flexrun.costmodel.equations import kind_bytes
+    from flexrun.costmodel.hardware import load_hardware
+    from flexrun.costmodel.search import plan
+
+    cfg = resolve(model, **({"dtype": dtype} if dtype else {}))
+    hw = (hardware or load_hardware(None)).with_memory(device=device_mem, host=host_mem, disk=disk_mem)
+    result = plan(
+        cfg,
+        hw,
+        prompt_len,
+        gen_len,
+        compress=_TRI[compress],
+        cpu_cache_compute=_TRI[host_attention],
+        max_block_size=max_block_size,
+    )
+    pl = result.placement
+    kinds = kind_bytes(cfg, pl.block_size, prompt_len, gen_len, pl.compress_weight, pl.compress_cache)
+    if as_json:
+        placed = {k: {t: int(getattr(pl, k).get(t) * n) for t in result.budgets} for k, n in kinds.items()}
+        out = {
+            "model": cfg.name,
+            "dtype": cfg.dtype,
+            "prompt_len": prompt_len,
+            "gen_len": gen_len,
+            "total_bytes": kinds,
+            "placed_bytes": placed,
+            **result.to_dict(),
+        }
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(_plan_text(cfg, result, kinds))
+
+
+@click.command("calibrate")
+@click.option(
+    "--offload-dir", type=click.Path(file_okay=False), help="Where to measure the disk (default: the cache dir)."
+)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Where to save the JSON (default: the cache dir).")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype (default: bfloat16 on CPU, float16 on CUDA).")
+@click.option("--quick", is_flag=True, help="Small sizes, a few seconds; the figures understate the machine.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measured spec as JSON.")
+def calibrate_cmd(offload_dir: str | None, out: str | None, dtype: str | None, quick: bool, as_json: bool) -> None:
+    """Measure this machine's bandwidths and FLOP/s for the planner, and save them.
+
+    Measures disk read (O_DIRECT) and write (fsync) bandwidth in the offload dir, host<->device copies
+    when there is a GPU, and matmul and attention FLOP/s at prefill- and decode-like shapes, in well
+    under a minute. `flexrun plan` and `generate` then use the saved figures.
+    """
+    from flexrun.costmodel.calibrate import calibrate
+    from flexrun.costmodel.hardware import default_path
+    from flexrun.units import format_bytes
+
+    path = out or str(default_path())
+    spec = calibrate(offload_dir=offload_dir, out=path, dtype=dtype, quick=quick)
+    if as_json:
+        click.echo(json.dumps({"path": path, **spec.to_dict()}, indent=2))
+        return
+    click.echo(f"saved:      {path}")
+    click.echo(f"source:     {spec.source}")
+    click.echo(
+        "memory:     "
+        + ", ".join(f"{t} {format_bytes(spec.memory(t))}" for t in spec.tiers())
+        + (" (device = host RAM)" if spec.device_is_host else "")
+    )
+    rows = [
+        ("disk->host", spec.disk_to_host_bw, "B/s"),
+        ("host->disk", spec.host_to_disk_bw, "B/s"),
+        ("host->device", spec.host_to_device_bw, "B/s"),
+        ("device->host", spec.device_to_host_bw, "B/s"),
+        ("device memory", spec.device_mem_bw, "B/s"),
+        ("matmul prefill", spec.mm_flops_prefill, "FLOP/s"),
+        ("matmul decode", spec.mm_flops_decode, "FLOP/s"),
+        ("attention prefill", spec.bmm_flops_prefill, "FLOP/s"),
+        ("attention decode", spec.bmm_flops_decode, "FLOP/s"),
+        ("host attention", spec.host_attn_flops, "FLOP/s"),
+    ]
+    for name, value, unit in rows:
+        if spec.device_is_host and "device" in name and "memory" not in name:
+            continue
+        shown = f"{format_bytes(value)}/s" if unit == "B/s" else f"{value / 1e9:.1f} GFLOP/s"
+        click.echo(f"{name + ':':<19} {shown}")

@@ -1,0 +1,268 @@
+"""``flexrun calibrate``: measure this machine's bandwidths and compute rates into a ``HardwareSpec``.
+
+Each figure is measured on the operation the engine runs: disk reads with O_DIRECT into page-aligned
+buffers (``flexrun.diskio``), disk writes ending in fsync, pinned host<->device copies, the fused layer's
+``F.linear`` at prefill-like (many tokens) and decode-like (one token per sequence) shapes, and the
+reference attention kernel over a prompt and over a cache. A full run takes well under a minute;
+``quick=True`` shrinks every size for tests (figures then understate the machine).
+
+Everything CUDA is created inside the functions, so this module imports on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flexrun import diskio
+from flexrun.costmodel.hardware import HardwareSpec, default_path
+from flexrun.errors import ConfigError
+from flexrun.paths import cache_dir
+from flexrun.weights.store import TORCH_DTYPES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each measurement is: the full run, or the quick one for tests."""
+
+    disk_bytes: int  # file written then read back
+    disk_chunk: int  # bytes per write / read call
+    copy_bytes: int  # memory and host<->device copies
+    hidden: int  # matmul: (tokens, h) x (4h, h)
+    prefill_tokens: int
+    decode_batch: int
+    heads: int  # attention: heads x 64 dims
+    prompt_len: int  # prefill attention over (s, s)
+    context_len: int  # decode attention over a cache of this many tokens
+    min_seconds: float  # repeat each compute measurement at least this long
+
+
+FULL = Sizes(512 << 20, 32 << 20, 256 << 20, 2048, 512, 64, 16, 512, 1024, 0.5)
+QUICK = Sizes(8 << 20, 4 << 20, 8 << 20, 256, 64, 16, 4, 64, 128, 0.02)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn: Callable[[], object], device: torch.device, min_seconds: float, max_reps: int = 50) -> float:
+    """Seconds of one call of ``fn``: warm up once, then the fastest of repeats lasting ``min_seconds``."""
+    fn()
+    _sync(device)
+    best, spent, reps = float("inf"), 0.0, 0
+    while (spent < min_seconds or reps < 2) and reps < max_reps:
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        best, spent, reps = min(best, elapsed), spent + elapsed, reps + 1
+    return best
+
+
+# ---- disk ------------------------------------------------------------------------------------------
+def measure_disk(directory: Path, sizes: Sizes) -> tuple[float, float, bool]:
+    """(read bytes/s with O_DIRECT, write bytes/s ending in fsync, whether reads bypassed the page cache)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"calibrate-{os.getpid()}.bin"
+    chunk = diskio.aligned_empty(sizes.disk_chunk)
+    chunk.copy_(torch.randint(0, 256, (chunk.numel(),), dtype=torch.uint8))  # incompressible
+    view = memoryview(chunk.numpy())  # type: ignore[arg-type]
+    total = diskio.padded(sizes.disk_bytes)
+    try:
+        start = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            done = 0
+            while done < total:
+                done += os.write(fd, view[: min(len(view), total - done)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        write_bw = total / (time.perf_counter() - start)
+        fd = os.open(path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # drop what the writes left in the page cache
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        fd, direct = diskio.open_for_read(path, direct=True)
+        try:
+            start = time.perf_counter()
+            offset = 0
+            while offset < total:
+                n = diskio.read_into(fd, chunk, offset, min(chunk.numel(), total - offset))
+                if n == 0:
+                    break
+                offset += n
+            read_bw = offset / (time.perf_counter() - start)
+        finally:
+            os.close(fd)
+    finally:
+        path.unlink(missing_ok=True)
+    return read_bw, write_bw, direct
+
+
+# ---- memory and links ------------------------------------------------------------------------------
+def measure_memory_bw(device: torch.device, sizes: Sizes) -> float:
+    """The device memory's bandwidth: bytes read + written per second by a large copy."""
+    n = sizes.copy_bytes
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    return 2 * n / _best_time(lambda: dst.copy_(src), device, sizes.min_seconds / 4)
+
+
+def measure_links(device: torch.device, sizes: Sizes) -> tuple[float, float]:
+    """(host->device, device->host) bytes/s of pinned copies (CUDA only)."""
+    n = sizes.copy_bytes
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True).fill_(1)
+    dev = torch.empty(n, dtype=torch.uint8, device=device)
+    h2d = n / _best_time(lambda: dev.copy_(host, non_blocking=True), device, sizes.min_seconds / 4)
+    d2h = n / _best_time(lambda: host.copy_(dev, non_blocking=True), device, sizes.min_seconds / 4)
+    return h2d, d2h
+
+
+# ---- compute ---------------------------------------------------------------------------------------
+def measure_matmul(device: torch.device, dtype: torch.dtype, tokens: int, sizes: Sizes) -> float:
+    """FLOP/s of ``F.linear`` over ``tokens`` rows against an MLP-shaped (4h, h) weight."""
+    h = sizes.hidden
+    x = torch.randn(tokens, h, device=device).to(dtype)  # (tokens, h)
+    w = torch.randn(4 * h, h, device=device).to(dtype) / h**0.5  # (4h, h)
+    seconds = _best_time(lambda: F.linear(x, w), device, sizes.min_seconds)
+    return 2 * tokens * h * 4 * h / seconds
+
+
+def measure_attention(
+    device: torch.device, dtype: torch.dtype, batch: int, query_len: int, context: int, sizes: Sizes
+) -> float:
+    """FLOP/s of the reference attention kernel: ``query_len`` queries over ``context`` keys."""
+    from flexrun.kernels.reference import additive_mask, attention
+
+    nh, d = sizes.heads, 64
+    q = torch.randn(batch, nh, query_len, d, device=device).to(dtype)  # (b, nh, q, d)
+    k = torch.randn(batch, nh, context, d, device=device).to(dtype)  # (b, nh, t, d)
+    v = torch.randn(batch, nh, context, d, device=device).to(dtype)
+    valid = torch.ones(batch, context, dtype=torch.bool, device=device)
+    mask = additive_mask(valid, query_len, dtype)  # (b, 1, q, t)
+    seconds = _best_time(lambda: attention(q, k, v, mask, d**-0.5), device, sizes.min_seconds)
+    return 4 * batch * query_len * context * nh * d / seconds  # Q K^T and P V
+
+
+# ---- the whole run ---------------------------------------------------------------------------------
+def calibrate(
+    offload_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    dtype: str | None = None,
+    quick: bool = False,
+    save: bool = True,
+    progress: bool = True,
+) -> HardwareSpec:
+    """Measure this machine and return its ``HardwareSpec``; save it as JSON (default ``default_path()``).
+
+    ``offload_dir``: where the disk is measured (default: the cache dir's ``offload``). ``dtype``: the
+    compute dtype (default bfloat16 without CUDA, float16 with). ``quick``: small sizes, for tests.
+    """
+    import psutil
+    from tqdm import tqdm
+
+    sizes = QUICK if quick else FULL
+    has_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if has_cuda else torch.device("cpu")
+    dtype = dtype or ("float16" if has_cuda else "bfloat16")
+    if dtype not in TORCH_DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+    tdtype = TORCH_DTYPES[dtype]
+    directory = Path(offload_dir).expanduser() if offload_dir else cache_dir() / "offload"
+    figures: dict[str, float] = {}
+    direct = True
+
+    def disk() -> None:
+        nonlocal direct
+        figures["disk_to_host_bw"], figures["host_to_disk_bw"], direct = measure_disk(directory, sizes)
+
+    def links() -> None:
+        if has_cuda:
+            figures["host_to_device_bw"], figures["device_to_host_bw"] = measure_links(device, sizes)
+        else:
+            figures["host_to_device_bw"] = figures["device_to_host_bw"] = 0.0
+
+    def host_attention() -> None:
+        if has_cuda:  # host-side attention runs in float32 on the CPU, as FlexGen's
+            b = sizes.decode_batch
+            figures["host_attn_flops"] = measure_attention(
+                torch.device("cpu"), torch.float32, b, 1, sizes.context_len, sizes
+            )
+        else:
+            figures["host_attn_flops"] = figures["bmm_flops_decode"]
+
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("disk", disk),
+        ("host<->device", links),
+        ("memory bandwidth", lambda: figures.__setitem__("device_mem_bw", measure_memory_bw(device, sizes))),
+        (
+            "matmul (prefill)",
+            lambda: figures.__setitem__(
+                "mm_flops_prefill", measure_matmul(device, tdtype, sizes.prefill_tokens, sizes)
+            ),
+        ),
+        (
+            "matmul (decode)",
+            lambda: figures.__setitem__("mm_flops_decode", measure_matmul(device, tdtype, sizes.decode_batch, sizes)),
+        ),
+        (
+            "attention (prefill)",
+            lambda: figures.__setitem__(
+                "bmm_flops_prefill", measure_attention(device, tdtype, 1, sizes.prompt_len, sizes.prompt_len, sizes)
+            ),
+        ),
+        (
+            "attention (decode)",
+            lambda: figures.__setitem__(
+                "bmm_flops_decode", measure_attention(device, tdtype, sizes.decode_batch, 1, sizes.context_len, sizes)
+            ),
+        ),
+        ("host attention", host_attention),
+    ]
+    start = time.perf_counter()
+    bar = tqdm(steps, desc="calibrate", unit="step", file=sys.stderr, disable=not progress, leave=False)
+    for name, fn in bar:
+        bar.set_postfix_str(name)
+        fn()
+        log.debug("calibrate %s: %s", name, {k: f"{v:.3g}" for k, v in figures.items()})
+    bar.close()
+
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    where = (
+        torch.cuda.get_device_name(device)
+        if has_cuda
+        else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
+    source = f"measured by `flexrun calibrate`{' --quick' if quick else ''} on {where} in {dtype}, {time.strftime('%Y-%m-%d')}"
+    if not direct:
+        source += f"; O_DIRECT unsupported under {directory}, disk reads may be flattered by the page cache"
+    spec = HardwareSpec(
+        name="calibrated",
+        source=source,
+        device_mem=int(torch.cuda.get_device_properties(device).total_memory) if has_cuda else 0,
+        host_mem=int(psutil.virtual_memory().total),
+        disk_mem=int(shutil.disk_usage(probe).free),
+        device_is_host=not has_cuda,
+        dtype=dtype,
+        **figures,
+    )
+    log.info("calibrated in %.1f s: %s", time.perf_counter() - start, spec.source)
+    if save:
+        path = spec.save(Path(out).expanduser() if out else default_path())
+        log.info("saved %s", path)
+    return spec

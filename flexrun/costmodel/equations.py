@@ -1,0 +1,481 @@
+"""The cost model: predicted time and memory of a placement, as pure functions (no torch, no runtime).
+
+Everything is per decoder layer, for one block of ``gpu_batch_size x num_gpu_batches`` sequences, in the
+order the block schedule runs it: a layer's weights are loaded once per block and reused by every
+micro-batch; each micro-batch loads its KV cache, computes, and stores its new cache and activations.
+With I/O overlapped, a layer takes the longest of
+
+- the read path:  disk->host + host->device transfers (data on disk goes through host memory),
+- the write path: device->host + host->disk transfers,
+- compute: the device's matmuls and attention, plus host-side attention (``cpu_cache_compute``), which
+  runs between the same micro-batch's device work and so adds to it,
+
+and without overlap their sum. A generation is one prefill step (the prompt) and ``gen_len - 1`` decode
+steps at the mean context ``prompt_len + gen_len / 2``, as in FlexGen's cost model.
+
+Every time and memory figure is an affine function of the nine shares (weights / cache / activations on
+device / host / disk), kept as an ``Affine``: ``predict`` evaluates them at a placement's shares and the
+LP in ``search`` uses the very same coefficients, so the planner and the prediction cannot disagree.
+
+Simplifications, each small for the large models this is for: the embeddings and LM head are spread
+evenly over the layers (bytes and FLOPs); (de)quantization is ``QUANT_PASSES`` passes over the fp16 data
+at the device's memory bandwidth (weights once per block, the cache at every step); padding to the disk alignment
+is ignored; memory is what the runtime allocates up front (the whole KV cache of ``prompt + gen`` tokens,
+activations of one layer boundary, double-buffered weight arenas, one micro-batch's intermediates).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flexrun.config import OptConfig
+from flexrun.costmodel.hardware import HardwareSpec
+from flexrun.placement import TIERS, Placement
+
+KINDS = ("weights", "cache", "activations")
+Key = tuple[str, str]  # (kind, tier)
+SHARE_KEYS: tuple[Key, ...] = tuple((kind, tier) for kind in KINDS for tier in TIERS)
+
+# FlexGen's group-wise quantization: 4 bits per value, groups of 64 along one dimension, each group with
+# an fp16 scale and min. Bytes per value: 4/8 + 2 * 2 / 64 = 0.5625, i.e. 0.28x of fp16.
+QUANT_BITS = 4
+QUANT_GROUP = 64
+QUANT_META_BYTES = 2 * 2  # scale and min, fp16
+# Group-wise (de)quantization in torch is a handful of elementwise passes (unpack, scale, shift, cast) over
+# the full-precision tensor, each bound by memory bandwidth: a layer's weights are dequantized once per
+# block, the cache read by attention at every decode step and the prompt's new cache quantized once.
+QUANT_PASSES = 4
+
+
+def compressed_fraction(dtype_bytes: int) -> float:
+    """Bytes of a group-wise int4 tensor over its bytes in a ``dtype_bytes`` dtype (0.28125 for fp16)."""
+    return (QUANT_BITS / 8 + QUANT_META_BYTES / QUANT_GROUP) / dtype_bytes
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``const + sum(coef[k] * share[k])`` over the nine shares, ``k = (kind, tier)``."""
+
+    const: float = 0.0
+    coef: Mapping[Key, float] = field(default_factory=dict)
+
+    @classmethod
+    def share(cls, kind: str, tiers: Iterable[str], scale: float) -> Affine:
+        """``scale`` x the share of ``kind`` on ``tiers`` (e.g. weights on host + disk)."""
+        return cls(0.0, {(kind, t): float(scale) for t in tiers})
+
+    def __add__(self, other: Affine | float) -> Affine:
+        if not isinstance(other, Affine):
+            return Affine(self.const + float(other), self.coef)
+        coef = dict(self.coef)
+        for k, v in other.coef.items():
+            coef[k] = coef.get(k, 0.0) + v
+        return Affine(self.const + other.const, coef)
+
+    __radd__ = __add__
+
+    def __mul__(self, factor: float) -> Affine:
+        return Affine(self.const * factor, {k: v * factor for k, v in self.coef.items()})
+
+    __rmul__ = __mul__
+
+    def value(self, shares: Mapping[Key, float]) -> float:
+        return self.const + sum(v * shares.get(k, 0.0) for k, v in self.coef.items())
+
+
+@dataclass(frozen=True)
+class PhaseTerms:
+    """Seconds per layer (whole block) of one phase: each link's transfers and the compute."""
+
+    links: Mapping[str, Affine]  # "disk->host", "host->disk", "host->device", "device->host"
+    compute: Affine  # device matmuls + attention
+    host_compute: Affine  # host-side attention over a host/disk cache (cpu_cache_compute)
+
+    def paths(self) -> dict[str, Affine]:
+        return {
+            "read": self.links["disk->host"] + self.links["host->device"],
+            "write": self.links["device->host"] + self.links["host->disk"],
+            "compute": self.compute + self.host_compute,
+        }
+
+
+@dataclass(frozen=True)
+class CostTerms:
+    """The affine cost model of one (model, machine, batch shape, options, lengths)."""
+
+    prefill: PhaseTerms
+    decode: PhaseTerms
+    memory: Mapping[str, Affine]  # bytes held on each tier
+    disk_weights: Affine  # weight bytes read in place from the tensor store (no offload-dir space)
+    num_layers: int
+    decode_steps: int
+    gpu_batch_size: int
+    num_gpu_batches: int
+    prompt_len: int
+    gen_len: int
+    compress_weight: bool
+    compress_cache: bool
+    cpu_cache_compute: bool
+    device_is_host: bool
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+
+def _linear_params(cfg: OptConfig) -> int:
+    """Weights of one layer's matmuls (qkv, out, MLP): the per-token matmul FLOPs are twice this."""
+    return sum(math.prod(s) for name, s in cfg.layer_shapes().items() if len(s) == 2)
+
+
+def _head_params(cfg: OptConfig) -> int:
+    """Weights of the LM head matmuls (project_out, then the vocabulary projection)."""
+    p = cfg.word_embed_proj_dim
+    return cfg.vocab_size * p + (cfg.hidden_size * p if p != cfg.hidden_size else 0)
+
+
+def _max_group_bytes(cfg: OptConfig) -> int:
+    """The largest weight group the engine loads at once (a layer, the input embeddings or the head)."""
+    shapes = cfg.global_shapes()
+    first = {"embed_tokens", "embed_positions", "project_in"}
+    inp = sum(math.prod(s) for n, s in shapes.items() if n in first)
+    out = sum(math.prod(s) for n, s in shapes.items() if n not in first)
+    if cfg.tie_word_embeddings:
+        out += math.prod(shapes["embed_tokens"])
+    return max(cfg.layer_bytes(), max(inp, out) * cfg.dtype_bytes)
+
+
+def working_bytes(cfg: OptConfig, gpu_batch_size: int, max_len: int) -> int:
+    """Intermediates of one micro-batch's prefill on the compute device, as the engine reserves them."""
+    b, s, h = gpu_batch_size, max_len, cfg.hidden_size
+    act = b * s * (6 * h + 2 * cfg.ffn_embed_dim) * cfg.dtype_bytes  # qkv, attention out, MLP hidden, residuals
+    scores = b * cfg.n_head * s * s * 4  # (b, nh, s, s) in fp32
+    logits = 2 * b * cfg.vocab_size * 4  # (b, vocab) fp32, twice for sampling
+    return act + scores + logits
+
+
+def cost_terms(
+    cfg: OptConfig,
+    hw: HardwareSpec,
+    gpu_batch_size: int,
+    num_gpu_batches: int,
+    prompt_len: int,
+    gen_len: int,
+    compress_weight: bool = False,
+    compress_cache: bool = False,
+    cpu_cache_compute: bool = False,
+) -> CostTerms:
+    """The cost model's affine terms for this batch shape and these options (shares left free)."""
+    cpu_cache_compute = cpu_cache_compute and not hw.device_is_host  # the host *is* the device there
+    dt, h, kvd, l = cfg.dtype_bytes, cfg.hidden_size, cfg.kv_dim, cfg.num_hidden_layers
+    b, nb = gpu_batch_size, num_gpu_batches
+    B = b * nb
+    s, n = prompt_len, gen_len
+    S = s + n  # the cache and activation buffers are sized for the longest sequence
+    L = s + n / 2  # mean context length over the decode steps
+    w_frac = compressed_fraction(dt) if compress_weight else 1.0
+    c_frac = compressed_fraction(dt) if compress_cache else 1.0
+
+    weights_total = cfg.model_bytes() * w_frac
+    w_layer = weights_total / l  # per layer, with the embeddings and head spread over the stack
+    kv_tok = 2 * kvd * dt * c_frac  # K and V of one token in one layer  # (2, kv_dim)
+    h_tok = h * dt  # the hidden state of one token  # (h,)
+    off_device = ("host", "disk")
+
+    # ---- compute (seconds per layer, whole block) ----
+    # A micro-batch's matmuls read the layer's weights from device memory once: with small micro-batches
+    # that, not the FLOP rate, bounds them (a roofline per micro-batch, summed over the block).
+    weight_read = nb * cfg.layer_bytes() / hw.device_mem_bw
+    mm_p = max(2 * B * s * _linear_params(cfg) / hw.mm_flops_prefill, weight_read)
+    mm_d = max(2 * B * _linear_params(cfg) / hw.mm_flops_decode, weight_read)
+    head = 2 * B * _head_params(cfg) / l / hw.mm_flops_decode  # logits of the last position only
+    attn_p = 4 * B * s * s * h / hw.bmm_flops_prefill  # Q K^T and P V over (s, s) per head
+    attn_d = 4 * B * L * h  # FLOPs over the cache, on whichever side holds it
+    kv_full = 2 * kvd * dt  # K and V of one token in one layer, uncompressed
+    quant_w = QUANT_PASSES * cfg.layer_bytes() / hw.device_mem_bw if compress_weight else 0.0
+    quant_p = QUANT_PASSES * B * s * kv_full / hw.device_mem_bw if compress_cache else 0.0
+    quant_d = QUANT_PASSES * B * L * kv_full / hw.device_mem_bw if compress_cache else 0.0
+    if cpu_cache_compute:
+        dev_attn = Affine.share("cache", ["device"], attn_d / hw.bmm_flops_decode)
+        host_attn = Affine.share("cache", off_device, attn_d / hw.host_attn_flops)
+    else:
+        dev_attn, host_attn = Affine(attn_d / hw.bmm_flops_decode), Affine()
+
+    # ---- transfers (seconds per layer, whole block) ----
+    def link(link_name: str, parts: list[Affine]) -> Affine:
+        if hw.device_is_host and link_name in ("host->device", "device->host"):
+            return Affine()  # one memory: nothing to copy
+        return sum(parts, Affine())
+
+    h2d, d2h = hw.link_bw("host->device") or 1.0, hw.link_bw("device->host") or 1.0
+    d2h_c, h2disk, h2disk_c = (
+        hw.cache_write_bw("device->host") or 1.0,
+        hw.host_to_disk_bw,
+        hw.cache_write_bw("host->disk"),
+    )
+    disk2h = hw.disk_to_host_bw
+    weights_in = Affine.share("weights", off_device, w_layer / h2d)
+    weights_disk = Affine.share("weights", ["disk"], w_layer / disk2h)
+
+    def acts(tokens: float) -> dict[str, Affine]:
+        """The block's hidden state in at the layer's start and out at its end, from/to its tier."""
+        nbytes = B * tokens * h_tok
+        return {
+            "host->device": Affine.share("activations", off_device, nbytes / h2d),
+            "disk->host": Affine.share("activations", ["disk"], nbytes / disk2h),
+            "device->host": Affine.share("activations", off_device, nbytes / d2h),
+            "host->disk": Affine.share("activations", ["disk"], nbytes / h2disk),
+        }
+
+    def cache_out(tokens: float) -> dict[str, Affine]:
+        """New K/V of ``tokens`` positions stored to the cache's tier."""
+        nbytes = B * tokens * kv_tok
+        return {
+            "device->host": Affine.share("cache", off_device, nbytes / d2h_c),
+            "host->disk": Affine.share("cache", ["disk"], nbytes / h2disk_c),
+        }
+
+    a_p, c_p = acts(s), cache_out(s)
+    prefill = PhaseTerms(
+        links={
+            "disk->host": link("disk->host", [weights_disk, a_p["disk->host"]]),
+            "host->device": link("host->device", [weights_in, a_p["host->device"]]),
+            "device->host": link("device->host", [a_p["device->host"], c_p["device->host"]]),
+            "host->disk": link("host->disk", [a_p["host->disk"], c_p["host->disk"]]),
+        },
+        compute=Affine(mm_p + head + attn_p + quant_w + quant_p),  # prefill attention runs on the device
+        host_compute=Affine(),
+    )
+
+    a_d, c_d = acts(1), cache_out(1)
+    cache_read = B * L * kv_tok  # the context's K/V, read by each decode step
+    disk_cache = Affine.share("cache", ["disk"], cache_read / disk2h)
+    if cpu_cache_compute:
+        # Only the new token's q, k, v go to the host and the attention output comes back.
+        qkv_out = Affine.share("cache", off_device, B * (h + 2 * kvd) * dt / d2h)
+        attn_back = Affine.share("cache", off_device, B * h_tok / h2d)
+        decode_links = {
+            "disk->host": [weights_disk, a_d["disk->host"], disk_cache],
+            "host->device": [weights_in, a_d["host->device"], attn_back],
+            "device->host": [a_d["device->host"], qkv_out],
+            "host->disk": [a_d["host->disk"], c_d["host->disk"]],
+        }
+    else:
+        cache_in = Affine.share("cache", off_device, cache_read / h2d)
+        decode_links = {
+            "disk->host": [weights_disk, a_d["disk->host"], disk_cache],
+            "host->device": [weights_in, a_d["host->device"], cache_in],
+            "device->host": [a_d["device->host"], c_d["device->host"]],
+            "host->disk": [a_d["host->disk"], c_d["host->disk"]],
+        }
+    decode = PhaseTerms(
+        links={name: link(name, parts) for name, parts in decode_links.items()},
+        compute=Affine(mm_d + head + quant_w + quant_d) + dev_attn,
+        host_compute=host_attn,
+    )
+
+    # ---- memory (bytes held on each tier) ----
+    slot = b * S * kvd * dt * c_frac  # K (or V) of one micro-batch in one layer  # (S, b, kv_dim)
+    cache_total = cfg.cache_bytes(B, S) * c_frac
+    acts_total = B * S * h_tok  # one layer boundary of the block  # (B, S, h)
+    group = _max_group_bytes(cfg) * w_frac
+    # Staging buffers the runtime allocates when any of a kind is off a tier; prorated by the share
+    # (exact at 0% and 100%, and the relaxation factor covers splits).
+    device = (
+        Affine.share("weights", ["device"], weights_total)
+        + Affine.share("weights", off_device, 2 * group)  # double-buffered arena for streamed weights
+        + Affine.share("cache", ["device"], cache_total)
+        + Affine.share("activations", ["device"], acts_total)
+        + working_bytes(cfg, b, S)
+        + (cfg.layer_bytes() if compress_weight else 0)  # one dequantized layer
+    )
+    if not cpu_cache_compute:
+        device += Affine.share("cache", off_device, 4 * slot)  # two micro-batches' K and V in flight
+    host = (
+        Affine.share("weights", ["host"], weights_total)
+        + Affine.share("weights", ["disk"], 2 * group)  # double-buffered arena for disk reads
+        + Affine.share("cache", ["host"], cache_total)
+        + Affine.share("cache", ["disk"], 4 * slot)
+        + Affine.share("activations", ["host"], acts_total)
+    )
+    if cpu_cache_compute:
+        host += b * (cfg.n_head * S * 4 + 4 * h_tok)  # one micro-batch's scores (fp32) and q, k, v, out
+    disk = Affine.share("cache", ["disk"], cache_total) + Affine.share("activations", ["disk"], acts_total)
+    if hw.device_is_host:
+        # The device tier is host RAM: its working memory lives there; no device copies of anything.
+        host = host + device.const
+        device = Affine()
+    return CostTerms(
+        prefill=prefill,
+        decode=decode,
+        memory={"device": device, "host": host, "disk": disk},
+        disk_weights=Affine.share("weights", ["disk"], weights_total),
+        num_layers=l,
+        decode_steps=max(n - 1, 0),
+        gpu_batch_size=b,
+        num_gpu_batches=nb,
+        prompt_len=s,
+        gen_len=n,
+        compress_weight=compress_weight,
+        compress_cache=compress_cache,
+        cpu_cache_compute=cpu_cache_compute,
+        device_is_host=hw.device_is_host,
+    )
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PhaseTime:
+    """One phase's seconds per layer: the total, each link, compute, and what bounds it."""
+
+    seconds: float
+    links: dict[str, float]
+    compute: float
+    host_compute: float
+    bottleneck: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seconds_per_layer": self.seconds,
+            "links": self.links,
+            "compute": self.compute,
+            "host_compute": self.host_compute,
+            "bottleneck": self.bottleneck,
+        }
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted times, throughput and peak memory of one placement."""
+
+    prefill: PhaseTime
+    decode: PhaseTime
+    prefill_s: float  # the block's prefill: layers x seconds per layer
+    decode_s: float  # the block's gen_len - 1 decode steps
+    peak: dict[str, int]  # bytes per tier (disk: the offload dir)
+    disk_weight_bytes: int  # weights read in place from the tensor store
+    block_size: int
+    prompt_len: int
+    gen_len: int
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def throughput(self) -> float:
+        """Generated tokens per second over the whole generation, FlexGen's headline figure."""
+        return self.gen_len * self.block_size / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def prefill_throughput(self) -> float:
+        return self.prompt_len * self.block_size / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_throughput(self) -> float:
+        """Tokens per second of the decode steps (0 when ``gen_len`` is 1: there are none)."""
+        steps = self.gen_len - 1
+        return steps * self.block_size / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def bottleneck(self) -> str:
+        """What bounds the phase that takes longer overall, e.g. ``decode: disk->host``."""
+        phase, t = ("decode", self.decode) if self.decode_s >= self.prefill_s else ("prefill", self.prefill)
+        return f"{phase}: {t.bottleneck}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prefill_s": self.prefill_s,
+            "decode_s": self.decode_s,
+            "total_s": self.total_s,
+            "throughput_tok_s": self.throughput,
+            "prefill_throughput_tok_s": self.prefill_throughput,
+            "decode_throughput_tok_s": self.decode_throughput,
+            "bottleneck": self.bottleneck,
+            "prefill_per_layer": self.prefill.to_dict(),
+            "decode_per_layer": self.decode.to_dict(),
+            "peak_bytes": self.peak,
+            "disk_weight_bytes": self.disk_weight_bytes,
+        }
+
+
+def _phase_time(terms: PhaseTerms, shares: Mapping[Key, float], overlap: bool) -> PhaseTime:
+    links = {name: a.value(shares) for name, a in terms.links.items()}
+    compute, host_compute = terms.compute.value(shares), terms.host_compute.value(shares)
+    paths = {
+        "read": links["disk->host"] + links["host->device"],
+        "write": links["device->host"] + links["host->disk"],
+        "compute": compute + host_compute,
+    }
+    seconds = max(paths.values()) if overlap else sum(paths.values())
+    worst = max(paths, key=lambda k: paths[k])
+    if worst == "read":
+        name = max(("disk->host", "host->device"), key=lambda k: links[k])
+    elif worst == "write":
+        name = max(("device->host", "host->disk"), key=lambda k: links[k])
+    else:
+        name = "host attention" if host_compute > compute else "compute"
+    return PhaseTime(seconds, links, compute, host_compute, name)
+
+
+def evaluate(terms: CostTerms, shares: Mapping[Key, float], overlap: bool = True) -> Prediction:
+    """The prediction of ``terms`` at these shares."""
+    pre = _phase_time(terms.prefill, shares, overlap)
+    dec = _phase_time(terms.decode, shares, overlap)
+    l = terms.num_layers
+    return Prediction(
+        prefill=pre,
+        decode=dec,
+        prefill_s=l * pre.seconds,
+        decode_s=l * terms.decode_steps * dec.seconds,
+        peak={tier: int(round(a.value(shares))) for tier, a in terms.memory.items()},
+        disk_weight_bytes=int(round(terms.disk_weights.value(shares))),
+        block_size=terms.block_size,
+        prompt_len=terms.prompt_len,
+        gen_len=terms.gen_len,
+    )
+
+
+def kind_bytes(
+    cfg: OptConfig, block_size: int, prompt_len: int, gen_len: int, compress_weight: bool, compress_cache: bool
+) -> dict[str, int]:
+    """Bytes of all weights, of the block's KV cache and of one layer boundary's activations."""
+    frac = compressed_fraction(cfg.dtype_bytes)
+    seq = prompt_len + gen_len
+    return {
+        "weights": int(cfg.model_bytes() * (frac if compress_weight else 1.0)),
+        "cache": int(cfg.cache_bytes(block_size, seq) * (frac if compress_cache else 1.0)),
+        "activations": cfg.hidden_bytes(block_size, seq),
+    }
+
+
+def placement_shares(placement: Placement, device_is_host: bool = False) -> dict[Key, float]:
+    """The nine shares of ``placement``; on a CPU-only machine device shares count as host (as the runtime)."""
+    shares: dict[Key, float] = {}
+    for kind in KINDS:
+        s = getattr(placement, kind)
+        for tier in TIERS:
+            shares[(kind, tier)] = s.get(tier)
+        if device_is_host:
+            shares[(kind, "host")] += shares[(kind, "device")]
+            shares[(kind, "device")] = 0.0
+    return shares
+
+
+def predict(cfg: OptConfig, hw: HardwareSpec, placement: Placement, prompt_len: int, gen_len: int) -> Prediction:
+    """Predicted prefill/decode time, throughput and peak memory per tier of ``placement``."""
+    terms = cost_terms(
+        cfg,
+        hw,
+        placement.gpu_batch_size,
+        placement.num_gpu_batches,
+        prompt_len,
+        gen_len,
+        compress_weight=placement.compress_weight,
+        compress_cache=placement.compress_cache,
+        cpu_cache_compute=placement.cpu_cache_compute,
+    )
+    return evaluate(terms, placement_shares(placement, hw.device_is_host), overlap=placement.overlap)

@@ -1,0 +1,123 @@
+"""``flexrun plan`` and ``flexrun calibrate`` through click's test runner, on a throwaway group."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from flexrun.cli import FlexrunGroup
+from flexrun.cli_costmodel import calibrate_cmd, plan_cmd
+from flexrun.costmodel.calibrate import calibrate
+from flexrun.costmodel.hardware import PRESETS, HardwareSpec
+
+
+@pytest.fixture
+def group() -> FlexrunGroup:
+    # The real group class, so FlexrunErrors become "Error: ..." and exit 1 as in `flexrun`.
+    g = FlexrunGroup()
+    g.add_command(plan_cmd)
+    g.add_command(calibrate_cmd)
+    return g
+
+
+def _run(group: FlexrunGroup, *args: str) -> Result:
+    return CliRunner().invoke(group, list(args))
+
+
+def test_plan_prints_the_table(group: FlexrunGroup) -> None:
+    result = _run(group, "plan", "-m", "opt-30b", "--hardware", "t4", "--compress", "off")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for needle in ("tier", "weights", "cache", "activations", "device", "host", "disk", "block:", "predicted:"):
+        assert needle in out
+    assert "bottleneck:" in out and "peak:" in out and "tok/s" in out and "GiB" in out
+    assert "--gpu-batch-size" in out  # the equivalent generate flags
+
+
+def test_plan_json(group: FlexrunGroup) -> None:
+    result = _run(group, "plan", "-m", "opt-175b", "--hardware", "t4", "--json", "--prompt-len", "256")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["model"] == "opt-175b" and data["prompt_len"] == 256 and data["hardware"]["name"] == "t4"
+    pl = data["placement"]
+    for kind in ("weights", "cache", "activations"):
+        assert sum(pl[kind].values()) == pytest.approx(1.0)
+        assert sum(data["placed_bytes"][kind].values()) == pytest.approx(data["total_bytes"][kind], rel=1e-6, abs=3)
+    pred = data["prediction"]
+    assert pred["throughput_tok_s"] > 0 and ":" in pred["bottleneck"]
+    assert set(pred["peak_bytes"]) == {"device", "host", "disk"}
+    assert data["search"]["lps_solved"] > 0
+
+
+def test_plan_memory_overrides_change_the_plan(group: FlexrunGroup) -> None:
+    args = ["plan", "-m", "opt-30b", "--hardware", "t4", "--compress", "off", "--json"]
+    big = json.loads(_run(group, *args).output)
+    small = json.loads(_run(group, *args, "--host-mem", "48GiB").output)
+    assert small["budgets"]["host"] == 48 << 30
+    assert small["prediction"]["peak_bytes"]["host"] <= 0.8 * (48 << 30) * (1 + 1e-5) + 4096
+    assert small["placement"]["weights"]["disk"] > 0 and big["placement"]["weights"]["disk"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--host-mem", "12XB"], "--host-mem"),
+        (["--hardware", "v100"], "a100-40gb"),
+        (["--prompt-len", "0"], "--prompt-len"),
+        (["--compress", "maybe"], "--compress"),
+    ],
+)
+def test_plan_bad_option_values_exit_2(group: FlexrunGroup, args: list[str], needle: str) -> None:
+    result = _run(group, "plan", "-m", "opt-1.3b", *args)
+    assert result.exit_code == 2
+    assert needle in result.output
+
+
+def test_plan_infeasible_is_one_line_exit_1(group: FlexrunGroup) -> None:
+    result = _run(group, "plan", "-m", "opt-175b", "--hardware", "cpu", "--host-mem", "2GiB")
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: no placement of opt-175b")
+    assert "host tier is short by" in lines[0] and "--host-mem" in lines[0]
+
+
+def test_plan_unknown_model_exit_1(group: FlexrunGroup) -> None:
+    result = _run(group, "plan", "-m", "opt-31b", "--hardware", "t4")
+    assert result.exit_code == 1 and "opt-30b" in result.output
+
+
+def test_plan_help_is_the_docstring(group: FlexrunGroup) -> None:
+    result = _run(group, "plan", "--help")
+    assert result.exit_code == 0 and "linear program" in result.output and "--hardware" in result.output
+
+
+def test_calibrate_quick_function(tmp_path: Path) -> None:
+    spec = calibrate(offload_dir=tmp_path / "off", out=tmp_path / "hw.json", quick=True, progress=False)
+    assert (tmp_path / "hw.json").is_file()
+    assert HardwareSpec.load(tmp_path / "hw.json") == spec
+    assert spec.disk_to_host_bw > 0 and spec.host_to_disk_bw > 0 and spec.mm_flops_prefill > 0
+    assert spec.host_mem > 0 and spec.disk_mem > 0
+    assert spec.device_is_host == (not torch.cuda.is_available())
+    assert not list((tmp_path / "off").iterdir())  # the probe file is removed
+
+
+def test_calibrate_cli_then_plan_with_it(group: FlexrunGroup, tmp_path: Path) -> None:
+    out = tmp_path / "hw.json"
+    result = _run(group, "calibrate", "--quick", "--offload-dir", str(tmp_path / "off"), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert str(out) in result.output and "disk->host" in result.output
+    result = _run(group, "plan", "-m", "opt-125m", "--hardware", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["hardware"]["name"] == "calibrated"
+
+
+def test_plan_uses_a_hardware_file(group: FlexrunGroup, tmp_path: Path) -> None:
+    path = PRESETS["a100-80gb"].save(tmp_path / "a100.json")
+    result = _run(group, "plan", "-m", "opt-30b", "--hardware", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["hardware"]["name"] == "a100-80gb" and data["budgets"]["device"] == 80 << 30
