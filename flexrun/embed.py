@@ -127,7 +127,10 @@ def summary_text(store: TensorStore, placement: Placement, stats: EncodeStats, p
     return "\n".join(
         [
             f"model: {cfg.name} ({cfg.arch}, {cfg.dtype}, {format_bytes(cfg.model_bytes())}); pooling: {pooling}",
-            f"placement: {placement.describe()}",
+            # An encoder keeps no KV cache: its placement is the weights, the activations and the batching.
+            f"placement: weights {placement.weights.spec()} | activations {placement.activations.spec()} | "
+            f"batch {placement.gpu_batch_size} x {placement.num_gpu_batches}"
+            + ("" if placement.overlap else " | no-overlap"),
             f"sequences: {stats.sequences} in {stats.blocks} block(s), {stats.tokens} tokens "
             f"({stats.padded_tokens} with padding)",
             f"latency: {stats.seconds:.3f} s  throughput: {stats.tokens_per_s:.2f} token/s",
