@@ -294,6 +294,62 @@ def bench_cmd(prompt_len: int, gen_len: int, **kw: Any) -> None:
     _print_summary(store, engine, stats, kw["as_json"])
 
 
+@cli.command("embed")
+@click.option("--model", "-m", required=True, help="Encoder checkpoint directory or tensor store (BERT, RoBERTa).")
+@click.option("--text", "-t", "texts", multiple=True, help="A text to embed (repeatable).")
+@click.option(
+    "--input",
+    "-i",
+    "input_file",
+    help='JSONL file of {"id", "text"} or {"id", "input_ids": [...]} records (- for stdin).',
+)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write JSONL results here (default stdout).")
+@click.option(
+    "--pooling",
+    type=click.Choice(["pooler", "cls", "mean"]),
+    help="pooler: tanh(dense) of the first token (default when the model has one); cls: the first token's last "
+    "hidden state (default otherwise); mean: the mean over the real tokens.",
+)
+@click.option("--all-tokens", is_flag=True, help="Write every token's last hidden state instead of one vector.")
+@click.option("--normalize", is_flag=True, help="Scale each vector to unit length (L2).")
+@click.option("--truncate", is_flag=True, help="Cut inputs longer than the model's positions instead of failing.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute/storage dtype.")
+@click.option("--dummy-weights", is_flag=True, help="Random weights of the right shapes (no download).")
+@click.option("--store-dir", type=click.Path(file_okay=False), help="Where converted stores are cached.")
+@click.option("--weights", callback=_shares, help="Weight shares, e.g. host=40,disk=60 (default host=100).")
+@click.option("--activations", callback=_shares, help="Activation shares, e.g. disk=100 (default host=100).")
+@click.option("--gpu-batch-size", default=8, show_default=True, callback=_positive, help="Sequences per micro-batch.")
+@click.option("--num-gpu-batches", default=1, show_default=True, callback=_positive, help="Micro-batches per block.")
+@click.option("--overlap/--no-overlap", default=True, show_default=True, help="Overlap I/O with compute.")
+@click.option("--offload-dir", type=click.Path(file_okay=False), help="Directory for disk-resident activations.")
+@click.option("--device-mem", callback=_size, help="Device memory budget, e.g. 14GiB.")
+@click.option("--host-mem", callback=_size, help="Host memory budget, e.g. 8GiB.")
+@click.option("--disk-mem", callback=_size, help="Disk budget in the offload dir.")
+def embed_cmd(
+    texts: tuple[str, ...],
+    input_file: str | None,
+    output: str | None,
+    pooling: str | None,
+    all_tokens: bool,
+    normalize: bool,
+    truncate: bool,
+    **kw: Any,
+) -> None:
+    """Embed texts with an encoder model (BERT, RoBERTa), streaming its weights by the placement given.
+
+    Writes one JSONL row per input record, in input order: {"id", "tokens", "embedding": [...]}, or with
+    --all-tokens {"id", "tokens", "input_ids", "last_hidden_state": [[...], ...]} (one row of hidden_size
+    floats per token). Text is tokenized with the checkpoint's tokenizer (special tokens added); token-type
+    ids are all 0. A weight is read once per block of GPU_BATCH_SIZE x NUM_GPU_BATCHES sequences. The
+    summary goes to stderr.
+    """
+    from flexrun.embed import EmbedOptions, run_embed, summary_text
+
+    opts = EmbedOptions(pooling=pooling, all_tokens=all_tokens, normalize=normalize, truncate=truncate)
+    store, placement, stats, used = run_embed(kw, texts, input_file, output, opts)
+    click.echo(summary_text(store, placement, stats, used), err=True)
+
+
 def _register_costmodel_commands() -> None:
     from flexrun.cli_costmodel import calibrate_cmd, plan_cmd
 

@@ -61,6 +61,16 @@ class OptConfig:
     norm_bias: bool = True
     layer_norm_eps: float = 1e-5
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # Encoders (BERT, RoBERTa): bidirectional attention, no KV cache and no LM head; `flexrun embed` runs them.
+    encoder: bool = False
+    # Token-type (segment) embeddings added to the input; 0 means none.
+    type_vocab_size: int = 0
+    # A layer norm on the summed input embeddings (slots embed_ln_w / embed_ln_b).
+    embed_layer_norm: bool = False
+    # BERT's pooler: tanh(dense(first token's hidden state)) (slots pooler_w / pooler_b).
+    pooler: bool = False
+    # RoBERTa: a token's position counts only the non-pad tokens up to it (pads sit at position -1).
+    positions_skip_pad: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -140,6 +150,15 @@ class OptConfig:
                 shapes["final_ln_b"] = (h,)
         if not self.tie_word_embeddings:
             shapes["lm_head"] = (self.vocab_size, p)
+        if self.type_vocab_size:
+            shapes["embed_token_types"] = (self.type_vocab_size, h)
+        if self.embed_layer_norm:
+            shapes["embed_ln_w"] = (h,)
+            if self.norm_bias:
+                shapes["embed_ln_b"] = (h,)
+        if self.pooler:
+            shapes["pooler_w"] = (h, h)
+            shapes["pooler_b"] = (h,)
         return shapes
 
     def layer_bytes(self) -> int:

@@ -17,14 +17,16 @@ class PromptRecord:
     input_ids: list[int] | None = None
 
 
-def _record(obj: Any, where: str, default_id: int) -> PromptRecord:
+def _record(obj: Any, where: str, default_id: int, text_keys: tuple[str, ...] = ("prompt",)) -> PromptRecord:
+    keys = ", ".join(f'"{k}"' for k in text_keys)
     if not isinstance(obj, dict):
-        raise InputError(f'{where}: expected a JSON object with "prompt" or "input_ids"')
-    prompt, ids = obj.get("prompt"), obj.get("input_ids")
+        raise InputError(f'{where}: expected a JSON object with {keys} or "input_ids"')
+    key = next((k for k in text_keys if obj.get(k) is not None), text_keys[0])
+    prompt, ids = obj.get(key), obj.get("input_ids")
     if prompt is None and ids is None:
-        raise InputError(f'{where}: record has neither "prompt" nor "input_ids"')
+        raise InputError(f'{where}: record has neither {keys} nor "input_ids"')
     if prompt is not None and not isinstance(prompt, str):
-        raise InputError(f'{where}: "prompt" must be a string')
+        raise InputError(f'{where}: "{key}" must be a string')
     if ids is not None and (
         not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
     ):
@@ -32,8 +34,9 @@ def _record(obj: Any, where: str, default_id: int) -> PromptRecord:
     return PromptRecord(id=obj.get("id", default_id), prompt=prompt, input_ids=ids)
 
 
-def read_jsonl(stream: IO[str], name: str) -> list[PromptRecord]:
-    """Records from a JSONL stream; a bad line is an InputError naming the file and line."""
+def read_jsonl(stream: IO[str], name: str, text_keys: tuple[str, ...] = ("prompt",)) -> list[PromptRecord]:
+    """Records from a JSONL stream; a bad line is an InputError naming the file and line. The text is read
+    from the first of ``text_keys`` a record has."""
     records = []
     for lineno, line in enumerate(stream, start=1):
         if not line.strip():
@@ -42,29 +45,37 @@ def read_jsonl(stream: IO[str], name: str) -> list[PromptRecord]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{name}:{lineno}: malformed JSON ({exc.msg})") from None
-        records.append(_record(obj, f"{name}:{lineno}", lineno))
+        records.append(_record(obj, f"{name}:{lineno}", lineno, text_keys))
     return records
 
 
-def read_prompts(prompts: tuple[str, ...], input_file: str | None, stdin: IO[str] | None) -> list[PromptRecord]:
-    """Prompts from ``--prompt`` texts, else a JSONL file (``-`` for stdin), else stdin lines (JSONL)."""
+def read_prompts(
+    prompts: tuple[str, ...],
+    input_file: str | None,
+    stdin: IO[str] | None,
+    text_keys: tuple[str, ...] = ("prompt",),
+    hint: str = "give --prompt TEXT, --input FILE.jsonl, or JSONL on stdin",
+) -> list[PromptRecord]:
+    """Prompts from ``--prompt`` texts, else a JSONL file (``-`` for stdin), else stdin lines (JSONL).
+
+    ``text_keys`` are the record keys a text may come under; ``hint`` ends the error for an empty input."""
     if prompts:
         return [PromptRecord(id=n, prompt=p) for n, p in enumerate(prompts)]
     if input_file and input_file != "-":
         path = Path(input_file)
         try:
             with path.open(encoding="utf-8") as f:
-                records = read_jsonl(f, str(path))
+                records = read_jsonl(f, str(path), text_keys)
         except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
             raise InputError(f"cannot read {path}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise InputError(f"{path}: not UTF-8 text") from None
         source = str(path)
     elif stdin is not None:
-        records = read_jsonl(stdin, "<stdin>")
+        records = read_jsonl(stdin, "<stdin>", text_keys)
         source = "<stdin>"
     else:
         records, source = [], "input"
     if not records:
-        raise InputError(f"{source}: no prompts (give --prompt TEXT, --input FILE.jsonl, or JSONL on stdin)")
+        raise InputError(f"{source}: no prompts ({hint})")
     return records

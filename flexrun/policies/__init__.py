@@ -61,9 +61,12 @@ def policy_for_layer(layer: object) -> Policy:
 
 
 def _register_builtin() -> None:
+    from flexrun.policies.bert import BertPolicy, RobertaPolicy
     from flexrun.policies.opt import OptPolicy
 
     register(OptPolicy())
+    register(BertPolicy())
+    register(RobertaPolicy())
 
 
 _register_builtin()

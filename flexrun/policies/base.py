@@ -44,3 +44,8 @@ class Policy(ABC):
     def global_names(self, config: OptConfig) -> dict[str, str]:
         """Hugging Face names of the tensors outside the layer stack (embeddings, projections, final norm,
         untied LM head), by slot name (see ``OptConfig.global_shapes``)."""
+
+    def fit_checkpoint(self, config: OptConfig, has: Callable[[str], bool]) -> OptConfig:
+        """``config`` adjusted to the tensors the checkpoint holds (``has(hf_name)``), for parts that
+        config.json does not describe, such as an optional pooler. Unchanged by default."""
+        return config

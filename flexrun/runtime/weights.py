@@ -26,7 +26,7 @@ from flexrun.weights.store import TensorStore
 
 log = logging.getLogger(__name__)
 
-_INPUT = ("embed_tokens", "embed_positions", "project_in")
+_INPUT = ("embed_tokens", "embed_positions", "project_in", "embed_token_types", "embed_ln_w", "embed_ln_b")
 _GPU_ALIGN = 256
 
 
@@ -36,7 +36,7 @@ def stack_groups(cfg: OptConfig) -> list[list[str]]:
     groups = [[n for n in glob if n in _INPUT]]
     groups += [[f"layers.{i}.{slot}" for slot in cfg.layer_shapes()] for i in range(cfg.num_hidden_layers)]
     out = [n for n in glob if n not in _INPUT]
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and not cfg.encoder:
         out.append("embed_tokens")
     groups.append(out)
     return groups

@@ -23,6 +23,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "vocab.json",
+    "vocab.txt",
     "merges.txt",
     "tokenizer.model",
     "added_tokens.json",
@@ -103,5 +104,5 @@ class Checkpoint:
     def tokenizer_files(self) -> list[Path]:
         """The tokenizer's files, or nothing when the checkpoint has no tokenizer."""
         files = [self.path / f for f in TOKENIZER_FILES if (self.path / f).exists()]
-        has_vocab = any(f.name in ("tokenizer.json", "vocab.json", "tokenizer.model") for f in files)
+        has_vocab = any(f.name in ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model") for f in files)
         return files if has_vocab else []

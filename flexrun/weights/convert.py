@@ -18,17 +18,20 @@ from tqdm import tqdm
 from flexrun.config import OptConfig, config_from_hf, resolve
 from flexrun.errors import CheckpointError, OfflineError
 from flexrun.paths import cache_dir
-from flexrun.policies import policy_for_hf_config
+from flexrun.policies import policy_by_name, policy_for_hf_config
 from flexrun.weights.checkpoint import Checkpoint
 from flexrun.weights.store import StoreWriter, TensorStore
 
 log = logging.getLogger(__name__)
 
+# The input group: the tensors read before the first layer.
+_INPUT = ("embed_tokens", "embed_positions", "project_in", "embed_token_types", "embed_ln_w", "embed_ln_b")
+
 
 def store_order(cfg: OptConfig) -> list[str]:
     """Tensor names in the order the engine walks the stack: input embeddings, layers, output head."""
     glob = list(cfg.global_shapes())
-    first = [n for n in glob if n in ("embed_tokens", "embed_positions", "project_in")]
+    first = [n for n in glob if n in _INPUT]
     last = [n for n in glob if n not in first]
     layers = [f"layers.{i}.{slot}" for i in range(cfg.num_hidden_layers) for slot in cfg.layer_shapes()]
     return first + layers + last
@@ -64,6 +67,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, dtype: str | None = Non
     cfg = config_from_hf(hf, name=src.name)
     if dtype:
         cfg = resolve(str(src), dtype=dtype)
+    cfg = policy_for_hf_config(hf).fit_checkpoint(cfg, ckpt.has)
     writer = StoreWriter(out, cfg, extra={"source": str(src.resolve())})
     try:
         names = store_order(cfg)
@@ -97,7 +101,7 @@ def write_dummy_store(cfg: OptConfig, out: str | Path, seed: int = 0, progress: 
     try:
         for name in tqdm(store_order(cfg), desc=f"dummy {cfg.name}", unit="tensor", disable=not progress):
             slot = name.rsplit(".", 1)[-1]
-            if slot.startswith(("ln", "final_ln")) and slot.endswith("_w"):
+            if slot.startswith(("ln", "final_ln", "embed_ln")) and slot.endswith("_w"):
                 t = torch.ones(shapes[name])
             else:
                 t = torch.randn(shapes[name], generator=gen).mul_(0.02)
@@ -132,17 +136,37 @@ def hub_download(name: str) -> Path:
         ) from None
 
 
+def check_task(cfg: OptConfig, task: str, model: str) -> None:
+    """Refuse to generate with an encoder, or to embed with a decoder, naming the command that fits."""
+    policy = policy_by_name(cfg.arch)
+    if task == "generate" and not policy.generative:
+        raise CheckpointError(
+            f"{model} is an encoder model ({policy.name}) and cannot generate text; "
+            f"use `flexrun embed --model {model} --input FILE.jsonl` for its embeddings"
+        )
+    if task == "embed" and policy.generative:
+        raise CheckpointError(
+            f"{model} is a decoder model ({policy.name}); `flexrun embed` runs encoder models (BERT, RoBERTa), "
+            "use `flexrun generate` for this one"
+        )
+
+
 def ensure_store(
     model: str,
     dtype: str | None = None,
     dummy: bool = False,
     store_root: str | Path | None = None,
     progress: bool = True,
+    task: str = "generate",
 ) -> TensorStore:
-    """The tensor store for ``model`` (a name, checkpoint directory or existing store), converting on first use."""
+    """The tensor store for ``model`` (a name, checkpoint directory or existing store), converting on first use.
+
+    ``task`` ("generate" or "embed") is checked against the architecture before anything is converted.
+    """
     path = Path(model).expanduser()
     if path.is_dir() and (path / "index.json").exists() and not (path / "config.json").exists():
         store = TensorStore(path)
+        check_task(store.config, task, model)
         if dtype and store.config.dtype != dtype:
             raise CheckpointError(f"{path} holds {store.config.dtype} weights; convert again with --dtype {dtype}")
         return store
@@ -150,6 +174,7 @@ def ensure_store(
     root = Path(store_root) if store_root else cache_dir() / "stores"
     if dummy:
         cfg = resolve(model, **overrides)
+        check_task(cfg, task, model)
         out = root / (_store_key(cfg, "dummy") + "-dummy")
         if not (out / "index.json").exists():
             log.info("writing dummy weights for %s to %s", cfg.name, out)
@@ -161,6 +186,7 @@ def ensure_store(
         resolve(model)  # an unknown name fails here, with close matches, before any download
         src = hub_download(model)
     cfg = resolve(str(src), **overrides)
+    check_task(cfg, task, model)
     out = root / _store_key(cfg, str(src.resolve()))
     if not (out / "index.json").exists():
         log.info("converting %s to a tensor store at %s", src, out)
