@@ -261,7 +261,7 @@ def run_generate(
         writer.close()
         echo(f"all {len(seqs)} records are already in {out_path}; nothing to do", err=True)
         return
-    if done:
+    if done and not job.quiet:
         echo(f"resuming: {len(done)} of {len(seqs)} records are already in {out_path}", err=True)
 
     longest = max(len(s.ids) for s in pending)

@@ -66,7 +66,8 @@ def scan(path: Path) -> Existing:
 
 
 class ResultWriter:
-    """Appends blocks of records to stdout or to a file (durably). ``written`` counts the file's records."""
+    """Appends blocks of records to a file (durably), else to ``stdout``, else nowhere (``--stream`` prints
+    text instead). ``written`` counts the records in the file."""
 
     def __init__(self, path: Path | None, stdout: IO[str] | None = None) -> None:
         self.path = path
@@ -91,9 +92,9 @@ class ResultWriter:
         """Write one block's records: all of them, durably, or none (the file is cut back on failure)."""
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         if self.fd is None:
-            assert self.stdout is not None
-            self.stdout.write(data)
-            self.stdout.flush()
+            if self.stdout is not None:
+                self.stdout.write(data)
+                self.stdout.flush()
             return
         size = os.fstat(self.fd).st_size
         view = memoryview(data.encode("utf-8"))

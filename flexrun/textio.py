@@ -67,7 +67,9 @@ def check_unique_ids(records: list[PromptRecord]) -> None:
     for r in records:
         key = id_key(r.id)
         if key in seen:
-            raise InputError(f"{r.where}: id {r.id!r} repeats {seen[key]}; ids must be unique to resume a job")
+            other, source = seen[key], r.where.rsplit(":", 1)[0] + ":"
+            other = "line " + other.removeprefix(source) if other.startswith(source) else other
+            raise InputError(f"{r.where}: id {r.id!r} repeats {other}; ids must be unique to resume a job")
         seen[key] = r.where
 
 

@@ -42,7 +42,7 @@ class Budgets:
             if self.device is not None:
                 log.info("no CUDA device: the device tier is host RAM, --device-mem is ignored")
             device = 0
-        free_disk = shutil.disk_usage(_existing_parent(offload_dir)).free
+        free_disk = disk_free(offload_dir)
         disk = min(self.disk, free_disk) if self.disk is not None else free_disk
         return {"device": device, "host": host, "disk": disk}
 
@@ -70,7 +70,7 @@ class Ledger:
                 parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.items[tier].items() if v)
                 fix = f"move shares off {tier} or raise --{tier}-mem"
                 if tier == "disk" and offload_dir is not None:
-                    free = shutil.disk_usage(_existing_parent(offload_dir)).free
+                    free = disk_free(offload_dir)
                     if free <= have:
                         fix = f"the offload dir {offload_dir} has {format_bytes(free)} free: move shares off disk or "
                         fix += "point --offload-dir at a disk with room"
@@ -80,7 +80,8 @@ class Ledger:
                 )
 
 
-def _existing_parent(path: Path) -> Path:
+def disk_free(path: Path) -> int:
+    """Free bytes on the filesystem that holds (or will hold) ``path``."""
     while not path.exists() and path != path.parent:
         path = path.parent
-    return path
+    return shutil.disk_usage(path).free
