@@ -281,7 +281,7 @@ def test_several_sequences_need_sampling(ckpt, stores, tmp_path: Path) -> None:
 def test_text_prompts_stop_strings_and_streaming_match_hf(ckpt, stores, tmp_path: Path) -> None:
     _, model, tok = ckpt
     prompts = ["the quick brown fox", "hello world, this", "a small café", "numbers: 1 2"]
-    new = 24
+    new = 16
     refs = {}
     for p in prompts:
         ids = tok(p)["input_ids"]
