@@ -313,8 +313,8 @@ def run_generate(
                     writer.write([run.row(s, toks) for s, toks in zip(chunk, new, strict=True)])
                 stats = _add_stats(stats, part)
                 new_tokens += sum(len(t) for t in new)
+                bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - started):.1f} tok/s", refresh=False)
                 bar.update(len(chunk))
-                bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - started):.1f} tok/s", refresh=True)
     except KeyboardInterrupt:
         abandoned = True
     finally:
