@@ -338,3 +338,23 @@ def test_a_prompt_that_is_a_path_is_text(ckpt, stores, tmp_path: Path) -> None:
     (row,) = [json.loads(line) for line in r.stdout.splitlines()]
     # The path's own tokens (the end that fits the context), not the file's.
     assert row["prompt"] == str(secret) and row["input_ids"] == ckpt[2](str(secret))["input_ids"][-62:]
+
+
+def test_an_abandoned_block_leaves_the_finished_ones(ckpt, stores, tmp_path, monkeypatch) -> None:
+    from flexrun.runtime.engine import Engine
+
+    inp = write_input(tmp_path / "in.jsonl", 6)
+    out = tmp_path / "out.jsonl"
+    real, calls = Engine.generate, {"n": 0}
+
+    def generate(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # what a second Ctrl-C does in the middle of the second block
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", generate)
+    r = gen(ckpt, stores, tmp_path, "-i", str(inp), "-o", str(out))
+    assert r.exit_code == 130 and "abandoning the block in flight" in r.output, r.output
+    assert f"{out} keeps the 2 records finished before; run the same command again to resume" in r.output
+    assert len(lines(out)) == 2

@@ -13,9 +13,11 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from flexrun.cli import cli
+from flexrun.interrupt import StopRequest
 from tests.hf_reference import tiny_opt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,17 +41,17 @@ def _stop_at(args: list[str], out: Path, lines: int, sig: int, env: dict[str, st
     return subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
 
 
-def _signal_self_at(out: Path, lines: int, *sigs: int) -> threading.Thread:
-    """A thread that sends ``sigs`` to this process (a second one quickly after the first) once ``out`` holds
-    ``lines`` complete records; the job itself runs in the main thread, where Python handles signals."""
+def _signal_self_at(out: Path, lines: int, sig: int) -> threading.Thread:
+    """A thread that sends ``sig`` to this process once ``out`` holds ``lines`` complete records; the job
+    runs in the main thread, where Python handles signals. Nothing is sent unless the job's handler is in
+    place (a signal after the job would hit pytest)."""
 
     def watch() -> None:
         deadline = time.monotonic() + 60
         while _complete_lines(out) < lines and time.monotonic() < deadline:
             time.sleep(0.002)
-        for sig in sigs:
+        if isinstance(getattr(signal.getsignal(sig), "__self__", None), StopRequest):
             os.kill(os.getpid(), sig)
-            time.sleep(0.001)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -84,9 +86,9 @@ def test_stopped_and_killed_jobs_resume_to_the_uninterrupted_output(tmp_path: Pa
     assert "interrupted by SIGINT, after the block in flight" in r.output and "run the same command again" in r.output
     done = _complete_lines(out)
     assert at <= done < n and done % 2 == 0 and out.read_text() == "".join(expected[:done])
-    # SIGTERM twice: the second abandons the block in flight; still only whole blocks, exit 143.
+    # SIGTERM: the same, exit 143.
     at = done + rng.randrange(1, 8)
-    _signal_self_at(out, at, signal.SIGTERM, signal.SIGTERM)
+    _signal_self_at(out, at, signal.SIGTERM)
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 143 and "interrupted by SIGTERM" in r.output, r.output
     done = _complete_lines(out)
@@ -100,3 +102,21 @@ def test_stopped_and_killed_jobs_resume_to_the_uninterrupted_output(tmp_path: Pa
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert out.read_text() == ref.read_text()
+
+
+def test_a_second_signal_abandons_the_block_but_never_a_write() -> None:
+    notes: list[str] = []
+    stop = StopRequest(notify=notes.append)
+    with stop.installed():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.exit_code == 143 and "stopping after the current block" in notes[0]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler runs in this thread at the next bytecode
+        written = []
+        with pytest.raises(KeyboardInterrupt), stop.writing():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            written.append("the whole block")  # a signal during the write waits for it to finish
+        assert written == ["the whole block"]
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle
