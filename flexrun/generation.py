@@ -207,7 +207,8 @@ class _Job:
         row["finish_reason"] = "stop" if stopped else "eos" if eos else "length"
         return row
 
-    def stop_check(self, chunk: list[Sequence]) -> Callable[[int, list[int]], bool] | None:
+    def stop_check(self) -> Callable[[int, list[int]], bool] | None:
+        """The engine's per-token test for stop strings (on the decoded text), or None without any."""
         stop = self.job.params.stop
         if not stop or self.tokenizer is None:
             return None
@@ -264,9 +265,12 @@ def run_generate(
     if done and not job.quiet:
         echo(f"resuming: {len(done)} of {len(seqs)} records are already in {out_path}", err=True)
 
-    longest = max(len(s.ids) for s in pending)
-    store, engine = make_engine(kw, longest, job.params.max_new_tokens, 1 if job.stream else len(pending))
+    # Planned for the whole job, not for what is left, so a resumed job runs the same blocks as an
+    # uninterrupted one would have (same placement, same block size).
+    longest = max(len(s.ids) for s in seqs)
+    store, engine = make_engine(kw, longest, job.params.max_new_tokens, 1 if job.stream else len(seqs))
     run = _Job(job, tokenizer, store.config.eos_token_id, writer)
+    stop_check = run.stop_check()
     stop = StopRequest(notify=None if job.quiet else lambda line: echo(line, err=True))
     chunk_size = 1 if job.stream else engine.placement.block_size
     stats: RunStats | None = None
@@ -300,7 +304,7 @@ def run_generate(
                         job.params,
                         seq_ids=[s.seed_index for s in chunk],
                         on_step=on_step if text is not None else None,
-                        stop_check=run.stop_check(chunk),
+                        stop_check=stop_check,
                     )
                 except OSError as exc:  # the offload dir filled up or went away mid-job
                     raise InputError(
