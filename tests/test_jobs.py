@@ -358,3 +358,10 @@ def test_an_abandoned_block_leaves_the_finished_ones(ckpt, stores, tmp_path, mon
     assert r.exit_code == 130 and "abandoning the block in flight" in r.output, r.output
     assert f"{out} keeps the 2 records finished before; run the same command again to resume" in r.output
     assert len(lines(out)) == 2
+
+
+def test_output_cannot_be_the_input(ckpt, stores, tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 2)
+    before = inp.read_text()
+    r = gen(ckpt, stores, tmp_path, "-i", str(inp), "-o", str(inp))
+    assert r.exit_code == 1 and "is the input file" in r.output and inp.read_text() == before
