@@ -19,7 +19,7 @@ from flexrun.config import OptConfig
 from flexrun.errors import PlacementError
 from flexrun.paths import cache_dir
 from flexrun.placement import Placement, Shares
-from flexrun.runtime.tiers import Budgets
+from flexrun.runtime.tiers import Budgets, disk_free
 from flexrun.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,16 @@ def choose_placement(
             num_gpu_batches=nb,
         )
     except PlacementError as exc:
-        raise PlacementError(f"{exc}; or give the placement yourself (--placement manual --weights ...)") from None
+        note = ""
+        root = offload_root(opts.get("offload_dir"))
+        if "disk" in getattr(exc, "short", {}) and tiers["disk"] >= disk_free(root):
+            # More --disk-mem cannot help when the offload dir's filesystem itself is the limit.
+            note = (
+                f"; the offload dir {root} has {format_bytes(disk_free(root))} free, --offload-dir can point elsewhere"
+            )
+        raise PlacementError(
+            f"{exc}{note}; or give the placement yourself (--placement manual --weights ...)"
+        ) from None
     pl = result.placement
     placement = Placement(
         weights=pl.weights,

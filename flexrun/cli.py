@@ -182,7 +182,13 @@ def _engine(kw: dict[str, Any], prompt_len: int, gen_len: int, num_prompts: int 
     from flexrun.runtime.tiers import Budgets
     from flexrun.weights.convert import ensure_store
 
-    store = ensure_store(kw["model"], dtype=kw["dtype"], dummy=kw["dummy_weights"], store_root=kw["store_dir"])
+    store = ensure_store(
+        kw["model"],
+        dtype=kw["dtype"],
+        dummy=kw["dummy_weights"],
+        store_root=kw["store_dir"],
+        progress=not kw.get("quiet"),
+    )
     budgets = Budgets(device=kw["device_mem"], host=kw["host_mem"], disk=kw["disk_mem"])
     placement = choose_placement(
         store.config,
@@ -191,7 +197,7 @@ def _engine(kw: dict[str, Any], prompt_len: int, gen_len: int, num_prompts: int 
         prompt_len,
         gen_len,
         num_prompts,
-        report=lambda line: click.echo(line, err=True),
+        report=None if kw.get("quiet") else lambda line: click.echo(line, err=True),
     )
     engine = Engine(store, placement, prompt_len + gen_len, budgets=budgets, offload_dir=kw["offload_dir"])
     return store, engine
@@ -233,18 +239,49 @@ def convert_cmd(model: str, out: str, dtype: str | None) -> None:
 @click.option(
     "--input", "-i", "input_file", help='JSONL file of {"prompt": ...} or {"input_ids": [...]} records (- for stdin).'
 )
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write JSONL results here (default stdout).")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="Write JSONL results here (default stdout); rerunning the same command resumes.",
+)
+@click.option("--overwrite", is_flag=True, help="Start the --output file afresh instead of resuming it.")
 @click.option("--max-new-tokens", default=32, show_default=True, callback=_positive)
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed; a rerun reproduces its outputs.")
 @click.option("--stop", multiple=True, help="Stop a sequence when this text appears (repeatable).")
+@click.option(
+    "--num-return-sequences",
+    "-n",
+    default=1,
+    show_default=True,
+    callback=_positive,
+    help="Sampled completions per prompt (records carry their `seq` index).",
+)
+@click.option(
+    "--truncate",
+    type=click.Choice(["none", "left"]),
+    default="none",
+    show_default=True,
+    help="A prompt longer than the context: none = error, left = keep its end.",
+)
+@click.option(
+    "--order",
+    type=click.Choice(["length", "input"]),
+    default="length",
+    show_default=True,
+    help="length: longest prompts first (least padding); input: the input's order.",
+)
+@click.option("--stream", is_flag=True, help="Print each completion's text as it is generated (one at a time).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or plan line on stderr (the summary stays).")
 def generate_cmd(
     prompts: tuple[str, ...],
     input_file: str | None,
     output: str | None,
+    overwrite: bool,
     max_new_tokens: int,
     temperature: float,
     top_p: float,
@@ -252,16 +289,26 @@ def generate_cmd(
     repetition_penalty: float,
     seed: int,
     stop: tuple[str, ...],
+    num_return_sequences: int,
+    truncate: str,
+    order: str,
+    stream: bool,
+    quiet: bool,
     **kw: Any,
 ) -> None:
-    """Generate completions for prompts with an offloaded placement; JSONL results, summary on stderr."""
-    from flexrun.generation import run_generate
+    """Generate completions for prompts with an offloaded placement; JSONL results, summary on stderr.
 
-    run_generate(
-        kw,
-        prompts=prompts,
-        input_file=input_file,
-        output=output,
+    Records are written block by block as they finish. With --output, rerunning the same command resumes
+    the job where it stopped; Ctrl-C (or SIGTERM) stops it after the block in flight.
+    """
+    from flexrun.generation import JobOptions, run_generate
+    from flexrun.runtime.sampling import SamplingParams
+
+    if num_return_sequences > 1 and temperature == 0:
+        raise click.BadParameter(
+            "more than one sequence per prompt needs sampling (--temperature > 0)", param_hint="--num-return-sequences"
+        )
+    params = SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -269,9 +316,21 @@ def generate_cmd(
         repetition_penalty=repetition_penalty,
         seed=seed,
         stop=stop,
-        make_engine=_engine,
-        print_summary=_print_summary,
     )
+    job = JobOptions(
+        params=params,
+        prompts=prompts,
+        input_file=input_file,
+        output=output,
+        num_return_sequences=num_return_sequences,
+        truncate=truncate,
+        order=order,
+        overwrite=overwrite,
+        stream=stream,
+        quiet=quiet,
+    )
+    kw["quiet"] = quiet
+    run_generate(kw, job, make_engine=_engine, print_summary=_print_summary, echo=click.echo)
 
 
 @cli.command("bench")

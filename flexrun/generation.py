@@ -1,116 +1,340 @@
-"""The ``generate`` job: prompts -> token ids -> engine -> JSONL records."""
+"""The ``generate`` job: prompts -> token ids -> engine, one block at a time -> JSONL records as they finish.
+
+A job is planned once, for its longest prompt, and then run block by block: each block's records are
+written (and, to a file, fsync'd) as soon as the block finishes, so a job that dies keeps everything it
+finished. Rerunning the same command with the same ``--output`` resumes: records already there are
+skipped, a partial last line is cut off. Every prompt problem is found before anything is generated.
+
+Order: ``length`` (the default) runs the longest prompts first, so blocks hold prompts of similar length
+and waste little padding; records come out in that order. ``input`` keeps the input's order. Either way
+each record carries its prompt's ``id`` (and ``seq`` with ``--num-return-sequences``), and a resumed job
+writes exactly the records, in the order, that an uninterrupted one would have.
+"""
 
 from __future__ import annotations
 
-import json
+import logging
+import os
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from flexrun.errors import InputError
+from tqdm import tqdm
+
+from flexrun.errors import CheckpointError, FlexrunError, InputError
+from flexrun.interrupt import StopRequest
+from flexrun.results import ResultWriter, scan
+from flexrun.runtime.engine import RunStats
 from flexrun.runtime.sampling import SamplingParams
-from flexrun.textio import PromptRecord, read_prompts
+from flexrun.streaming import TextStream, cut_at_stop
+from flexrun.textio import PromptRecord, check_unique_ids, id_key, read_prompts
 from flexrun.weights.store import TensorStore
+
+log = logging.getLogger(__name__)
+
+
+class JobInterrupted(FlexrunError):
+    """SIGINT or SIGTERM stopped the job; what was finished is kept."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What ``flexrun generate`` was asked to do, apart from the model and placement."""
+
+    params: SamplingParams
+    prompts: tuple[str, ...] = ()
+    input_file: str | None = None
+    output: str | None = None
+    num_return_sequences: int = 1
+    truncate: str = "none"  # "none": a prompt longer than the context is an error; "left": keep its end
+    order: str = "length"  # "length" (longest first) or "input"
+    overwrite: bool = False
+    stream: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class Sequence:
+    """One sequence to generate: a prompt's token ids and which of its return sequences this is."""
+
+    record: PromptRecord
+    ids: list[int]
+    seq: int
+    seed_index: int  # seeds the sampler: the same for this sequence in every run of the job
+    truncated: int = 0  # tokens cut off the front of the prompt (--truncate left)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return id_key(self.record.id), self.seq
 
 
 def load_tokenizer(store: TensorStore) -> Any:
-    """The checkpoint's tokenizer, or None when the store has none (dummy weights)."""
+    """The checkpoint's tokenizer, or None when the store has none (dummy weights). Code shipped with a
+    checkpoint (``auto_map``) is never run: ``trust_remote_code`` stays off."""
     tok_dir = store.tokenizer_dir()
     if tok_dir is None:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
+    except Exception as exc:  # transformers raises many classes for a tokenizer it cannot build
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"{tok_dir}: cannot load the tokenizer ({exc.__class__.__name__}: {first}); "
+            'give prompts as "input_ids" records instead'
+        ) from None
 
 
-def tokenize(records: list[PromptRecord], tokenizer: Any, model: str) -> list[list[int]]:
-    ids = []
+def prepare(records: list[PromptRecord], tokenizer: Any, store: TensorStore, job: JobOptions) -> list[Sequence]:
+    """Token ids for every sequence of the job, each prompt checked (vocabulary, length) against the model."""
+    cfg = store.config
+    max_new = job.params.max_new_tokens
+    room = cfg.max_seq_len - max_new
+    if room < 1:
+        raise InputError(
+            f"--max-new-tokens {max_new} leaves no room for a prompt in the model's {cfg.max_seq_len} positions"
+        )
+    seqs: list[Sequence] = []
     for r in records:
         if r.input_ids is not None:
-            ids.append(list(r.input_ids))
+            ids = list(r.input_ids)
         elif tokenizer is None:
-            raise InputError(f'{model} has no tokenizer: give prompts as "input_ids" records instead of text')
+            raise InputError(f'{r.where}: {cfg.name} has no tokenizer: give prompts as "input_ids" records instead')
         else:
-            assert r.prompt is not None
-            ids.append(tokenizer(r.prompt)["input_ids"])
-    return ids
+            ids = list(tokenizer(r.prompt)["input_ids"])
+        if not ids:
+            raise InputError(f"{r.where}: empty prompt")
+        bad = next((t for t in ids if t < 0 or t >= cfg.vocab_size), None)
+        if bad is not None:
+            raise InputError(f"{r.where}: token id {bad} is outside the vocabulary (0..{cfg.vocab_size - 1})")
+        cut = 0
+        if len(ids) > room:
+            if job.truncate != "left":
+                raise InputError(
+                    f"{r.where}: prompt has {len(ids)} tokens; with --max-new-tokens {max_new} that exceeds the "
+                    f"model's {cfg.max_seq_len} positions (--truncate left keeps its last {room} tokens)"
+                )
+            cut = len(ids) - room
+            ids = ids[cut:]
+        n = job.num_return_sequences
+        seqs.extend(Sequence(r, ids, k, r.index * n + k, cut) for k in range(n))
+    return seqs
+
+
+def already_done(path: Path, seqs: list[Sequence], source: str) -> tuple[set[tuple[str, int]], int]:
+    """Keys of the sequences whose records are in ``path``, and the byte length of its complete lines.
+
+    A record that is not part of this job (an id the input does not have, or other prompt tokens for the
+    same id) is an error: results of two jobs are never mixed in one file.
+    """
+    existing = scan(path)
+    by_key = {s.key: s for s in seqs}
+    for key, (lineno, rec) in existing.records.items():
+        s = by_key.get(key)
+        what = f"id {rec['id']!r}" + (f" seq {key[1]}" if key[1] else "")
+        fix = "choose another --output, or --overwrite to start afresh"
+        if s is None:
+            raise InputError(f"{path}:{lineno}: {what} is not a sequence of this job ({source}); {fix}")
+        if rec.get("input_ids") != s.ids:
+            raise InputError(
+                f"{path}:{lineno}: {what} was generated from other prompt tokens than {s.record.where}; {fix}"
+            )
+    if existing.partial:
+        log.info("%s ends with a partial record; it is cut off and generated again", path)
+    return set(existing.records), existing.good_bytes
+
+
+def _check_output(path: Path, input_file: str | None) -> None:
+    """Fail before any work when the output cannot be written (or would overwrite the input)."""
+    if input_file and input_file != "-" and path.exists() and Path(input_file).exists() and path.samefile(input_file):
+        raise InputError(f"--output {path} is the input file; write the results elsewhere")
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _add_stats(total: RunStats | None, part: RunStats) -> RunStats:
+    """The stats of a job run block by block: counts and seconds add up, the peak is the highest."""
+    if total is None:
+        return part
+    for f in fields(RunStats):
+        if f.name == "peak_rss":
+            total.peak_rss = max(total.peak_rss, part.peak_rss)
+        elif f.name == "direct_io":
+            if part.direct_io is not None:
+                total.direct_io = part.direct_io if total.direct_io is None else total.direct_io and part.direct_io
+        elif f.name in ("planned", "budgets"):
+            setattr(total, f.name, getattr(part, f.name))
+        else:
+            setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))
+    return total
+
+
+class _Job:
+    """One run of a job: the sequences still to do, where their records go, and how to turn tokens into them."""
+
+    def __init__(self, job: JobOptions, tokenizer: Any, eos: int, writer: ResultWriter) -> None:
+        self.job = job
+        self.tokenizer = tokenizer
+        self.eos = eos
+        self.writer = writer
+
+    def row(self, s: Sequence, toks: list[int]) -> dict[str, Any]:
+        row: dict[str, Any] = {"id": s.record.id}
+        if self.job.num_return_sequences > 1:
+            row["seq"] = s.seq
+        if s.record.prompt is not None:
+            row["prompt"] = s.record.prompt
+        row["input_ids"] = s.ids
+        if s.truncated:
+            row["truncated"] = s.truncated
+        row["output_ids"] = toks
+        stopped = False
+        if self.tokenizer is not None:
+            row["text"], stopped = cut_at_stop(
+                self.tokenizer.decode(toks, skip_special_tokens=True), self.job.params.stop
+            )
+        eos = bool(toks) and toks[-1] == self.eos and self.job.params.stop_at_eos
+        row["finish_reason"] = "stop" if stopped else "eos" if eos else "length"
+        return row
+
+    def stop_check(self) -> Callable[[int, list[int]], bool] | None:
+        """The engine's per-token test for stop strings (on the decoded text), or None without any."""
+        stop = self.job.params.stop
+        if not stop or self.tokenizer is None:
+            return None
+
+        def check(member: int, toks: list[int]) -> bool:
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            return any(s in text for s in stop)
+
+        return check
 
 
 def run_generate(
     kw: dict[str, Any],
-    prompts: tuple[str, ...],
-    input_file: str | None,
-    output: str | None,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    repetition_penalty: float,
-    seed: int,
-    stop: tuple[str, ...],
+    job: JobOptions,
     make_engine: Callable[[dict[str, Any], int, int, int], Any],
     print_summary: Callable[[Any, Any, Any, bool], None],
+    echo: Callable[..., None],
+    stdin: IO[str] | None = None,
+    stdout: IO[str] | None = None,
 ) -> None:
-    use_stdin = input_file == "-" or (not prompts and not input_file and not sys.stdin.isatty())
-    stdin = sys.stdin if use_stdin else None
-    records = read_prompts(prompts, input_file, stdin)
-    out_stream = None
-    if output:
-        try:
-            out_stream = Path(output).open("w", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
-        except OSError as exc:
-            raise InputError(f"cannot write {output}: {exc.strerror}") from None
-    longest = max((len(r.input_ids) if r.input_ids is not None else 0) for r in records)
-    store, engine = None, None
+    """Run a generate job. ``echo(text, err=..., nl=...)`` prints (the CLI's click.echo)."""
+    stdin = stdin or sys.stdin
+    use_stdin = job.input_file == "-" or (not job.prompts and not job.input_file and not stdin.isatty())
+    records = read_prompts(job.prompts, job.input_file, stdin if use_stdin else None)
+    source = job.input_file if job.input_file and job.input_file != "-" else "<stdin>" if use_stdin else "--prompt"
+    out_path = Path(job.output) if job.output else None
+    if out_path is not None:
+        check_unique_ids(records)
+        _check_output(out_path, job.input_file)
+
+    from flexrun.weights.convert import ensure_store
+
+    store = ensure_store(
+        kw["model"], dtype=kw["dtype"], dummy=kw["dummy_weights"], store_root=kw["store_dir"], progress=not job.quiet
+    )
+    tokenizer = load_tokenizer(store)
+    if job.params.stop and tokenizer is None:
+        raise InputError(f"--stop needs a tokenizer and {store.config.name} has none")
+    seqs = prepare(records, tokenizer, store, job)
+
+    done: set[tuple[str, int]] = set()
+    keep_bytes: int | None = 0 if job.overwrite else None
+    if out_path is not None and not job.overwrite:
+        done, keep_bytes = already_done(out_path, seqs, source)
+    pending = [s for s in seqs if s.key not in done]
+    if job.order == "length":
+        pending.sort(key=lambda s: (-len(s.ids), s.seed_index))
+    writer = ResultWriter(out_path, stdout=None if job.stream else (stdout or sys.stdout))
+    if not pending:
+        writer.open(keep_bytes, len(done))
+        writer.close()
+        echo(f"all {len(seqs)} records are already in {out_path}; nothing to do", err=True)
+        return
+    if done and not job.quiet:
+        echo(f"resuming: {len(done)} of {len(seqs)} records are already in {out_path}", err=True)
+
+    # Planned for the whole job, not for what is left, so a resumed job runs the same blocks as an
+    # uninterrupted one would have (same placement, same block size).
+    longest = max(len(s.ids) for s in seqs)
+    store, engine = make_engine(kw, longest, job.params.max_new_tokens, 1 if job.stream else len(seqs))
+    run = _Job(job, tokenizer, store.config.eos_token_id, writer)
+    stop_check = run.stop_check()
+    stop = StopRequest(notify=None if job.quiet else lambda line: echo(line, err=True))
+    chunk_size = 1 if job.stream else engine.placement.block_size
+    stats: RunStats | None = None
+    abandoned = False
+    bar = tqdm(
+        total=len(seqs),
+        initial=len(done),
+        unit="seq",
+        desc="generate",
+        file=sys.stderr,
+        disable=job.quiet or job.stream,
+        dynamic_ncols=True,
+    )
+    started, new_tokens = time.perf_counter(), 0
     try:
-        from flexrun.weights.convert import ensure_store
+        with engine, stop.installed():
+            writer.open(keep_bytes, len(done))
+            for start in range(0, len(pending), chunk_size):
+                if stop.requested:
+                    break
+                chunk = pending[start : start + chunk_size]
+                text = TextStream(tokenizer, job.params.stop) if job.stream else None
 
-        store = ensure_store(kw["model"], dtype=kw["dtype"], dummy=kw["dummy_weights"], store_root=kw["store_dir"])
-        tokenizer = load_tokenizer(store)
-        ids = tokenize(records, tokenizer, kw["model"])
-        longest = max(len(p) for p in ids)
-        if longest + max_new_tokens > store.config.max_seq_len and store.config.position == "learned":
-            n = max(range(len(ids)), key=lambda k: len(ids[k]))
-            raise InputError(
-                f"prompt {records[n].id} has {len(ids[n])} tokens; with --max-new-tokens {max_new_tokens} that exceeds "
-                f"the model's {store.config.max_seq_len} positions"
-            )
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop,
-        )
-        stop_check = None
-        if stop and tokenizer is not None:
+                def on_step(members: list[int], last: list[int], text: TextStream | None = text) -> None:
+                    if text is not None:
+                        echo(text.push(last[0]), nl=False)
 
-            def stop_check(n: int, toks: list[int]) -> bool:
-                text = tokenizer.decode(toks, skip_special_tokens=True)
-                return any(s in text for s in stop)
-
-        _, engine = make_engine(kw, longest, max_new_tokens, len(ids))
-        with engine:
-            new, stats, _ = engine.generate(ids, params, stop_check=stop_check)
-        stream = out_stream or sys.stdout
-        for rec, prompt_ids, toks in zip(records, ids, new, strict=True):
-            row: dict[str, Any] = {"id": rec.id}
-            if rec.prompt is not None:
-                row["prompt"] = rec.prompt
-            row["input_ids"] = prompt_ids
-            row["output_ids"] = toks
-            if tokenizer is not None:
-                text = tokenizer.decode(toks, skip_special_tokens=True)
-                for s in stop:
-                    if s in text:
-                        text = text[: text.index(s)]
-                row["text"] = text
-            stream.write(json.dumps(row) + "\n")
-        stream.flush()
-        print_summary(store, engine, stats, False)
+                try:
+                    new, part, _ = engine.generate(
+                        [s.ids for s in chunk],
+                        job.params,
+                        seq_ids=[s.seed_index for s in chunk],
+                        on_step=on_step if text is not None else None,
+                        stop_check=stop_check,
+                    )
+                except OSError as exc:  # the offload dir filled up or went away mid-job
+                    raise InputError(
+                        f"offload dir: {exc.strerror}; {_kept(writer, out_path)}, run the same command again to "
+                        "resume once that is fixed"
+                    ) from None
+                if text is not None:
+                    echo(text.finish())
+                with stop.writing():
+                    writer.write([run.row(s, toks) for s, toks in zip(chunk, new, strict=True)])
+                stats = _add_stats(stats, part)
+                new_tokens += sum(len(t) for t in new)
+                bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - started):.1f} tok/s", refresh=False)
+                bar.update(len(chunk))
+    except KeyboardInterrupt:
+        abandoned = True
     finally:
-        if out_stream is not None:
-            out_stream.close()
+        bar.close()
+        writer.close()
+    if stats is not None and not job.stream:
+        print_summary(store, engine, stats, kw.get("as_json", False) and out_path is not None)
+    if stop.requested or abandoned:
+        how = "abandoning the block in flight" if abandoned else "after the block in flight"
+        resume = "; run the same command again to resume" if out_path is not None else ""
+        raise JobInterrupted(
+            f"interrupted by {stop.signal_name}, {how}: {_kept(writer, out_path)}{resume}", stop.exit_code
+        )
+
+
+def _kept(writer: ResultWriter, out_path: Path | None) -> str:
+    if out_path is None:
+        return "the records already printed are complete"
+    return f"{out_path} keeps the {writer.written} records finished before"

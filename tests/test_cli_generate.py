@@ -169,3 +169,10 @@ def test_offline_hub_name_suggests_alternatives(tmp_path: Path, monkeypatch: pyt
     result = run("generate", "-m", "facebook/opt-125m", "--store-dir", str(tmp_path), "-p", "hi")
     assert result.exit_code == 1
     assert "--dummy-weights" in result.output and "Traceback" not in result.output
+
+
+def test_stop_strings_need_a_tokenizer(ckpt, tmp_path: Path) -> None:
+    path, _ = ckpt
+    args = ["generate", "-m", str(path), "--store-dir", str(tmp_path), "-i", "-", "--stop", "x"]
+    result = run(*args, input='{"input_ids": [4, 5]}\n')
+    assert result.exit_code == 1 and "--stop needs a tokenizer" in result.output

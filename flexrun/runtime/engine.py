@@ -121,7 +121,7 @@ class Engine:
             if self.device.type == "cpu":
                 ledger.items["host"].update({f"{k} (device)": v for k, v in ledger.items.pop("device").items()})
                 ledger.items["device"] = {}
-            ledger.check(self.budgets)
+            ledger.check(self.budgets, offload_dir=root)
             self.cache.allocate()
             self.weights.load()
         except BaseException:
@@ -300,7 +300,9 @@ class Engine:
             valid[r, s - len(p) :] = True
         block = _Block(ids, valid, sizes)
         sampler = Sampler(params, seq_ids)
-        history = ids
+        # The repetition penalty sees each sequence's own tokens only: padding repeats its first token, so
+        # a sequence samples the same whatever it is batched with.
+        history = torch.where(valid, ids, torch.tensor([p[0] for p in prompts])[:, None])  # (n, s)
         out: list[list[int]] = [[] for _ in range(n)]
         finished = torch.zeros(n, dtype=torch.bool)
         logits_log: list[torch.Tensor] = []

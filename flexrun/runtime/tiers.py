@@ -42,10 +42,7 @@ class Budgets:
             if self.device is not None:
                 log.info("no CUDA device: the device tier is host RAM, --device-mem is ignored")
             device = 0
-        probe = offload_dir
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        free_disk = shutil.disk_usage(probe).free
+        free_disk = disk_free(offload_dir)
         disk = min(self.disk, free_disk) if self.disk is not None else free_disk
         return {"device": device, "host": host, "disk": disk}
 
@@ -62,14 +59,29 @@ class Ledger:
     def total(self, tier: str) -> int:
         return sum(self.items[tier].values())
 
-    def check(self, budgets: dict[str, int]) -> None:
-        """Raise PlacementError naming the first tier whose planned use exceeds its budget, and by how much."""
+    def check(self, budgets: dict[str, int], offload_dir: Path | None = None) -> None:
+        """Raise PlacementError naming the first tier whose planned use exceeds its budget, and by how much.
+
+        Run before anything is allocated or generated, so a job never starts without room for its disk share.
+        """
         for tier in ("device", "host", "disk"):
             need, have = self.total(tier), budgets[tier]
             if need > have:
                 parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.items[tier].items() if v)
+                fix = f"move shares off {tier} or raise --{tier}-mem"
+                if tier == "disk" and offload_dir is not None:
+                    free = disk_free(offload_dir)
+                    if free <= have:
+                        fix = f"the offload dir {offload_dir} has {format_bytes(free)} free: move shares off disk or "
+                        fix += "point --offload-dir at a disk with room"
                 raise PlacementError(
                     f"placement does not fit: the {tier} tier needs {format_bytes(need)} ({parts}) but its budget is "
-                    f"{format_bytes(have)}, short by {format_bytes(need - have)}; move shares off {tier} or raise "
-                    f"--{tier}-mem"
+                    f"{format_bytes(have)}, short by {format_bytes(need - have)}; {fix}"
                 )
+
+
+def disk_free(path: Path) -> int:
+    """Free bytes on the filesystem that holds (or will hold) ``path``."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free

@@ -1,0 +1,120 @@
+"""Where result records go: a resumable JSONL file (``--output``) or stdout.
+
+The file is append-only. Each block's records are written with one ``write`` of whole lines and made
+durable with ``fsync`` before the next block starts, so a crash loses at most the block in flight and can
+leave at most one partial line at the end; the next run cuts that line off and resumes after the last
+complete record. A record counts as written only with its newline.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from flexrun.errors import InputError
+from flexrun.textio import id_key
+
+log = logging.getLogger(__name__)
+
+
+def result_key(record: dict[str, Any]) -> tuple[str, int]:
+    """A record's identity in a job: its prompt's id and its sequence index (``--num-return-sequences``)."""
+    return id_key(record["id"]), int(record.get("seq", 0))
+
+
+@dataclass
+class Existing:
+    """The complete records already in an output file, and where the complete part ends."""
+
+    records: dict[tuple[str, int], tuple[int, dict[str, Any]]]  # key -> (line number, record)
+    good_bytes: int  # length of the complete lines; anything after is a partial line
+    partial: bool
+
+
+def scan(path: Path) -> Existing:
+    """Read the results already in ``path`` without changing it; a damaged line is an InputError."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return Existing({}, 0, False)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    good = data.rfind(b"\n") + 1
+    records: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
+    for lineno, raw in enumerate(data[:good].splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+            if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("output_ids"), list):
+                raise ValueError
+            key = result_key(rec)
+        except (ValueError, TypeError):
+            raise InputError(
+                f"{path}:{lineno}: not a flexrun result record; this file is not the output of a generate job "
+                "(choose another --output, or --overwrite to replace it)"
+            ) from None
+        if key in records:
+            raise InputError(f"{path}:{lineno}: id {rec['id']!r} is already on line {records[key][0]}")
+        records[key] = (lineno, rec)
+    return Existing(records, good, good < len(data))
+
+
+class ResultWriter:
+    """Appends blocks of records to a file (durably), else to ``stdout``, else nowhere (``--stream`` prints
+    text instead). ``written`` counts the records in the file."""
+
+    def __init__(self, path: Path | None, stdout: IO[str] | None = None) -> None:
+        self.path = path
+        self.stdout = stdout
+        self.fd: int | None = None
+        self.written = 0
+
+    def open(self, keep_bytes: int | None, existing: int) -> None:
+        """Open the file for appending, first cutting it to ``keep_bytes`` (None: keep it all; 0: start afresh)."""
+        if self.path is None:
+            return
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            if keep_bytes is not None and os.fstat(self.fd).st_size != keep_bytes:
+                os.ftruncate(self.fd, keep_bytes)
+        except OSError as exc:
+            self.close()
+            raise InputError(f"cannot write {self.path}: {exc.strerror}") from None
+        self.written = existing
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        """Write one block's records: all of them, durably, or none (the file is cut back on failure)."""
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        if self.fd is None:
+            if self.stdout is not None:
+                self.stdout.write(data)
+                self.stdout.flush()
+            return
+        size = os.fstat(self.fd).st_size
+        view = memoryview(data.encode("utf-8"))
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+            os.fsync(self.fd)
+        except OSError as exc:
+            try:  # leave no partial line behind; on a full disk shrinking a file still works
+                os.ftruncate(self.fd, size)
+            except OSError:
+                log.warning("could not cut the partial block off %s; the next run will", self.path)
+            reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "I/O error")
+            raise InputError(
+                f"cannot write {self.path}: {reason}; it keeps the {self.written} records written before, "
+                "run the same command again to resume once that is fixed"
+            ) from None
+        self.written += len(records)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
