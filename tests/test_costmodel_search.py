@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from flexrun.config import resolve
+from flexrun.config import OptConfig, resolve
 from flexrun.costmodel.equations import cost_terms, predict
 from flexrun.costmodel.hardware import PRESETS, HardwareSpec
 from flexrun.costmodel.search import RELAXATION, InfeasibleError, plan, solve_lp
@@ -149,3 +149,14 @@ def test_t4_compression_beats_plain_for_175b() -> None:
 def test_relaxation_is_flexgens() -> None:
     assert RELAXATION == {"device": 0.8, "host": 0.8, "disk": 0.8}
     assert dataclasses.replace(T4).device_mem * RELAXATION["device"] == 12 * GiB
+
+
+def test_tiny_model_stays_off_disk() -> None:
+    # A 300 KiB model's times are ~1e-6 s: unscaled, they fall under the solver's absolute tolerances and
+    # the tie-break toward fast tiers is lost (the cache once went to disk for no reason).
+    cfg = OptConfig(
+        name="t", num_hidden_layers=3, hidden_size=48, n_head=3, ffn_embed_dim=80, vocab_size=211, max_seq_len=64
+    )
+    hw = PRESETS["cpu"].with_memory(host=20 << 30, disk=50 << 30)
+    pl = plan(cfg, hw, 8, 8, compress=False, max_block_size=1).placement
+    assert pl.weights.disk == pl.cache.disk == pl.activations.disk == 0

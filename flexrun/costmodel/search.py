@@ -111,13 +111,14 @@ def _add_shares(prob: pulp.LpProblem, hw: HardwareSpec, fixed: Mapping[str, Shar
     return var
 
 
-def _add_time(prob: pulp.LpProblem, terms: CostTerms, var: dict[Key, Any]) -> Any:
-    """Per-layer time variables bounded by each path; returns the objective (seconds per sequence)."""
+def _add_time(prob: pulp.LpProblem, terms: CostTerms, var: dict[Key, Any], unit: float = 1.0) -> Any:
+    """Per-layer time variables bounded by each path; returns the objective (time per sequence, in ``unit``
+    seconds: the solver's tolerances are absolute, so times are scaled to be of order 1)."""
     t_pre = pulp.LpVariable("T_prefill", lowBound=0)
     t_dec = pulp.LpVariable("T_decode", lowBound=0)
     for phase, t in (("prefill", t_pre), ("decode", t_dec)):
         for path, a in getattr(terms, phase).paths().items():
-            prob += t >= _lp_expr(a, var), f"{phase}_{path}"
+            prob += t >= _lp_expr(a, var, 1.0 / unit), f"{phase}_{path}"
     l, steps = terms.num_layers, terms.decode_steps
     return (l * t_pre + l * steps * t_dec) * (1.0 / terms.block_size)
 
@@ -144,8 +145,10 @@ def solve_lp(terms: CostTerms, hw: HardwareSpec, fixed: Mapping[str, Shares] | N
     # Many placements often tie (a transfer hidden under compute costs nothing); a penalty worth <0.01% of
     # the time breaks ties toward the faster tiers, so that nothing goes to disk without a reason.
     rank = {"device": 0.0, "host": 1.0, "disk": 2.0}
-    tie = 1e-5 * _time_floor(terms) * pulp.lpSum(rank[t] * v for (_, t), v in var.items())
-    prob += _add_time(prob, terms, var) + tie
+    # Times are in units of the compute-only floor, so the objective is >= 1 whatever the model's size.
+    unit = max(_time_floor(terms), 1e-15)
+    tie = 1e-5 * pulp.lpSum(rank[t] * v for (_, t), v in var.items())
+    prob += _add_time(prob, terms, var, unit) + tie
     for tier in _real_tiers(hw):
         cap = hw.memory(tier) * RELAXATION[tier] / _GIB
         prob += _lp_expr(terms.memory[tier], var, 1 / _GIB) <= cap, f"mem_{tier}"
