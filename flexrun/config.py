@@ -17,6 +17,9 @@ from typing import Any
 from flexrun.errors import ConfigError, UnknownModelError
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+POSITIONS = ("learned", "rotary", "alibi", "none")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 
 Shape = tuple[int, ...]
 
@@ -60,6 +63,31 @@ class OptConfig:
     norm: str = "layernorm"
     norm_bias: bool = True
     layer_norm_eps: float = 1e-5
+    # Biases by projection: ``enable_bias`` covers the MLP; the attention's QKV and output projections
+    # follow it unless set (None), as in OPT (GPT-J and LLaMA have none, GPT-Neo only on the output).
+    qkv_bias: bool | None = None
+    attn_out_bias: bool | None = None
+    # Attention scores scaled by 1/sqrt(head_dim) (GPT-Neo does not scale), and additionally by
+    # 1/(layer index + 1) in GPT-2 models trained with scale_attn_by_inverse_layer_idx.
+    attn_scale: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    # Rotary embeddings (position == "rotary") on the first rotary_dim dims of each head (0 means all),
+    # rotating interleaved pairs (GPT-J) or the two halves (GPT-NeoX, LLaMA), with base rope_theta.
+    rotary_dim: int = 0
+    rotary_interleaved: bool = False
+    rope_theta: float = 10000.0
+    # Per-layer attention window: "global" or "local" per layer (cycled; empty = all global) and the
+    # local window in tokens (GPT-Neo).
+    attention_layers: tuple[str, ...] = ()
+    window_size: int = 0
+    # Attention and MLP in parallel from the same input (GPT-J, GPT-NeoX use_parallel_residual); with
+    # shared_norm one layer norm feeds both (GPT-J), else ln2 feeds the MLP (GPT-NeoX).
+    parallel_attn: bool = False
+    shared_norm: bool = False
+    # A layer norm right after the token embedding (BLOOM's word_embeddings_layernorm).
+    embed_norm: bool = False
+    # A bias on the LM head (GPT-J).
+    lm_head_bias: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +112,29 @@ class OptConfig:
             object.__setattr__(self, "n_kv_head", self.n_head)
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        for name in ("qkv_bias", "attn_out_bias"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.enable_bias)
+        if self.position not in POSITIONS:
+            raise ConfigError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.position == "rotary":
+            if self.rotary_dim == 0:
+                object.__setattr__(self, "rotary_dim", self.head_dim)
+            if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+                raise ConfigError(f"rotary_dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
+        # JSON round trips turn tuples into lists; keep the config hashable.
+        object.__setattr__(self, "attention_layers", tuple(self.attention_layers))
+        bad = sorted(set(self.attention_layers) - {"global", "local"})
+        if bad:
+            raise ConfigError(f"attention_layers entries must be 'global' or 'local', got {', '.join(bad)}")
+        if "local" in self.attention_layers and self.window_size <= 0:
+            raise ConfigError("local attention layers need a positive window_size")
+        if self.shared_norm and not self.parallel_attn:
+            raise ConfigError("shared_norm (one layer norm for attention and MLP) needs parallel_attn")
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -99,6 +150,21 @@ class OptConfig:
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
+    # ---- per-layer flags -----------------------------------------------------------------------
+    def attention_window(self, layer: int) -> int:
+        """Layer ``layer``'s local attention window in tokens, 0 for global attention."""
+        if not self.attention_layers:
+            return 0
+        kind = self.attention_layers[layer % len(self.attention_layers)]
+        return self.window_size if kind == "local" else 0
+
+    def attention_scale(self, layer: int) -> float:
+        """The factor layer ``layer`` multiplies its attention scores by."""
+        scale = self.head_dim**-0.5 if self.attn_scale else 1.0
+        if self.scale_attn_by_inverse_layer_idx:
+            scale /= layer + 1
+        return scale
+
     def layer_shapes(self) -> dict[str, Shape]:
         """Shapes of one fused decoder layer's tensors, by slot name (Linear weights are [out, in])."""
         h, f, bias = self.hidden_size, self.ffn_embed_dim, self.enable_bias
@@ -107,16 +173,19 @@ class OptConfig:
         if self.norm_bias:
             shapes["ln1_b"] = (h,)
         shapes["qkv_w"] = (qkv, h)
-        if bias:
+        if self.qkv_bias:
             shapes["qkv_b"] = (qkv,)
         shapes["out_w"] = (h, h)
-        if bias:
+        if self.attn_out_bias:
             shapes["out_b"] = (h,)
-        shapes["ln2_w"] = (h,)
-        if self.norm_bias:
-            shapes["ln2_b"] = (h,)
+        if not self.shared_norm:
+            shapes["ln2_w"] = (h,)
+            if self.norm_bias:
+                shapes["ln2_b"] = (h,)
         if self.gated_mlp:
             shapes["gate_w"] = (f, h)
+            if bias:
+                shapes["gate_b"] = (f,)
         shapes["fc1_w"] = (f, h)
         if bias:
             shapes["fc1_b"] = (f,)
@@ -129,6 +198,10 @@ class OptConfig:
         """Shapes of the tensors outside the layer stack: embeddings, projections, final norm, LM head."""
         h, p = self.hidden_size, self.word_embed_proj_dim
         shapes: dict[str, Shape] = {"embed_tokens": (self.vocab_size, p)}
+        if self.embed_norm:
+            shapes["embed_ln_w"] = (p,)
+            if self.norm_bias:
+                shapes["embed_ln_b"] = (p,)
         if self.position == "learned":
             shapes["embed_positions"] = (self.max_seq_len + self.position_offset, h)
         if p != h:
@@ -140,6 +213,8 @@ class OptConfig:
                 shapes["final_ln_b"] = (h,)
         if not self.tie_word_embeddings:
             shapes["lm_head"] = (self.vocab_size, p)
+        if self.lm_head_bias:
+            shapes["lm_head_b"] = (self.vocab_size,)
         return shapes
 
     def layer_bytes(self) -> int:
