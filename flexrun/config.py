@@ -20,6 +20,8 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 POSITIONS = ("learned", "rotary", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+# The global tensors the input group (embedding) uses; the others belong to the output head.
+INPUT_GLOBALS = ("embed_tokens", "embed_ln_w", "embed_ln_b", "embed_positions", "project_in")
 
 Shape = tuple[int, ...]
 

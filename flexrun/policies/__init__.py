@@ -61,9 +61,16 @@ def policy_for_layer(layer: object) -> Policy:
 
 
 def _register_builtin() -> None:
+    from flexrun.policies.bloom import BloomPolicy
+    from flexrun.policies.gpt2 import Gpt2Policy
+    from flexrun.policies.gpt_neo import GptNeoPolicy
+    from flexrun.policies.gpt_neox import GptNeoxPolicy
+    from flexrun.policies.gptj import GptjPolicy
+    from flexrun.policies.llama import LlamaPolicy
     from flexrun.policies.opt import OptPolicy
 
-    register(OptPolicy())
+    for policy in (OptPolicy, Gpt2Policy, BloomPolicy, GptjPolicy, GptNeoPolicy, GptNeoxPolicy, LlamaPolicy):
+        register(policy())
 
 
 _register_builtin()

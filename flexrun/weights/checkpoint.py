@@ -31,7 +31,7 @@ TOKENIZER_FILES = (
 
 
 class Checkpoint:
-    """Tensors of a checkpoint directory by name, with an optional ``model.`` prefix tolerated."""
+    """Tensors of a checkpoint directory by name, tolerating an added ``model.`` prefix or a missing first component."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -78,7 +78,9 @@ class Checkpoint:
         return list(self._where)
 
     def _resolve(self, name: str) -> str:
-        for candidate in (name, "model." + name, name.removeprefix("model.")):
+        # Base-model checkpoints (GPT2Model, BloomModel...) drop the wrapper's first component.
+        bare = name.split(".", 1)[-1]
+        for candidate in (name, "model." + name, name.removeprefix("model."), bare):
             if candidate in self._where:
                 return candidate
         raise CheckpointError(f"{self.path}: tensor {name} not found in the checkpoint")

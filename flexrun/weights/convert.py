@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from flexrun.config import OptConfig, config_from_hf, resolve
+from flexrun.config import INPUT_GLOBALS, OptConfig, config_from_hf, resolve
 from flexrun.errors import CheckpointError, OfflineError
 from flexrun.paths import cache_dir
 from flexrun.policies import policy_for_hf_config
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def store_order(cfg: OptConfig) -> list[str]:
     """Tensor names in the order the engine walks the stack: input embeddings, layers, output head."""
     glob = list(cfg.global_shapes())
-    first = [n for n in glob if n in ("embed_tokens", "embed_positions", "project_in")]
+    first = [n for n in glob if n in INPUT_GLOBALS]
     last = [n for n in glob if n not in first]
     layers = [f"layers.{i}.{slot}" for i in range(cfg.num_hidden_layers) for slot in cfg.layer_shapes()]
     return first + layers + last
