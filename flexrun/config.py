@@ -322,19 +322,26 @@ def resolve(name: str, **overrides: Any) -> OptConfig:
 
     ``overrides`` replace fields (e.g. ``dtype="bfloat16"``); an unknown field raises ConfigError.
     """
-    path = Path(name).expanduser()
-    if path.exists():
+    from flexrun.weights.packaged import PACKAGED_MODELS, local_source
+
+    path = local_source(name)
+    if path is not None:
         return _apply_overrides(config_from_path(path), overrides)
     key = _short_name(name)
     if key not in MODEL_TABLE:
-        close = difflib.get_close_matches(key, known_models(), n=4, cutoff=0.6)
-        hint = f"; close matches: {', '.join(close)}" if close else f"; known: {', '.join(known_models())}"
+        names = known_models() + sorted(PACKAGED_MODELS)
+        close = difflib.get_close_matches(key, names, n=4, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else f"; known: {', '.join(names)}"
         raise UnknownModelError(f"unknown model {name!r}{hint} (or pass a local checkpoint directory)")
     return _apply_overrides(OptConfig(name=key, **MODEL_TABLE[key]), overrides)
 
 
 def config_from_path(path: Path) -> OptConfig:
-    """Read a checkpoint directory's (or a tensor store's) config.json."""
+    """Read a checkpoint directory's (or a tensor store's) config.json, or a GGUF file's metadata."""
+    from flexrun.weights.gguf import gguf_hf_config, is_gguf
+
+    if is_gguf(path):
+        return config_from_hf(gguf_hf_config(path), name=path.stem)
     if path.is_dir():
         if (path / "index.json").exists() and not (path / "config.json").exists():
             meta = json.loads((path / "index.json").read_text())
@@ -347,7 +354,9 @@ def config_from_path(path: Path) -> OptConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{cfg_file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         return config_from_hf(hf, name=path.name)
-    raise UnknownModelError(f"{path} is not a checkpoint directory (expected a folder with config.json)")
+    raise UnknownModelError(
+        f"{path} is not a checkpoint (expected a folder with config.json, a tensor store or a .gguf file)"
+    )
 
 
 def _hf_dtype(hf: dict[str, Any]) -> str:

@@ -24,13 +24,20 @@ def load_tokenizer(store: TensorStore) -> Any:
     return AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
 
 
-def tokenize(records: list[PromptRecord], tokenizer: Any, model: str) -> list[list[int]]:
+def tokenize(records: list[PromptRecord], tokenizer: Any, model: str, chat: bool = False) -> list[list[int]]:
+    """Token ids per record; with ``chat`` each text prompt becomes one user turn of the chat template."""
+    if chat and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"{model}'s tokenizer has no chat template; drop --chat")
     ids = []
     for r in records:
         if r.input_ids is not None:
             ids.append(list(r.input_ids))
         elif tokenizer is None:
             raise InputError(f'{model} has no tokenizer: give prompts as "input_ids" records instead of text')
+        elif chat:
+            turn = [{"role": "user", "content": r.prompt}]
+            text = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+            ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         else:
             assert r.prompt is not None
             ids.append(tokenizer(r.prompt)["input_ids"])
@@ -51,6 +58,7 @@ def run_generate(
     stop: tuple[str, ...],
     make_engine: Callable[[dict[str, Any], int, int, int], Any],
     print_summary: Callable[[Any, Any, Any, bool], None],
+    chat: bool = False,
 ) -> None:
     use_stdin = input_file == "-" or (not prompts and not input_file and not sys.stdin.isatty())
     stdin = sys.stdin if use_stdin else None
@@ -68,7 +76,7 @@ def run_generate(
 
         store = ensure_store(kw["model"], dtype=kw["dtype"], dummy=kw["dummy_weights"], store_root=kw["store_dir"])
         tokenizer = load_tokenizer(store)
-        ids = tokenize(records, tokenizer, kw["model"])
+        ids = tokenize(records, tokenizer, kw["model"], chat)
         longest = max(len(p) for p in ids)
         if longest + max_new_tokens > store.config.max_seq_len and store.config.position == "learned":
             n = max(range(len(ids)), key=lambda k: len(ids[k]))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -107,3 +108,31 @@ class Checkpoint:
         files = [self.path / f for f in TOKENIZER_FILES if (self.path / f).exists()]
         has_vocab = any(f.name in ("tokenizer.json", "vocab.json", "tokenizer.model") for f in files)
         return files if has_vocab else []
+
+    def save_tokenizer(self, dest: Path) -> bool:
+        """Copy the tokenizer's files and config.json into ``dest``; False when there is no tokenizer."""
+        files = self.tokenizer_files()
+        if not files:
+            return False
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy2(f, dest / f.name)
+        shutil.copy2(self.path / "config.json", dest / "config.json")
+        return True
+
+
+class CheckpointSource(Protocol):
+    """What the converter reads: tensors by Hugging Face name, the config, the tokenizer."""
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def hf_config(self) -> dict[str, Any]: ...
+
+    def save_tokenizer(self, dest: Path) -> bool: ...
+
+
+def open_checkpoint(path: str | Path) -> CheckpointSource:
+    """A checkpoint directory (safetensors or .bin) or a GGUF file."""
+    from flexrun.weights.gguf import GgufCheckpoint, is_gguf
+
+    return GgufCheckpoint(path) if is_gguf(path) else Checkpoint(path)

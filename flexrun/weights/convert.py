@@ -6,9 +6,9 @@ embedding table) in the target dtype, plus the checkpoint pages the OS maps in a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +19,8 @@ from flexrun.config import INPUT_GLOBALS, OptConfig, config_from_hf, resolve
 from flexrun.errors import CheckpointError, OfflineError
 from flexrun.paths import cache_dir
 from flexrun.policies import policy_for_hf_config
-from flexrun.weights.checkpoint import Checkpoint
+from flexrun.weights.checkpoint import CheckpointSource, open_checkpoint
+from flexrun.weights.packaged import local_source
 from flexrun.weights.store import StoreWriter, TensorStore
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def _checked(cfg: OptConfig, name: str, tensor: torch.Tensor, shape: tuple[int, 
     return tensor
 
 
-def _hf_tensors(ckpt: Checkpoint, cfg: OptConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(ckpt: CheckpointSource, cfg: OptConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """The store's tensors in store order, each read from the checkpoint only when it is written."""
     policy = policy_for_hf_config(ckpt.hf_config())
     layer_shapes, global_shapes = cfg.layer_shapes(), cfg.global_shapes()
@@ -56,14 +57,19 @@ def _hf_tensors(ckpt: Checkpoint, cfg: OptConfig) -> Iterator[tuple[str, torch.T
         yield name, _checked(cfg, name, slots.pop(slot), layer_shapes[slot])
 
 
+def _model_name(src: Path) -> str:
+    """A checkpoint's name: its directory's name, or a GGUF file's name without the suffix."""
+    return src.stem if src.is_file() else src.name
+
+
 def convert_checkpoint(src: str | Path, out: str | Path, dtype: str | None = None, progress: bool = True) -> Path:
-    """Convert the Hugging Face checkpoint directory ``src`` into a tensor store at ``out``."""
+    """Convert the Hugging Face checkpoint directory (or GGUF file) ``src`` into a tensor store at ``out``."""
     src = Path(src)
-    ckpt = Checkpoint(src)
+    ckpt = open_checkpoint(src)
     hf = ckpt.hf_config()
-    cfg = config_from_hf(hf, name=src.name)
+    cfg = config_from_hf(hf, name=_model_name(src))
     if dtype:
-        cfg = resolve(str(src), dtype=dtype)
+        cfg = dataclasses.replace(cfg, dtype=dtype)
     writer = StoreWriter(out, cfg, extra={"source": str(src.resolve())})
     try:
         names = store_order(cfg)
@@ -71,12 +77,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, dtype: str | None = Non
             _hf_tensors(ckpt, cfg), total=len(names), desc=f"convert {cfg.name}", unit="tensor", disable=not progress
         ):
             writer.add(name, tensor)
-        tok = ckpt.tokenizer_files()
-        if tok:
-            (writer.tmp / "tokenizer").mkdir()
-            for f in tok:
-                shutil.copy2(f, writer.tmp / "tokenizer" / f.name)
-            shutil.copy2(src / "config.json", writer.tmp / "tokenizer" / "config.json")
+        ckpt.save_tokenizer(writer.tmp / "tokenizer")
         return writer.finish()
     except BaseException:
         writer.abort()
@@ -155,8 +156,9 @@ def ensure_store(
             log.info("writing dummy weights for %s to %s", cfg.name, out)
             write_dummy_store(cfg, out, progress=progress)
         return TensorStore(out)
-    if path.exists():
-        src = path
+    local = local_source(model)
+    if local is not None:
+        src = local
     else:
         resolve(model)  # an unknown name fails here, with close matches, before any download
         src = hub_download(model)
