@@ -51,8 +51,10 @@ def gguf_hf_config(path: str | Path) -> dict[str, Any]:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except ImportError:
         raise CheckpointError(_NEEDS) from None
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a GGUF model transformers can read ({exc})") from None
+    except Exception as exc:  # a truncated or foreign file fails inside the parser in many ways
+        raise CheckpointError(
+            f"{path}: not a GGUF model transformers can read ({exc.__class__.__name__}: {exc})"
+        ) from None
     hf = config.to_dict()
     hf["architectures"] = hf.get("architectures") or []
     hf["torch_dtype"] = "float32"
