@@ -127,7 +127,9 @@ def alibi_bias(key_positions: torch.Tensor, n_head: int, dtype: torch.dtype) -> 
     """ALiBi's additive bias, slope x key position: (b, nh, 1, t) from key_positions (b, t).
 
     Softmax ignores a constant per query, so biasing by the key's position equals biasing by the
-    distance to the query.
+    distance to the query. Positions are taken relative to the newest key, so the recent keys, which
+    weigh most, get the smallest biases and keep their precision in float16.
     """
     slopes = alibi_slopes(n_head).to(key_positions.device)
-    return (slopes.view(1, n_head, 1, 1) * key_positions.float()[:, None, None, :]).to(dtype)
+    rel = key_positions - key_positions.max(dim=1, keepdim=True).values  # (b, t), <= 0
+    return (slopes.view(1, n_head, 1, 1) * rel.float()[:, None, None, :]).to(dtype)
