@@ -132,3 +132,26 @@ def test_a_policy_registered_from_a_test_runs_through_the_engine(tmp_path: Path)
     finally:
         unregister("toy")
     assert out == hf_greedy(model, prompts, 4)[0]
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gptj"])
+def test_a_live_model_converts_by_its_layer_class(family: str, tmp_path: Path) -> None:
+    from flexrun.weights.convert import convert_model
+
+    model = tiny_decoder(family, seed=6)
+    convert_model(model, tmp_path / "store", progress=False)
+    store = TensorStore(tmp_path / "store")
+    assert store.config.arch == family
+    placement = Placement(Shares.parse("host=100"), Shares.parse("host=100"), Shares.parse("host=100"), 4, 1)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    with Engine(store, placement, max_seq_len=12, offload_dir=tmp_path) as engine:
+        out, _, _ = engine.generate(prompts, SamplingParams(max_new_tokens=4, stop_at_eos=False))
+    assert out == hf_greedy(model, prompts, 4)[0]
+
+
+def test_a_live_model_of_an_unknown_family_lists_the_supported_ones(tmp_path: Path) -> None:
+    from flexrun.weights.convert import convert_model
+
+    with pytest.raises(CheckpointError, match=r"no policy for layer class Sequential; supported architectures"):
+        convert_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), tmp_path / "store", progress=False)
+    assert not (tmp_path / "store").exists()

@@ -25,6 +25,11 @@ def supported() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def registered() -> list[Policy]:
+    """The registered policies."""
+    return list(_REGISTRY.values())
+
+
 def _supported_line() -> str:
     archs = sorted(a for p in _REGISTRY.values() for a in p.architectures)
     return f"supported architectures: {', '.join(archs)}"
@@ -82,6 +87,7 @@ __all__ = [
     "policy_for_hf_config",
     "policy_for_layer",
     "register",
+    "registered",
     "supported",
     "unregister",
 ]

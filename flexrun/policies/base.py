@@ -32,6 +32,8 @@ class Policy(ABC):
     layer_classes: ClassVar[tuple[str, ...]]
     #: False for encoders, which `generate` refuses.
     generative: ClassVar[bool] = True
+    #: Other names a tensor goes by (saved checkpoints vs a live model of the current transformers).
+    aliases: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def config_from_hf(self, hf: dict[str, Any], name: str, dtype: str) -> OptConfig:

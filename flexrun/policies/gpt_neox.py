@@ -19,6 +19,8 @@ class GptNeoxPolicy(Policy):
     architectures = ("GPTNeoXForCausalLM",)
     model_types = ("gpt_neox",)
     layer_classes = ("GPTNeoXLayer",)
+    # Checkpoints name the LM head embed_out; a live transformers 5 model calls it lm_head.
+    aliases = {"embed_out.weight": "lm_head.weight"}
 
     def config_from_hf(self, hf: dict[str, Any], name: str, dtype: str) -> OptConfig:
         act = hf.get("hidden_act", "gelu")
