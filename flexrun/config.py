@@ -17,6 +17,11 @@ from typing import Any
 from flexrun.errors import ConfigError, UnknownModelError
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+POSITIONS = ("learned", "rotary", "alibi", "none")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+# The global tensors the input group (embedding) uses; the others belong to the output head.
+INPUT_GLOBALS = ("embed_tokens", "embed_ln_w", "embed_ln_b", "embed_positions", "embed_token_types", "project_in")
 
 Shape = tuple[int, ...]
 
@@ -60,13 +65,37 @@ class OptConfig:
     norm: str = "layernorm"
     norm_bias: bool = True
     layer_norm_eps: float = 1e-5
+    # Biases by projection: ``enable_bias`` covers the MLP; the attention's QKV and output projections
+    # follow it unless set (None), as in OPT (GPT-J and LLaMA have none, GPT-Neo only on the output).
+    qkv_bias: bool | None = None
+    attn_out_bias: bool | None = None
+    # Attention scores scaled by 1/sqrt(head_dim) (GPT-Neo does not scale), and additionally by
+    # 1/(layer index + 1) in GPT-2 models trained with scale_attn_by_inverse_layer_idx.
+    attn_scale: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    # Rotary embeddings (position == "rotary") on the first rotary_dim dims of each head (0 means all),
+    # rotating interleaved pairs (GPT-J) or the two halves (GPT-NeoX, LLaMA), with base rope_theta.
+    rotary_dim: int = 0
+    rotary_interleaved: bool = False
+    rope_theta: float = 10000.0
+    # Per-layer attention window: "global" or "local" per layer (cycled; empty = all global) and the
+    # local window in tokens (GPT-Neo).
+    attention_layers: tuple[str, ...] = ()
+    window_size: int = 0
+    # Attention and MLP in parallel from the same input (GPT-J, GPT-NeoX use_parallel_residual); with
+    # shared_norm one layer norm feeds both (GPT-J), else ln2 feeds the MLP (GPT-NeoX).
+    parallel_attn: bool = False
+    shared_norm: bool = False
+    # A layer norm on the input embeddings (slots embed_ln_w / embed_ln_b): BLOOM's
+    # word_embeddings_layernorm, BERT's embeddings.LayerNorm (over the sum with positions and token types).
+    embed_norm: bool = False
+    # A bias on the LM head (GPT-J).
+    lm_head_bias: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     # Encoders (BERT, RoBERTa): bidirectional attention, no KV cache and no LM head; `flexrun embed` runs them.
     encoder: bool = False
     # Token-type (segment) embeddings added to the input; 0 means none.
     type_vocab_size: int = 0
-    # A layer norm on the summed input embeddings (slots embed_ln_w / embed_ln_b).
-    embed_layer_norm: bool = False
     # BERT's pooler: tanh(dense(first token's hidden state)) (slots pooler_w / pooler_b).
     pooler: bool = False
     # RoBERTa: a token's position counts only the non-pad tokens up to it (pads sit at position -1).
@@ -94,6 +123,29 @@ class OptConfig:
             object.__setattr__(self, "n_kv_head", self.n_head)
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        for name in ("qkv_bias", "attn_out_bias"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.enable_bias)
+        if self.position not in POSITIONS:
+            raise ConfigError(f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.position == "rotary":
+            if self.rotary_dim == 0:
+                object.__setattr__(self, "rotary_dim", self.head_dim)
+            if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+                raise ConfigError(f"rotary_dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
+        # JSON round trips turn tuples into lists; keep the config hashable.
+        object.__setattr__(self, "attention_layers", tuple(self.attention_layers))
+        bad = sorted(set(self.attention_layers) - {"global", "local"})
+        if bad:
+            raise ConfigError(f"attention_layers entries must be 'global' or 'local', got {', '.join(bad)}")
+        if "local" in self.attention_layers and self.window_size <= 0:
+            raise ConfigError("local attention layers need a positive window_size")
+        if self.shared_norm and not self.parallel_attn:
+            raise ConfigError("shared_norm (one layer norm for attention and MLP) needs parallel_attn")
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -109,6 +161,21 @@ class OptConfig:
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
+    # ---- per-layer flags -----------------------------------------------------------------------
+    def attention_window(self, layer: int) -> int:
+        """Layer ``layer``'s local attention window in tokens, 0 for global attention."""
+        if not self.attention_layers:
+            return 0
+        kind = self.attention_layers[layer % len(self.attention_layers)]
+        return self.window_size if kind == "local" else 0
+
+    def attention_scale(self, layer: int) -> float:
+        """The factor layer ``layer`` multiplies its attention scores by."""
+        scale = self.head_dim**-0.5 if self.attn_scale else 1.0
+        if self.scale_attn_by_inverse_layer_idx:
+            scale /= layer + 1
+        return scale
+
     def layer_shapes(self) -> dict[str, Shape]:
         """Shapes of one fused decoder layer's tensors, by slot name (Linear weights are [out, in])."""
         h, f, bias = self.hidden_size, self.ffn_embed_dim, self.enable_bias
@@ -117,16 +184,19 @@ class OptConfig:
         if self.norm_bias:
             shapes["ln1_b"] = (h,)
         shapes["qkv_w"] = (qkv, h)
-        if bias:
+        if self.qkv_bias:
             shapes["qkv_b"] = (qkv,)
         shapes["out_w"] = (h, h)
-        if bias:
+        if self.attn_out_bias:
             shapes["out_b"] = (h,)
-        shapes["ln2_w"] = (h,)
-        if self.norm_bias:
-            shapes["ln2_b"] = (h,)
+        if not self.shared_norm:
+            shapes["ln2_w"] = (h,)
+            if self.norm_bias:
+                shapes["ln2_b"] = (h,)
         if self.gated_mlp:
             shapes["gate_w"] = (f, h)
+            if bias:
+                shapes["gate_b"] = (f,)
         shapes["fc1_w"] = (f, h)
         if bias:
             shapes["fc1_b"] = (f,)
@@ -139,6 +209,10 @@ class OptConfig:
         """Shapes of the tensors outside the layer stack: embeddings, projections, final norm, LM head."""
         h, p = self.hidden_size, self.word_embed_proj_dim
         shapes: dict[str, Shape] = {"embed_tokens": (self.vocab_size, p)}
+        if self.embed_norm:
+            shapes["embed_ln_w"] = (p,)
+            if self.norm_bias:
+                shapes["embed_ln_b"] = (p,)
         if self.position == "learned":
             shapes["embed_positions"] = (self.max_seq_len + self.position_offset, h)
         if p != h:
@@ -150,12 +224,10 @@ class OptConfig:
                 shapes["final_ln_b"] = (h,)
         if not self.tie_word_embeddings:
             shapes["lm_head"] = (self.vocab_size, p)
+        if self.lm_head_bias:
+            shapes["lm_head_b"] = (self.vocab_size,)
         if self.type_vocab_size:
             shapes["embed_token_types"] = (self.type_vocab_size, h)
-        if self.embed_layer_norm:
-            shapes["embed_ln_w"] = (h,)
-            if self.norm_bias:
-                shapes["embed_ln_b"] = (h,)
         if self.pooler:
             shapes["pooler_w"] = (h, h)
             shapes["pooler_b"] = (h,)
@@ -264,19 +336,26 @@ def resolve(name: str, **overrides: Any) -> OptConfig:
 
     ``overrides`` replace fields (e.g. ``dtype="bfloat16"``); an unknown field raises ConfigError.
     """
-    path = Path(name).expanduser()
-    if path.exists():
+    from flexrun.weights.packaged import PACKAGED_MODELS, local_source
+
+    path = local_source(name)
+    if path is not None:
         return _apply_overrides(config_from_path(path), overrides)
     key = _short_name(name)
     if key not in MODEL_TABLE:
-        close = difflib.get_close_matches(key, known_models(), n=4, cutoff=0.6)
-        hint = f"; close matches: {', '.join(close)}" if close else f"; known: {', '.join(known_models())}"
+        names = known_models() + sorted(PACKAGED_MODELS)
+        close = difflib.get_close_matches(key, names, n=4, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else f"; known: {', '.join(names)}"
         raise UnknownModelError(f"unknown model {name!r}{hint} (or pass a local checkpoint directory)")
     return _apply_overrides(OptConfig(name=key, **MODEL_TABLE[key]), overrides)
 
 
 def config_from_path(path: Path) -> OptConfig:
-    """Read a checkpoint directory's (or a tensor store's) config.json."""
+    """Read a checkpoint directory's (or a tensor store's) config.json, or a GGUF file's metadata."""
+    from flexrun.weights.gguf import gguf_hf_config, is_gguf
+
+    if is_gguf(path):
+        return config_from_hf(gguf_hf_config(path), name=path.stem)
     if path.is_dir():
         if (path / "index.json").exists() and not (path / "config.json").exists():
             meta = json.loads((path / "index.json").read_text())
@@ -289,7 +368,9 @@ def config_from_path(path: Path) -> OptConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{cfg_file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         return config_from_hf(hf, name=path.name)
-    raise UnknownModelError(f"{path} is not a checkpoint directory (expected a folder with config.json)")
+    raise UnknownModelError(
+        f"{path} is not a checkpoint (expected a folder with config.json, a tensor store or a .gguf file)"
+    )
 
 
 def _hf_dtype(hf: dict[str, Any]) -> str:

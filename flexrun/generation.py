@@ -58,6 +58,7 @@ class JobOptions:
     overwrite: bool = False
     stream: bool = False
     quiet: bool = False
+    chat: bool = False  # wrap each text prompt as one user turn of the tokenizer's chat template
 
 
 @dataclass
@@ -102,12 +103,18 @@ def prepare(records: list[PromptRecord], tokenizer: Any, store: TensorStore, job
         raise InputError(
             f"--max-new-tokens {max_new} leaves no room for a prompt in the model's {cfg.max_seq_len} positions"
         )
+    if job.chat and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"{cfg.name}'s tokenizer has no chat template; drop --chat")
     seqs: list[Sequence] = []
     for r in records:
         if r.input_ids is not None:
             ids = list(r.input_ids)
         elif tokenizer is None:
             raise InputError(f'{r.where}: {cfg.name} has no tokenizer: give prompts as "input_ids" records instead')
+        elif job.chat:
+            turn = [{"role": "user", "content": r.prompt}]
+            text = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         else:
             ids = list(tokenizer(r.prompt)["input_ids"])
         if not ids:

@@ -25,6 +25,11 @@ def supported() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def registered() -> list[Policy]:
+    """The registered policies."""
+    return list(_REGISTRY.values())
+
+
 def _supported_line() -> str:
     archs = sorted(a for p in _REGISTRY.values() for a in p.architectures)
     return f"supported architectures: {', '.join(archs)}"
@@ -62,11 +67,26 @@ def policy_for_layer(layer: object) -> Policy:
 
 def _register_builtin() -> None:
     from flexrun.policies.bert import BertPolicy, RobertaPolicy
+    from flexrun.policies.bloom import BloomPolicy
+    from flexrun.policies.gpt2 import Gpt2Policy
+    from flexrun.policies.gpt_neo import GptNeoPolicy
+    from flexrun.policies.gpt_neox import GptNeoxPolicy
+    from flexrun.policies.gptj import GptjPolicy
+    from flexrun.policies.llama import LlamaPolicy
     from flexrun.policies.opt import OptPolicy
 
-    register(OptPolicy())
-    register(BertPolicy())
-    register(RobertaPolicy())
+    for policy in (
+        OptPolicy,
+        Gpt2Policy,
+        BloomPolicy,
+        GptjPolicy,
+        GptNeoPolicy,
+        GptNeoxPolicy,
+        LlamaPolicy,
+        BertPolicy,
+        RobertaPolicy,
+    ):
+        register(policy())
 
 
 _register_builtin()
@@ -78,6 +98,7 @@ __all__ = [
     "policy_for_hf_config",
     "policy_for_layer",
     "register",
+    "registered",
     "supported",
     "unregister",
 ]

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from flexrun.config import OptConfig
+from flexrun.errors import ConfigError
 
 TensorGetter = Callable[[str], torch.Tensor]
 
@@ -31,6 +32,8 @@ class Policy(ABC):
     layer_classes: ClassVar[tuple[str, ...]]
     #: False for encoders, which `generate` refuses.
     generative: ClassVar[bool] = True
+    #: Other names a tensor goes by (saved checkpoints vs a live model of the current transformers).
+    aliases: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def config_from_hf(self, hf: dict[str, Any], name: str, dtype: str) -> OptConfig:
@@ -49,3 +52,52 @@ class Policy(ABC):
         """``config`` adjusted to the tensors the checkpoint holds (``has(hf_name)``), for parts that
         config.json does not describe, such as an optional pooler. Unchanged by default."""
         return config
+
+
+# ---- helpers the policies share (pure functions of config.json values and tensors) -------------------
+def token_ids(hf: dict[str, Any], default: int) -> dict[str, Any]:
+    """pad/bos/eos ids from config.json; a missing pad falls back to eos (padding is always masked), the
+    first of several eos ids is the one that stops generation."""
+
+    def first(value: Any) -> int | None:
+        if isinstance(value, list):
+            return int(value[0]) if value else None
+        return None if value is None else int(value)
+
+    eos = first(hf.get("eos_token_id"))
+    bos = first(hf.get("bos_token_id"))
+    pad = first(hf.get("pad_token_id"))
+    eos = default if eos is None else eos
+    return {
+        "eos_token_id": eos,
+        "bos_token_id": eos if bos is None else bos,
+        "pad_token_id": eos if pad is None else pad,
+    }
+
+
+def rope_settings(hf: dict[str, Any], head_dim: int, name: str) -> dict[str, Any]:
+    """rope_theta and rotary_dim from either config.json spelling: transformers 5's ``rope_parameters``
+    or the older top-level ``rope_theta`` / ``rotary_emb_base`` / ``rotary_pct`` / ``partial_rotary_factor``.
+    Scaled rope variants (linear, dynamic, yarn, llama3) are refused rather than run wrong."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise ConfigError(f"{name}: rope scaling {kind!r} is not supported (only the default rotary embedding)")
+    theta = params.get("rope_theta") or hf.get("rope_theta") or hf.get("rotary_emb_base") or 10000.0
+    factor = params.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or hf.get("rotary_pct") or 1.0
+    return {"rope_theta": float(theta), "rotary_dim": int(head_dim * float(factor))}
+
+
+def qkv_from_interleaved_heads(t: torch.Tensor, n_head: int, head_dim: int) -> torch.Tensor:
+    """A fused QKV weight (3h, in) or bias (3h,) laid out per head as [q_i | k_i | v_i] (BLOOM, GPT-NeoX)
+    reordered to the engine's [Q | K | V]."""
+    rest = t.shape[1:]
+    per_head = t.reshape(n_head, 3, head_dim, *rest)
+    return per_head.transpose(0, 1).reshape(3 * n_head * head_dim, *rest)
+
+
+def require(hf: dict[str, Any], key: str, name: str) -> Any:
+    """``hf[key]``, or a ConfigError naming the missing field."""
+    if hf.get(key) is None:
+        raise ConfigError(f"{name}: config.json has no {key!r}")
+    return hf[key]

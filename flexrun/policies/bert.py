@@ -101,7 +101,7 @@ class BertPolicy(Policy):
             extra={"hf_prefix": "" if archs[0] in self.base_classes else self.base_prefix},
             encoder=True,
             type_vocab_size=int(hf.get("type_vocab_size", 2)),
-            embed_layer_norm=True,
+            embed_norm=True,
             pooler=archs[0] in self.pooled_classes,
             positions_skip_pad=offset > 0,
         )

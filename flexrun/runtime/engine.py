@@ -129,7 +129,9 @@ class Engine:
             raise
         self.ledger = ledger
         self._first: Future[Any] | None = None
-        self.layer = FusedLayer(LayerSpec.from_config(cfg))
+        # One spec per layer: the attention scale and window may vary along the stack.
+        self.layers = [FusedLayer(LayerSpec.from_config(cfg, i)) for i in range(cfg.num_hidden_layers)]
+        self.windows = sorted({layer.spec.window for layer in self.layers})
         self.slots = [[(name, name.rsplit(".", 1)[-1]) for name in group] for group in self.weights.groups]
         log.info("placement: %s", placement.describe())
 
@@ -147,18 +149,24 @@ class Engine:
     def _plan_working_memory(self, ledger: Ledger) -> None:
         """Intermediates of one micro-batch in prefill (the largest step), on the compute device."""
         cfg, b, s = self.cfg, self.placement.gpu_batch_size, self.max_len
-        act = b * s * (6 * cfg.hidden_size + 2 * cfg.ffn_embed_dim) * cfg.dtype_bytes
+        ffn_buffers = 3 if cfg.gated_mlp else 2
+        act = b * s * (6 * cfg.hidden_size + ffn_buffers * cfg.ffn_embed_dim) * cfg.dtype_bytes
         scores = b * cfg.n_head * s * s * 4
+        if cfg.position == "alibi":  # the per-head bias is added to the mask: one more scores-sized tensor
+            scores *= 2
         logits = 2 * b * cfg.vocab_size * 4
         ledger.add("device", "working memory", act + scores + logits)
 
     # ---- compute of the non-layer groups ---------------------------------------------------------
     def _embed(self, w: dict[str, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, w["embed_tokens"])  # (b, q, word_embed_proj_dim)
+        if "embed_ln_w" in w:
+            x = K.NORMS[self.cfg.norm](x, w["embed_ln_w"], w.get("embed_ln_b"), self.cfg.layer_norm_eps)
         if "project_in" in w:
             x = F.linear(x, w["project_in"])
         if "embed_positions" in w:
-            x = x + F.embedding(positions + self.cfg.position_offset, w["embed_positions"])
+            # Padding (position -1) may fall before the table when there is no offset; it is never attended to.
+            x = x + F.embedding((positions + self.cfg.position_offset).clamp(min=0), w["embed_positions"])
         return x
 
     def _head(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -168,16 +176,40 @@ class Engine:
         if "project_out" in w:
             x = F.linear(x, w["project_out"])
         head = w["lm_head"] if "lm_head" in w else w["embed_tokens"]
-        return F.linear(x, head).float()  # (b, vocab)
+        return F.linear(x, head, w.get("lm_head_b")).float()  # (b, vocab)
+
+    def _attention_inputs(
+        self, valid: torch.Tensor, positions: torch.Tensor, query_len: int
+    ) -> tuple[dict[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+        """One micro-batch's masks by attention window, and the rotary angles of its new tokens.
+
+        valid: (b, t) key validity; positions: (b, t) each key's position in its own sequence (counted
+        from its first real token), so a left-padded prompt sees the positions it would see alone.
+        """
+        cfg = self.cfg
+        masks = {win: K.additive_mask(valid, query_len, self.dtype, win) for win in self.windows}
+        if cfg.position == "alibi":
+            bias = K.alibi_bias(positions, cfg.n_head, self.dtype)  # (b, nh, 1, t)
+            masks = {win: m + bias for win, m in masks.items()}  # (b, nh, q, t)
+        rotary = None
+        if cfg.position == "rotary":
+            new = positions[:, -query_len:]  # (b, q)
+            rotary = K.rotary_cos_sin(new, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_interleaved, self.dtype)
+        return masks, rotary
 
     # ---- one step of the block schedule ----------------------------------------------------------
     def _step(self, block: _Block, ids: list[torch.Tensor], past: int) -> torch.Tensor:
         """Run the whole stack for every micro-batch: ``ids[j]`` (b_j, q) new tokens after ``past`` cached."""
         q = ids[0].shape[1]
         valid = block.valid.to(self.device)
-        positions = (valid.long().cumsum(1) * valid - 1)[:, past:]
+        # Padding gets position -1 (only ever masked out); real tokens count from 0.
+        all_positions = valid.long().cumsum(1) * valid - 1  # (n, t)
+        positions = all_positions[:, past:]
         offsets = [sum(block.sizes[:j]) for j in range(len(block.sizes))]
-        masks = [K.additive_mask(valid[o : o + b], q, self.dtype) for o, b in zip(offsets, block.sizes, strict=True)]
+        inputs = [
+            self._attention_inputs(valid[o : o + b], all_positions[o : o + b], q)
+            for o, b in zip(offsets, block.sizes, strict=True)
+        ]
         weights = self.weights
         # The input group was prefetched at the end of the previous step, overlapping the output head.
         fut = self._first if self._first is not None else weights.prefetch(0)
@@ -206,7 +238,9 @@ class Engine:
                     cfut = self.cache.fetch(i, j + 1, block.sizes[j + 1], past)
                 elif i + 1 < n_layers:
                     cfut = self.cache.fetch(i + 1, 0, block.sizes[0], past)
-                x = self.layer(lw, self.acts.take(j), k, v, past, masks[j])
+                layer = self.layers[i]
+                masks, rotary = inputs[j]
+                x = layer(lw, self.acts.take(j), k, v, past, masks[layer.spec.window], rotary)
                 self.cache.store(i, j, (k, v), turn, past, past + q)
                 self.acts.put(min(g, n_layers - 1), j, x)
         return torch.cat(logits).cpu()

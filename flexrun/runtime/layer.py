@@ -1,7 +1,10 @@
 """The fused decoder layer: attention + MLP computed from named weight slots.
 
 Every architecture's policy maps its Hugging Face layer onto these slots; the flags in ``LayerSpec``
-(derived from the config) select the variant: pre/post layer norm, activation, norm type.
+(derived from the config for one layer index) select the variant: pre/post layer norm, sequential or
+parallel attention and MLP, activation and gate, norm type, rotary embeddings, attention scale. The
+attention mask (causal, padding, local window, ALiBi bias) and the rotary angles come from the engine,
+which alone knows the positions.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ class LayerWeights:
     ln1_w: torch.Tensor
     qkv_w: torch.Tensor
     out_w: torch.Tensor
-    ln2_w: torch.Tensor
     fc1_w: torch.Tensor
     fc2_w: torch.Tensor
+    ln2_w: torch.Tensor | None = None  # absent when one norm feeds attention and MLP (GPT-J)
     ln1_b: torch.Tensor | None = None
     qkv_b: torch.Tensor | None = None
     out_b: torch.Tensor | None = None
@@ -32,6 +35,7 @@ class LayerWeights:
     fc1_b: torch.Tensor | None = None
     fc2_b: torch.Tensor | None = None
     gate_w: torch.Tensor | None = None
+    gate_b: torch.Tensor | None = None
 
     @classmethod
     def from_slots(cls, slots: dict[str, torch.Tensor]) -> LayerWeights:
@@ -41,7 +45,7 @@ class LayerWeights:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """The flags and sizes the fused layer needs, derived once from the config."""
+    """The flags and sizes the fused layer needs, derived once from the config for one layer."""
 
     n_head: int
     n_kv_head: int
@@ -52,9 +56,14 @@ class LayerSpec:
     eps: float
     gated_mlp: bool
     scale: float
+    parallel_attn: bool = False
+    shared_norm: bool = False
+    rotary: bool = False
+    rotary_interleaved: bool = False
+    window: int = 0  # local attention window in tokens; 0 = global
 
     @classmethod
-    def from_config(cls, cfg: OptConfig) -> LayerSpec:
+    def from_config(cls, cfg: OptConfig, layer: int = 0) -> LayerSpec:
         return cls(
             n_head=cfg.n_head,
             n_kv_head=cfg.n_kv_head,
@@ -64,15 +73,24 @@ class LayerSpec:
             norm=cfg.norm,
             eps=cfg.layer_norm_eps,
             gated_mlp=cfg.gated_mlp,
-            scale=cfg.head_dim**-0.5,
+            scale=cfg.attention_scale(layer),
+            parallel_attn=cfg.parallel_attn,
+            shared_norm=cfg.shared_norm,
+            rotary=cfg.position == "rotary",
+            rotary_interleaved=cfg.rotary_interleaved,
+            window=cfg.attention_window(layer),
         )
+
+
+Rotary = tuple[torch.Tensor, torch.Tensor]
 
 
 class FusedLayer:
     """Computes one decoder layer for one micro-batch, appending to a position-major KV buffer.
 
     The KV buffers are (max_len, b, kv_dim): row t holds every sequence's key (value) at position t, so
-    appending a token is one contiguous write, in memory and on disk alike.
+    appending a token is one contiguous write, in memory and on disk alike. Keys are cached after the
+    rotary rotation, so cached keys never need their positions again.
     """
 
     def __init__(self, spec: LayerSpec) -> None:
@@ -88,39 +106,64 @@ class FusedLayer:
         v_buf: torch.Tensor,
         past: int,
         mask: torch.Tensor,
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
-        """x: (b, s, h); k_buf/v_buf: (>= past + s, b, kv_dim) with rows [0, past) filled; mask: (b, 1, s, past + s).
+        """x: (b, s, h); k_buf/v_buf: (>= past + s, b, kv_dim) with rows [0, past) filled; mask: additive,
+        (b, 1 or nh, s, past + s); rotary: cos and sin (b, 1, s, rotary_dim) of the new tokens' positions.
 
         Writes the new keys and values into rows [past, past + s) of the buffers and returns (b, s, h).
         """
         sp = self.spec
-        b, s, h = x.shape
+        if sp.parallel_attn:
+            # GPT-J: one norm feeds both branches; GPT-NeoX: ln1 feeds attention, ln2 the MLP.
+            attn_in = self._norm(x, w.ln1_w, w.ln1_b, sp.eps)
+            mlp_in = attn_in if sp.shared_norm else self._norm2(w, x)
+            return x + self._attention(w, attn_in, k_buf, v_buf, past, mask, rotary) + self._mlp(w, mlp_in)
+        if not sp.pre_norm:  # post-LN: normalise after each residual add
+            x = self._norm(x + self._attention(w, x, k_buf, v_buf, past, mask, rotary), w.ln1_w, w.ln1_b, sp.eps)
+            return self._norm2(w, x + self._mlp(w, x))
+        x = x + self._attention(w, self._norm(x, w.ln1_w, w.ln1_b, sp.eps), k_buf, v_buf, past, mask, rotary)
+        return x + self._mlp(w, self._norm2(w, x))
+
+    def _norm2(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        assert w.ln2_w is not None, "this layer has no second norm"
+        return self._norm(x, w.ln2_w, w.ln2_b, self.spec.eps)
+
+    def _attention(
+        self,
+        w: LayerWeights,
+        hs: torch.Tensor,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        past: int,
+        mask: torch.Tensor,
+        rotary: Rotary | None,
+    ) -> torch.Tensor:
+        sp = self.spec
+        b, s, h = hs.shape
         t = past + s
-        residual = x
-        hs = self._norm(x, w.ln1_w, w.ln1_b, sp.eps) if sp.pre_norm else x
         qkv = K.linear(hs, w.qkv_w, w.qkv_b)  # (b, s, h + 2 * kv_dim)
         kv_dim = sp.n_kv_head * sp.head_dim
         q, k, v = qkv.split([sp.n_head * sp.head_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(b, s, sp.n_head, sp.head_dim).transpose(1, 2)  # (b, nh, s, d)
+        if sp.rotary:
+            assert rotary is not None, "a rotary layer needs the rotary angles"
+            cos, sin = rotary
+            q = K.apply_rotary(q, cos, sin, sp.rotary_interleaved)
+            k4 = k.view(b, s, sp.n_kv_head, sp.head_dim).transpose(1, 2)  # (b, nkv, s, d)
+            k = K.apply_rotary(k4, cos, sin, sp.rotary_interleaved).transpose(1, 2).reshape(b, s, kv_dim)
         k_buf[past:t].copy_(k.transpose(0, 1))  # (s, b, kv_dim)
         v_buf[past:t].copy_(v.transpose(0, 1))
-        q = q.view(b, s, sp.n_head, sp.head_dim).transpose(1, 2)  # (b, nh, s, d)
         keys = k_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim).permute(1, 2, 0, 3)  # (b, nkv, t, d)
         values = v_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim).permute(1, 2, 0, 3)
         attn = K.attention(q, keys, values, mask, sp.scale)  # (b, nh, s, d)
-        attn = attn.transpose(1, 2).reshape(b, s, h)
-        x = residual + K.linear(attn, w.out_w, w.out_b)
-        if not sp.pre_norm:
-            x = self._norm(x, w.ln1_w, w.ln1_b, sp.eps)
+        return K.linear(attn.transpose(1, 2).reshape(b, s, h), w.out_w, w.out_b)  # (b, s, h)
 
-        residual = x
-        hs = self._norm(x, w.ln2_w, w.ln2_b, sp.eps) if sp.pre_norm else x
+    def _mlp(self, w: LayerWeights, hs: torch.Tensor) -> torch.Tensor:
         up = K.linear(hs, w.fc1_w, w.fc1_b)  # (b, s, ffn)
-        if sp.gated_mlp:
+        if self.spec.gated_mlp:
             assert w.gate_w is not None
-            up = self._act(K.linear(hs, w.gate_w, None)) * up
+            up = self._act(K.linear(hs, w.gate_w, w.gate_b)) * up
         else:
             up = self._act(up)
-        x = residual + K.linear(up, w.fc2_w, w.fc2_b)
-        if not sp.pre_norm:
-            x = self._norm(x, w.ln2_w, w.ln2_b, sp.eps)
-        return x
+        return K.linear(up, w.fc2_w, w.fc2_b)  # (b, s, h)

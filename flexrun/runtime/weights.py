@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from flexrun import diskio
-from flexrun.config import OptConfig
+from flexrun.config import INPUT_GLOBALS, OptConfig
 from flexrun.placement import Shares
 from flexrun.runtime.iopool import IOPool
 from flexrun.runtime.tiers import Ledger
@@ -26,16 +26,15 @@ from flexrun.weights.store import TensorStore
 
 log = logging.getLogger(__name__)
 
-_INPUT = ("embed_tokens", "embed_positions", "project_in", "embed_token_types", "embed_ln_w", "embed_ln_b")
 _GPU_ALIGN = 256
 
 
 def stack_groups(cfg: OptConfig) -> list[list[str]]:
     """Tensor names per compute group: [input embeddings], layer 0 ... layer L-1, [output head]."""
     glob = list(cfg.global_shapes())
-    groups = [[n for n in glob if n in _INPUT]]
+    groups = [[n for n in glob if n in INPUT_GLOBALS]]
     groups += [[f"layers.{i}.{slot}" for slot in cfg.layer_shapes()] for i in range(cfg.num_hidden_layers)]
-    out = [n for n in glob if n not in _INPUT]
+    out = [n for n in glob if n not in INPUT_GLOBALS]
     if cfg.tie_word_embeddings and not cfg.encoder:
         out.append("embed_tokens")
     groups.append(out)

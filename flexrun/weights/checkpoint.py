@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -32,7 +33,7 @@ TOKENIZER_FILES = (
 
 
 class Checkpoint:
-    """Tensors of a checkpoint directory by name, with an optional ``model.`` prefix tolerated."""
+    """Tensors of a checkpoint directory by name, tolerating an added ``model.`` prefix or a missing first component."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -79,7 +80,9 @@ class Checkpoint:
         return list(self._where)
 
     def _resolve(self, name: str) -> str:
-        for candidate in (name, "model." + name, name.removeprefix("model.")):
+        # Base-model checkpoints (GPT2Model, BloomModel...) drop the wrapper's first component.
+        bare = name.split(".", 1)[-1]
+        for candidate in (name, "model." + name, name.removeprefix("model."), bare):
             if candidate in self._where:
                 return candidate
         raise CheckpointError(f"{self.path}: tensor {name} not found in the checkpoint")
@@ -106,3 +109,33 @@ class Checkpoint:
         files = [self.path / f for f in TOKENIZER_FILES if (self.path / f).exists()]
         has_vocab = any(f.name in ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model") for f in files)
         return files if has_vocab else []
+
+    def save_tokenizer(self, dest: Path) -> bool:
+        """Copy the tokenizer's files and config.json into ``dest``; False when there is no tokenizer."""
+        files = self.tokenizer_files()
+        if not files:
+            return False
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy2(f, dest / f.name)
+        shutil.copy2(self.path / "config.json", dest / "config.json")
+        return True
+
+
+class CheckpointSource(Protocol):
+    """What the converter reads: tensors by Hugging Face name, the config, the tokenizer."""
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def has(self, name: str) -> bool: ...
+
+    def hf_config(self) -> dict[str, Any]: ...
+
+    def save_tokenizer(self, dest: Path) -> bool: ...
+
+
+def open_checkpoint(path: str | Path) -> CheckpointSource:
+    """A checkpoint directory (safetensors or .bin) or a GGUF file."""
+    from flexrun.weights.gguf import GgufCheckpoint, is_gguf
+
+    return GgufCheckpoint(path) if is_gguf(path) else Checkpoint(path)

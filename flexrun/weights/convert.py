@@ -6,32 +6,37 @@ embedding table) in the target dtype, plus the checkpoint pages the OS maps in a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from flexrun.config import OptConfig, config_from_hf, resolve
+from flexrun.config import INPUT_GLOBALS, OptConfig, config_from_hf, resolve
 from flexrun.errors import CheckpointError, OfflineError
 from flexrun.paths import cache_dir
-from flexrun.policies import policy_by_name, policy_for_hf_config
-from flexrun.weights.checkpoint import Checkpoint
-from flexrun.weights.store import StoreWriter, TensorStore
+from flexrun.policies import (
+    Policy,
+    TensorGetter,
+    policy_by_name,
+    policy_for_hf_config,
+    policy_for_layer,
+    registered,
+)
+from flexrun.weights.checkpoint import open_checkpoint
+from flexrun.weights.packaged import local_source
+from flexrun.weights.store import StoreWriter, TensorStore, dtype_name
 
 log = logging.getLogger(__name__)
-
-# The input group: the tensors read before the first layer.
-_INPUT = ("embed_tokens", "embed_positions", "project_in", "embed_token_types", "embed_ln_w", "embed_ln_b")
 
 
 def store_order(cfg: OptConfig) -> list[str]:
     """Tensor names in the order the engine walks the stack: input embeddings, layers, output head."""
     glob = list(cfg.global_shapes())
-    first = [n for n in glob if n in _INPUT]
+    first = [n for n in glob if n in INPUT_GLOBALS]
     last = [n for n in glob if n not in first]
     layers = [f"layers.{i}.{slot}" for i in range(cfg.num_hidden_layers) for slot in cfg.layer_shapes()]
     return first + layers + last
@@ -43,44 +48,92 @@ def _checked(cfg: OptConfig, name: str, tensor: torch.Tensor, shape: tuple[int, 
     return tensor
 
 
-def _hf_tensors(ckpt: Checkpoint, cfg: OptConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """The store's tensors in store order, each read from the checkpoint only when it is written."""
-    policy = policy_for_hf_config(ckpt.hf_config())
+def _hf_tensors(get: TensorGetter, cfg: OptConfig, policy: Policy) -> Iterator[tuple[str, torch.Tensor]]:
+    """The store's tensors in store order, each read (``get(hf_name)``) only when it is written."""
+
+    def lookup(name: str) -> torch.Tensor:
+        try:
+            return get(name)
+        except CheckpointError:
+            if name not in policy.aliases:
+                raise
+            return get(policy.aliases[name])
+
     layer_shapes, global_shapes = cfg.layer_shapes(), cfg.global_shapes()
     hf_names = policy.global_names(cfg)
     slots: dict[str, torch.Tensor] = {}
     for name in store_order(cfg):
         if not name.startswith("layers."):
-            yield name, _checked(cfg, name, ckpt.get(hf_names[name]), global_shapes[name])
+            yield name, _checked(cfg, name, lookup(hf_names[name]), global_shapes[name])
             continue
         _, i, slot = name.split(".")
         if not slots:
-            slots = policy.layer_tensors(cfg, ckpt.get, int(i))
+            slots = policy.layer_tensors(cfg, lookup, int(i))
         yield name, _checked(cfg, name, slots.pop(slot), layer_shapes[slot])
 
 
+def _model_name(src: Path) -> str:
+    """A checkpoint's name: its directory's name, or a GGUF file's name without the suffix."""
+    return src.stem if src.is_file() else src.name
+
+
 def convert_checkpoint(src: str | Path, out: str | Path, dtype: str | None = None, progress: bool = True) -> Path:
-    """Convert the Hugging Face checkpoint directory ``src`` into a tensor store at ``out``."""
+    """Convert the Hugging Face checkpoint directory (or GGUF file) ``src`` into a tensor store at ``out``."""
     src = Path(src)
-    ckpt = Checkpoint(src)
+    ckpt = open_checkpoint(src)
     hf = ckpt.hf_config()
-    cfg = config_from_hf(hf, name=src.name)
+    cfg = config_from_hf(hf, name=_model_name(src))
     if dtype:
-        cfg = resolve(str(src), dtype=dtype)
+        cfg = dataclasses.replace(cfg, dtype=dtype)
     cfg = policy_for_hf_config(hf).fit_checkpoint(cfg, ckpt.has)
     writer = StoreWriter(out, cfg, extra={"source": str(src.resolve())})
     try:
         names = store_order(cfg)
         for name, tensor in tqdm(
-            _hf_tensors(ckpt, cfg), total=len(names), desc=f"convert {cfg.name}", unit="tensor", disable=not progress
+            _hf_tensors(ckpt.get, cfg, policy_for_hf_config(hf)),
+            total=len(names),
+            desc=f"convert {cfg.name}",
+            unit="tensor",
+            disable=not progress,
         ):
             writer.add(name, tensor)
-        tok = ckpt.tokenizer_files()
-        if tok:
-            (writer.tmp / "tokenizer").mkdir()
-            for f in tok:
-                shutil.copy2(f, writer.tmp / "tokenizer" / f.name)
-            shutil.copy2(src / "config.json", writer.tmp / "tokenizer" / "config.json")
+        ckpt.save_tokenizer(writer.tmp / "tokenizer")
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def convert_model(model: torch.nn.Module, out: str | Path, dtype: str | None = None, progress: bool = True) -> Path:
+    """Convert a live Hugging Face model into a tensor store at ``out``.
+
+    The policy is the one whose layer class is exactly the class of the model's decoder layers (as
+    DeepSpeed matches ``_orig_layer_class``); tensors are read from the model's state dict by name.
+    """
+    known = {cls for p in registered() for cls in p.layer_classes}
+    layer = next((m for m in model.modules() if type(m).__name__ in known), model)
+    policy = policy_for_layer(layer)  # for no known layer: the error listing the supported architectures
+    hf_config = getattr(model, "config", None)
+    if hf_config is None:
+        raise CheckpointError(f"{type(model).__name__} is not a Hugging Face model (it has no .config)")
+    hf = hf_config.to_dict()
+    name = hf.get("_name_or_path") or type(model).__name__
+    cfg = policy.config_from_hf(
+        hf, name=Path(str(name)).name, dtype=dtype or dtype_name(next(model.parameters()).dtype)
+    )
+    state = model.state_dict()
+
+    def get(key: str) -> torch.Tensor:
+        if key not in state:
+            raise CheckpointError(f"{cfg.name}: tensor {key} not found in the model")
+        return state[key].detach()
+
+    writer = StoreWriter(out, cfg, extra={"source": f"live {type(model).__name__}"})
+    try:
+        names = store_order(cfg)
+        desc = f"convert {cfg.name}"
+        for key, tensor in tqdm(_hf_tensors(get, cfg, policy), total=len(names), desc=desc, disable=not progress):
+            writer.add(key, tensor)
         return writer.finish()
     except BaseException:
         writer.abort()
@@ -180,8 +233,9 @@ def ensure_store(
             log.info("writing dummy weights for %s to %s", cfg.name, out)
             write_dummy_store(cfg, out, progress=progress)
         return TensorStore(out)
-    if path.exists():
-        src = path
+    local = local_source(model)
+    if local is not None:
+        src = local
     else:
         resolve(model)  # an unknown name fails here, with close matches, before any download
         src = hub_download(model)
