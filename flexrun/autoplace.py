@@ -58,8 +58,8 @@ def choose_placement(
     """The run's placement. ``opts`` holds the CLI's placement options (None where not given), ``placement``
     ("auto" or "manual"), ``hardware`` (a HardwareSpec or None) and ``overlap``. ``report`` gets one line
     describing a planned placement."""
-    if opts.get("placement", "auto") == "manual":
-        return manual_placement(opts)
+    if opts.get("placement", "auto") == "manual" or all(opts.get(k) is not None for k in MANUAL_DEFAULTS):
+        return manual_placement(opts)  # nothing left for the planner to choose
     from flexrun.costmodel.hardware import load_hardware
     from flexrun.costmodel.search import plan
 
