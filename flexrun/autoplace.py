@@ -11,21 +11,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flexrun.config import OptConfig
-from flexrun.errors import PlacementError
+from flexrun.errors import BudgetError, PlacementError
 from flexrun.paths import cache_dir
 from flexrun.placement import Placement, Shares
 from flexrun.runtime.tiers import Budgets, disk_free
 from flexrun.units import format_bytes
 
+if TYPE_CHECKING:
+    from flexrun.runtime.engine import Engine
+    from flexrun.weights.store import TensorStore
+
 log = logging.getLogger(__name__)
 
 KINDS = ("weights", "cache", "activations")
 # What `--placement manual` uses for an option left out.
+# Re-plans after the runtime's exact accounting finds a planned placement over a budget.
+_REPLANS = 3
 MANUAL_DEFAULTS: dict[str, Any] = {
     "weights": Shares(),
     "cache": Shares(),
@@ -46,6 +52,62 @@ def manual_placement(opts: dict[str, Any]) -> Placement:
     return Placement(**given, overlap=opts.get("overlap", True))
 
 
+def is_planned(opts: dict[str, Any]) -> bool:
+    """Whether the planner chooses any part of the placement (auto mode with something left open)."""
+    given = all(opts.get(k) is not None for k in MANUAL_DEFAULTS)
+    return opts.get("placement", "auto") == "auto" and not given
+
+
+def build_engine(
+    store: TensorStore,
+    opts: dict[str, Any],
+    budgets: Budgets,
+    prompt_len: int,
+    gen_len: int,
+    num_prompts: int | None = None,
+    report: Callable[[str], None] | None = None,
+) -> Engine:
+    """An engine for ``prompt_len + gen_len`` tokens with the run's placement (see ``choose_placement``).
+
+    The planner's memory model is linear in the shares, so it prorates buffers that the runtime reserves
+    whole as soon as any share of a kind leaves a tier (streaming arenas, KV staging). When the runtime's
+    exact accounting finds a planned placement over a budget, the planner runs again with that much less.
+    """
+    from flexrun.runtime.engine import Engine
+
+    reserve: dict[str, int] = {}
+    lines: list[str] = []
+    refused: BudgetError | None = None
+    for _ in range(_REPLANS + 1):
+        try:
+            placement = choose_placement(
+                store.config, opts, budgets, prompt_len, gen_len, num_prompts, report=lines.append, reserve=reserve
+            )
+        except PlacementError:
+            if refused is None:
+                raise
+            raise refused from None  # the runtime's exact figures say more than the planner's on less
+        try:
+            engine = Engine(
+                store, placement, prompt_len + gen_len, budgets=budgets, offload_dir=opts.get("offload_dir")
+            )
+        except BudgetError as exc:
+            if not is_planned(opts):
+                raise
+            refused = exc
+            short = exc.need - exc.have
+            reserve[exc.tier] = reserve.get(exc.tier, 0) + short + short // 4 + 4096
+            log.info("planned placement is %s short on %s; planning again", format_bytes(short), exc.tier)
+            lines.clear()
+            continue
+        if report is not None:
+            for line in lines:
+                report(line)
+        return engine
+    assert refused is not None
+    raise refused
+
+
 def choose_placement(
     cfg: OptConfig,
     opts: dict[str, Any],
@@ -54,17 +116,19 @@ def choose_placement(
     gen_len: int,
     num_prompts: int | None = None,
     report: Callable[[str], None] | None = None,
+    reserve: dict[str, int] | None = None,
 ) -> Placement:
     """The run's placement. ``opts`` holds the CLI's placement options (None where not given), ``placement``
     ("auto" or "manual"), ``hardware`` (a HardwareSpec or None) and ``overlap``. ``report`` gets one line
-    describing a planned placement."""
-    if opts.get("placement", "auto") == "manual" or all(opts.get(k) is not None for k in MANUAL_DEFAULTS):
-        return manual_placement(opts)  # nothing left for the planner to choose
+    describing a planned placement; ``reserve`` holds bytes per tier kept out of the planner's budgets."""
+    if not is_planned(opts):
+        return manual_placement(opts)
     from flexrun.costmodel.hardware import load_hardware
     from flexrun.costmodel.search import plan
 
     has_cuda = torch.cuda.is_available()
     tiers = budgets.resolved(offload_root(opts.get("offload_dir")), has_cuda)
+    tiers = {t: max(b - (reserve or {}).get(t, 0), 0) for t, b in tiers.items()}
     hw = opts.get("hardware") or load_hardware(None)
     hw = hw.with_memory(device=tiers["device"] if has_cuda else None, host=tiers["host"], disk=tiers["disk"])
     fixed = {k: opts[k] for k in KINDS if opts.get(k) is not None}

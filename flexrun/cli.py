@@ -177,8 +177,7 @@ def _hardware(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 def _engine(kw: dict[str, Any], prompt_len: int, gen_len: int, num_prompts: int | None = None) -> Any:
     """The tensor store and an engine sized for ``prompt_len + gen_len`` tokens, with the placement given
     on the command line or, with ``--placement auto``, chosen by the planner for this job."""
-    from flexrun.autoplace import choose_placement
-    from flexrun.runtime.engine import Engine
+    from flexrun.autoplace import build_engine
     from flexrun.runtime.tiers import Budgets
     from flexrun.weights.convert import ensure_store
 
@@ -190,16 +189,8 @@ def _engine(kw: dict[str, Any], prompt_len: int, gen_len: int, num_prompts: int 
         progress=not kw.get("quiet"),
     )
     budgets = Budgets(device=kw["device_mem"], host=kw["host_mem"], disk=kw["disk_mem"])
-    placement = choose_placement(
-        store.config,
-        kw,
-        budgets,
-        prompt_len,
-        gen_len,
-        num_prompts,
-        report=None if kw.get("quiet") else lambda line: click.echo(line, err=True),
-    )
-    engine = Engine(store, placement, prompt_len + gen_len, budgets=budgets, offload_dir=kw["offload_dir"])
+    report = None if kw.get("quiet") else lambda line: click.echo(line, err=True)
+    engine = build_engine(store, kw, budgets, prompt_len, gen_len, num_prompts, report=report)
     return store, engine
 
 

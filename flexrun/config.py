@@ -250,6 +250,18 @@ class OptConfig:
         """Bytes of the hidden state (the activations passed from layer to layer)."""
         return batch_size * seq_len * self.hidden_size * self.dtype_bytes
 
+    def working_bytes(self, batch_size: int, seq_len: int) -> int:
+        """Intermediates of one micro-batch's prefill (the largest step) on the compute device: what the
+        engine reserves and the planner counts."""
+        b, s = batch_size, seq_len
+        ffn_buffers = 3 if self.gated_mlp else 2  # up (and gate), activated
+        act = b * s * (6 * self.hidden_size + ffn_buffers * self.ffn_embed_dim) * self.dtype_bytes
+        scores = b * self.n_head * s * s * 4  # (b, nh, s, s) in float32
+        if self.position == "alibi":  # the per-head bias is added to the mask: one more scores-sized tensor
+            scores *= 2
+        logits = 2 * b * self.vocab_size * 4  # (b, vocab) float32, twice for sampling
+        return act + scores + logits
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         if not d["extra"]:

@@ -25,6 +25,16 @@ class PlacementError(FlexrunError):
     """A placement that is malformed or does not fit the tier budgets."""
 
 
+class BudgetError(PlacementError):
+    """A placement that needs more of a tier than its budget: ``need`` and ``have`` bytes on ``tier``."""
+
+    def __init__(self, message: str, tier: str, need: int, have: int) -> None:
+        super().__init__(message)
+        self.tier = tier
+        self.need = need
+        self.have = have
+
+
 class InputError(FlexrunError):
     """A bad prompt, input file or output file."""
 

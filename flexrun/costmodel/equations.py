@@ -150,11 +150,7 @@ def _max_group_bytes(cfg: OptConfig) -> int:
 
 def working_bytes(cfg: OptConfig, gpu_batch_size: int, max_len: int) -> int:
     """Intermediates of one micro-batch's prefill on the compute device, as the engine reserves them."""
-    b, s, h = gpu_batch_size, max_len, cfg.hidden_size
-    act = b * s * (6 * h + 2 * cfg.ffn_embed_dim) * cfg.dtype_bytes  # qkv, attention out, MLP hidden, residuals
-    scores = b * cfg.n_head * s * s * 4  # (b, nh, s, s) in fp32
-    logits = 2 * b * cfg.vocab_size * 4  # (b, vocab) fp32, twice for sampling
-    return act + scores + logits
+    return cfg.working_bytes(gpu_batch_size, max_len)
 
 
 def cost_terms(

@@ -148,14 +148,7 @@ class Engine:
 
     def _plan_working_memory(self, ledger: Ledger) -> None:
         """Intermediates of one micro-batch in prefill (the largest step), on the compute device."""
-        cfg, b, s = self.cfg, self.placement.gpu_batch_size, self.max_len
-        ffn_buffers = 3 if cfg.gated_mlp else 2
-        act = b * s * (6 * cfg.hidden_size + ffn_buffers * cfg.ffn_embed_dim) * cfg.dtype_bytes
-        scores = b * cfg.n_head * s * s * 4
-        if cfg.position == "alibi":  # the per-head bias is added to the mask: one more scores-sized tensor
-            scores *= 2
-        logits = 2 * b * cfg.vocab_size * 4
-        ledger.add("device", "working memory", act + scores + logits)
+        ledger.add("device", "working memory", self.cfg.working_bytes(self.placement.gpu_batch_size, self.max_len))
 
     # ---- compute of the non-layer groups ---------------------------------------------------------
     def _embed(self, w: dict[str, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

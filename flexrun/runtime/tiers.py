@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from flexrun.errors import PlacementError
+from flexrun.errors import BudgetError
 from flexrun.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,12 @@ class Ledger:
                     if free <= have:
                         fix = f"the offload dir {offload_dir} has {format_bytes(free)} free: move shares off disk or "
                         fix += "point --offload-dir at a disk with room"
-                raise PlacementError(
+                raise BudgetError(
                     f"placement does not fit: the {tier} tier needs {format_bytes(need)} ({parts}) but its budget is "
-                    f"{format_bytes(have)}, short by {format_bytes(need - have)}; {fix}"
+                    f"{format_bytes(have)}, short by {format_bytes(need - have)}; {fix}",
+                    tier,
+                    need,
+                    have,
                 )
 
 

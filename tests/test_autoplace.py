@@ -1,0 +1,50 @@
+"""``--placement auto``: the planner's placement must be one the engine accepts under the same budgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flexrun.autoplace import build_engine, choose_placement
+from flexrun.config import OptConfig
+from flexrun.errors import BudgetError
+from flexrun.runtime.engine import Engine
+from flexrun.runtime.tiers import Budgets
+from flexrun.weights.convert import write_dummy_store
+from flexrun.weights.store import TensorStore
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> TensorStore:
+    cfg = OptConfig(
+        name="t",
+        num_hidden_layers=3,
+        hidden_size=48,
+        n_head=3,
+        ffn_embed_dim=80,
+        vocab_size=211,
+        max_seq_len=64,
+        dtype="float32",
+    )
+    return TensorStore(write_dummy_store(cfg, tmp_path_factory.mktemp("auto") / "store", progress=False))
+
+
+def test_planned_placement_is_replanned_until_the_engine_accepts_it(store: TensorStore, tmp_path: Path) -> None:
+    # At 350 KiB the planner's linear model (staging buffers prorated by share) picks a weight split whose
+    # whole double-buffered arena does not fit; the engine's exact accounting refuses it.
+    opts = {"placement": "auto", "offload_dir": str(tmp_path)}
+    budgets = Budgets(host=350 * 1024)
+    first = choose_placement(store.config, opts, budgets, 8, 8, 4)
+    with pytest.raises(BudgetError):
+        Engine(store, first, 16, budgets=budgets, offload_dir=tmp_path)
+    lines: list[str] = []
+    with build_engine(store, opts, budgets, 8, 8, 4, report=lines.append) as engine:
+        assert engine.ledger.total("host") <= budgets.host
+        assert len(lines) == 1 and lines[0].startswith("plan (")  # only the plan that runs is reported
+
+
+def test_when_nothing_fits_the_error_is_the_runtimes(store: TensorStore, tmp_path: Path) -> None:
+    opts = {"placement": "auto", "offload_dir": str(tmp_path)}
+    with pytest.raises(BudgetError, match=r"the host tier needs .* but its budget is 250.0 KiB"):
+        build_engine(store, opts, Budgets(host=250 * 1024), 8, 8, 4)
