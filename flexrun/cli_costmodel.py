@@ -100,6 +100,8 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
         f"flags:      --weights {_spec(pl.weights)} --cache {_spec(pl.cache)} --activations {_spec(pl.activations)}"
         f" --gpu-batch-size {pl.gpu_batch_size} --num-gpu-batches {pl.num_gpu_batches}",
     ]
+    if pl.compress_weight or pl.compress_cache or pl.cpu_cache_compute:
+        lines.append("note:       a what-if: generate runs neither compression nor host-side attention yet")
     return "\n".join(lines)
 
 
@@ -114,23 +116,24 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
     "--hardware",
     callback=_hardware,
     help="A preset (cpu, t4, a100-40gb, a100-80gb, h100-80gb) or a JSON file from `flexrun calibrate`. "
-    "Default: this machine's saved calibration, else a preset.",
+    "Default: this machine's saved calibration (else a preset) with the budgets `generate` would use.",
 )
 @click.option("--dtype", type=click.Choice(DTYPES), help="Override the model's dtype.")
 @click.option(
     "--compress",
     type=click.Choice(list(_TRI)),
-    default="auto",
+    default="off",
     show_default=True,
-    help="Group-wise int4 weights and KV cache: auto tries with and without.",
+    help="Group-wise int4 weights and KV cache (a what-if: the runtime does not compress yet); auto tries both.",
 )
 @click.option(
     "--cpu-cache-compute",
     "host_attention",
     type=click.Choice(list(_TRI)),
-    default="auto",
+    default="off",
     show_default=True,
-    help="Attention over a host-resident cache on the host: auto tries both.",
+    help="Attention over a host-resident cache on the host (a what-if on a GPU machine: the runtime computes "
+    "attention on the device); auto tries both.",
 )
 @click.option("--max-block-size", type=int, callback=_positive, help="At most this many sequences per block.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output with exact byte counts.")
@@ -162,7 +165,26 @@ def plan_cmd(
     from flexrun.costmodel.search import plan
 
     cfg = resolve(model, **({"dtype": dtype} if dtype else {}))
-    hw = (hardware or load_hardware(None)).with_memory(device=device_mem, host=host_mem, disk=disk_mem)
+    if cfg.encoder:
+        raise FlexrunError(f"{model} is an encoder model: it generates nothing to plan; `flexrun embed` runs it")
+    if cfg.position == "learned" and prompt_len + gen_len > cfg.max_seq_len:
+        raise FlexrunError(
+            f"--prompt-len {prompt_len} + --gen-len {gen_len} exceeds {cfg.name}'s {cfg.max_seq_len} positions"
+        )
+    if hardware is None:
+        # This machine: the budgets `generate` would get (90% of free RAM, the offload dir's free disk).
+        import torch
+
+        from flexrun.autoplace import offload_root
+        from flexrun.runtime.tiers import Budgets
+
+        cuda = torch.cuda.is_available()
+        tiers = Budgets(device=device_mem, host=host_mem, disk=disk_mem).resolved(offload_root(None), cuda)
+        hw = load_hardware(None).with_memory(
+            device=tiers["device"] if cuda else None, host=tiers["host"], disk=tiers["disk"]
+        )
+    else:
+        hw = hardware.with_memory(device=device_mem, host=host_mem, disk=disk_mem)
     result = plan(
         cfg,
         hw,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {
@@ -35,11 +36,14 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
-def format_bytes(n: float) -> str:
-    """``n`` bytes in binary units with one decimal, e.g. ``324.2 GiB``."""
+def format_bytes(n: float, round_up: bool = False) -> str:
+    """``n`` bytes in binary units with one decimal, e.g. ``324.2 GiB``; ``round_up`` never shows less than
+    ``n`` (for a budget that must be enough)."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+            if unit == "B":
+                return f"{math.ceil(value) if round_up else int(value)} B"
+            return f"{math.ceil(value * 10) / 10 if round_up else value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")

@@ -121,3 +121,23 @@ def test_plan_uses_a_hardware_file(group: FlexrunGroup, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["hardware"]["name"] == "a100-80gb" and data["budgets"]["device"] == 80 << 30
+
+
+def test_plan_refuses_encoders_and_overlong_workloads(group: FlexrunGroup, tmp_path: Path) -> None:
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=48, num_attention_heads=3, num_hidden_layers=2, intermediate_size=80).save_pretrained(
+        tmp_path / "bert"
+    )
+    result = _run(group, "plan", "-m", str(tmp_path / "bert"))
+    assert result.exit_code == 1 and "encoder" in result.output
+    result = _run(group, "plan", "-m", "opt-125m", "--prompt-len", "2040", "--gen-len", "32")
+    assert result.exit_code == 1 and "2048 positions" in result.output
+
+
+def test_plan_defaults_to_what_the_runtime_runs(group: FlexrunGroup) -> None:
+    result = _run(group, "plan", "-m", "opt-175b", "--hardware", "t4", "--json")
+    pl = json.loads(result.stdout)["placement"]
+    assert not (pl["compress_weight"] or pl["compress_cache"] or pl["cpu_cache_compute"])
+    result = _run(group, "plan", "-m", "opt-175b", "--hardware", "t4", "--compress", "auto")
+    assert "what-if" in result.output

@@ -176,3 +176,17 @@ def test_stop_strings_need_a_tokenizer(ckpt, tmp_path: Path) -> None:
     args = ["generate", "-m", str(path), "--store-dir", str(tmp_path), "-i", "-", "--stop", "x"]
     result = run(*args, input='{"input_ids": [4, 5]}\n')
     assert result.exit_code == 1 and "--stop needs a tokenizer" in result.output
+
+
+def test_convert_never_overwrites_what_is_not_a_store(ckpt, tmp_path: Path) -> None:
+    path, _ = ckpt
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("data")
+    result = run("convert", "-m", str(path), "--out", str(keep))
+    assert result.exit_code == 1 and "not a flexrun tensor store" in result.output
+    assert (keep / "notes.txt").read_text() == "data"
+    # Converting onto the checkpoint itself is the same refusal; an old store is replaced.
+    assert run("convert", "-m", str(path), "--out", str(path)).exit_code == 1 and (path / "config.json").exists()
+    assert run("convert", "-m", str(path), "--out", str(tmp_path / "s")).exit_code == 0
+    assert run("convert", "-m", str(path), "--out", str(tmp_path / "s")).exit_code == 0

@@ -23,6 +23,9 @@ def test_parse_size_rejects(text: str) -> None:
 
 def test_format_bytes() -> None:
     assert format_bytes(324.2 * 2**30) == "324.2 GiB"
+    # A suggested budget must be enough: rounded up, never down.
+    assert format_bytes(5.24 * 2**20) == "5.2 MiB" and format_bytes(5.24 * 2**20, round_up=True) == "5.3 MiB"
+    assert parse_size(format_bytes(777_777, round_up=True).replace(" ", "")) >= 777_777
     assert format_bytes(512) == "512 B"
 
 

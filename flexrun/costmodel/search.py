@@ -394,7 +394,8 @@ def _infeasible(
         short = {"host": 1}
     what = " and ".join(f"the {t} tier is short by {format_bytes(v)}" for t, v in short.items())
     fixes = ", ".join(
-        f"--{t}-mem {format_bytes(hw.memory(t) + v)} (now {format_bytes(hw.memory(t))})" for t, v in short.items()
+        f"--{t}-mem {format_bytes(hw.memory(t) + v, round_up=True)} (now {format_bytes(hw.memory(t))})"
+        for t, v in short.items()
     )
     seqs = "one sequence" if shape == (1, 1) else f"a block of {shape[0]} x {shape[1]} sequences"
     held = "; " + ", ".join(f"{k} held at {v.spec()}" for k, v in fixed.items()) if fixed else ""

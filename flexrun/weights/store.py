@@ -59,6 +59,19 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(-1).view(torch.uint8)
 
 
+def _replaceable(path: Path) -> bool:
+    """A directory that may be replaced by a new store: an empty one, or a finished flexrun store."""
+    if not path.is_dir():
+        return False
+    index = path / "index.json"
+    if not index.is_file():
+        return not any(path.iterdir())
+    try:
+        return json.loads(index.read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 class StoreWriter:
     """Writes tensors one at a time; ``finish()`` writes the index and moves the store into place."""
 
@@ -66,6 +79,10 @@ class StoreWriter:
         self.path = Path(path)
         self.config = config
         self.extra = extra or {}
+        if self.path.exists() and not _replaceable(self.path):
+            raise CheckpointError(
+                f"{self.path} exists and is not a flexrun tensor store; choose another --out (it is never overwritten)"
+            )
         self.tmp = self.path.with_name(self.path.name + ".partial")
         shutil.rmtree(self.tmp, ignore_errors=True)
         try:
