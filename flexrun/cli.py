@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from flexrun.cli_options import byte_size, hardware_spec, non_negative_int, positive_int, tier_shares
 from flexrun.errors import FlexrunError
 
 try:
@@ -53,23 +54,11 @@ def cli(verbose: int) -> None:
     _setup_logging(verbose)
 
 
-def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
-    if value is not None and value < 1:
-        raise click.BadParameter(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    if value is not None and value < 0:
-        raise click.BadParameter(f"must be >= 0, got {value}")
-    return value
-
-
 @cli.command("config")
 @click.argument("name")
-@click.option("--batch-size", default=1, show_default=True, callback=_positive, help="Sequences in the batch.")
-@click.option("--prompt-len", default=512, show_default=True, callback=_positive, help="Prompt tokens.")
-@click.option("--gen-len", default=32, show_default=True, callback=_non_negative, help="Generated tokens.")
+@click.option("--batch-size", default=1, show_default=True, callback=positive_int, help="Sequences in the batch.")
+@click.option("--prompt-len", default=512, show_default=True, callback=positive_int, help="Prompt tokens.")
+@click.option("--gen-len", default=32, show_default=True, callback=non_negative_int, help="Generated tokens.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Override the dtype.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output with exact byte counts.")
 def config_cmd(name: str, batch_size: int, prompt_len: int, gen_len: int, dtype: str | None, as_json: bool) -> None:
@@ -103,28 +92,6 @@ def config_cmd(name: str, batch_size: int, prompt_len: int, gen_len: int, dtype:
 
 
 # ---- shared options for commands that run the engine ----------------------------------------------
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    from flexrun.units import parse_size
-
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _shares(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    from flexrun.placement import Shares
-
-    if value is None:
-        return None
-    try:
-        return Shares.parse(value)
-    except FlexrunError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 def engine_options(fn: Any) -> Any:
     """Model, weights and placement options shared by generate and bench."""
     options = [
@@ -141,37 +108,26 @@ def engine_options(fn: Any) -> Any:
         ),
         click.option(
             "--hardware",
-            callback=_hardware,
+            callback=hardware_spec,
             help="Hardware figures for the planner: a preset or a `flexrun calibrate` JSON (default: this machine's).",
         ),
-        click.option("--weights", callback=_shares, help="Weight shares, e.g. host=40,disk=60."),
-        click.option("--cache", callback=_shares, help="KV cache shares, e.g. host=100."),
-        click.option("--activations", callback=_shares, help="Activation shares, e.g. host=100."),
-        click.option("--gpu-batch-size", type=int, callback=_positive, help="Sequences per micro-batch."),
-        click.option("--num-gpu-batches", type=int, callback=_positive, help="Micro-batches per block."),
+        click.option("--weights", callback=tier_shares, help="Weight shares, e.g. host=40,disk=60."),
+        click.option("--cache", callback=tier_shares, help="KV cache shares, e.g. host=100."),
+        click.option("--activations", callback=tier_shares, help="Activation shares, e.g. host=100."),
+        click.option("--gpu-batch-size", type=int, callback=positive_int, help="Sequences per micro-batch."),
+        click.option("--num-gpu-batches", type=int, callback=positive_int, help="Micro-batches per block."),
         click.option("--overlap/--no-overlap", default=True, show_default=True, help="Overlap I/O with compute."),
         click.option(
             "--offload-dir", type=click.Path(file_okay=False), help="Directory for disk-resident cache and activations."
         ),
-        click.option("--device-mem", callback=_size, help="Device memory budget, e.g. 14GiB."),
-        click.option("--host-mem", callback=_size, help="Host memory budget, e.g. 8GiB."),
-        click.option("--disk-mem", callback=_size, help="Disk budget in the offload dir."),
+        click.option("--device-mem", callback=byte_size, help="Device memory budget, e.g. 14GiB."),
+        click.option("--host-mem", callback=byte_size, help="Host memory budget, e.g. 8GiB."),
+        click.option("--disk-mem", callback=byte_size, help="Disk budget in the offload dir."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
-
-
-def _hardware(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    from flexrun.costmodel.hardware import load_hardware
-
-    if value is None:
-        return None
-    try:
-        return load_hardware(value)
-    except FlexrunError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 def _engine(kw: dict[str, Any], prompt_len: int, gen_len: int, num_prompts: int | None = None) -> Any:
@@ -237,7 +193,7 @@ def convert_cmd(model: str, out: str, dtype: str | None) -> None:
     help="Write JSONL results here (default stdout); rerunning the same command resumes.",
 )
 @click.option("--overwrite", is_flag=True, help="Start the --output file afresh instead of resuming it.")
-@click.option("--max-new-tokens", default=32, show_default=True, callback=_positive)
+@click.option("--max-new-tokens", default=32, show_default=True, callback=positive_int)
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0))
@@ -249,7 +205,7 @@ def convert_cmd(model: str, out: str, dtype: str | None) -> None:
     "-n",
     default=1,
     show_default=True,
-    callback=_positive,
+    callback=positive_int,
     help="Sampled completions per prompt (records carry their `seq` index).",
 )
 @click.option(
@@ -329,8 +285,8 @@ def generate_cmd(
 
 @cli.command("bench")
 @engine_options
-@click.option("--prompt-len", default=512, show_default=True, callback=_positive)
-@click.option("--gen-len", default=32, show_default=True, callback=_positive)
+@click.option("--prompt-len", default=512, show_default=True, callback=positive_int)
+@click.option("--gen-len", default=32, show_default=True, callback=positive_int)
 def bench_cmd(prompt_len: int, gen_len: int, **kw: Any) -> None:
     """Generate from synthetic prompts (one block) and report throughput, like FlexGen's benchmark."""
     import torch
@@ -369,15 +325,17 @@ def bench_cmd(prompt_len: int, gen_len: int, **kw: Any) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute/storage dtype.")
 @click.option("--dummy-weights", is_flag=True, help="Random weights of the right shapes (no download).")
 @click.option("--store-dir", type=click.Path(file_okay=False), help="Where converted stores are cached.")
-@click.option("--weights", callback=_shares, help="Weight shares, e.g. host=40,disk=60 (default host=100).")
-@click.option("--activations", callback=_shares, help="Activation shares, e.g. disk=100 (default host=100).")
-@click.option("--gpu-batch-size", default=8, show_default=True, callback=_positive, help="Sequences per micro-batch.")
-@click.option("--num-gpu-batches", default=1, show_default=True, callback=_positive, help="Micro-batches per block.")
+@click.option("--weights", callback=tier_shares, help="Weight shares, e.g. host=40,disk=60 (default host=100).")
+@click.option("--activations", callback=tier_shares, help="Activation shares, e.g. disk=100 (default host=100).")
+@click.option(
+    "--gpu-batch-size", default=8, show_default=True, callback=positive_int, help="Sequences per micro-batch."
+)
+@click.option("--num-gpu-batches", default=1, show_default=True, callback=positive_int, help="Micro-batches per block.")
 @click.option("--overlap/--no-overlap", default=True, show_default=True, help="Overlap I/O with compute.")
 @click.option("--offload-dir", type=click.Path(file_okay=False), help="Directory for disk-resident activations.")
-@click.option("--device-mem", callback=_size, help="Device memory budget, e.g. 14GiB.")
-@click.option("--host-mem", callback=_size, help="Host memory budget, e.g. 8GiB.")
-@click.option("--disk-mem", callback=_size, help="Disk budget in the offload dir.")
+@click.option("--device-mem", callback=byte_size, help="Device memory budget, e.g. 14GiB.")
+@click.option("--host-mem", callback=byte_size, help="Host memory budget, e.g. 8GiB.")
+@click.option("--disk-mem", callback=byte_size, help="Disk budget in the offload dir.")
 def embed_cmd(
     texts: tuple[str, ...],
     input_file: str | None,

@@ -10,39 +10,11 @@ from typing import Any
 
 import click
 
+from flexrun.cli_options import byte_size, hardware_spec, positive_int
 from flexrun.errors import FlexrunError
 
 DTYPES = ["float32", "float16", "bfloat16"]
 _TRI = {"auto": None, "on": True, "off": False}
-
-
-def _positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
-    if value is not None and value < 1:
-        raise click.BadParameter(f"must be >= 1, got {value}")
-    return value
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    from flexrun.units import parse_size
-
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _hardware(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    """A preset or JSON file, loaded now so that a bad value is a usage error; None: decided later."""
-    from flexrun.costmodel.hardware import load_hardware
-
-    if value is None:
-        return None
-    try:
-        return load_hardware(value)
-    except FlexrunError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 def _pct_bytes(share: float, total: int) -> str:
@@ -107,14 +79,14 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
 
 @click.command("plan")
 @click.option("--model", "-m", required=True, help="Model name or checkpoint directory.")
-@click.option("--prompt-len", default=512, show_default=True, callback=_positive, help="Prompt tokens.")
-@click.option("--gen-len", default=32, show_default=True, callback=_positive, help="Generated tokens.")
-@click.option("--device-mem", callback=_size, help="Device memory budget, e.g. 14GiB (replaces the hardware's).")
-@click.option("--host-mem", callback=_size, help="Host memory budget, e.g. 200GiB.")
-@click.option("--disk-mem", callback=_size, help="Disk budget in the offload dir, e.g. 1.5TB.")
+@click.option("--prompt-len", default=512, show_default=True, callback=positive_int, help="Prompt tokens.")
+@click.option("--gen-len", default=32, show_default=True, callback=positive_int, help="Generated tokens.")
+@click.option("--device-mem", callback=byte_size, help="Device memory budget, e.g. 14GiB (replaces the hardware's).")
+@click.option("--host-mem", callback=byte_size, help="Host memory budget, e.g. 200GiB.")
+@click.option("--disk-mem", callback=byte_size, help="Disk budget in the offload dir, e.g. 1.5TB.")
 @click.option(
     "--hardware",
-    callback=_hardware,
+    callback=hardware_spec,
     help="A preset (cpu, t4, a100-40gb, a100-80gb, h100-80gb) or a JSON file from `flexrun calibrate`. "
     "Default: this machine's saved calibration (else a preset) with the budgets `generate` would use.",
 )
@@ -135,7 +107,7 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
     help="Attention over a host-resident cache on the host (a what-if on a GPU machine: the runtime computes "
     "attention on the device); auto tries both.",
 )
-@click.option("--max-block-size", type=int, callback=_positive, help="At most this many sequences per block.")
+@click.option("--max-block-size", type=int, callback=positive_int, help="At most this many sequences per block.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output with exact byte counts.")
 def plan_cmd(
     model: str,
