@@ -93,7 +93,7 @@ def config_cmd(name: str, batch_size: int, prompt_len: int, gen_len: int, dtype:
 
 # ---- shared options for commands that run the engine ----------------------------------------------
 def engine_options(fn: Any) -> Any:
-    """Model, weights and placement options shared by generate and bench."""
+    """Model, weights and placement options shared by generate and bench (each adds its own --json)."""
     options = [
         click.option("--model", "-m", required=True, help="Model name, checkpoint directory or tensor store."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute/storage dtype."),
@@ -123,7 +123,6 @@ def engine_options(fn: Any) -> Any:
         click.option("--device-mem", callback=byte_size, help="Device memory budget, e.g. 14GiB."),
         click.option("--host-mem", callback=byte_size, help="Host memory budget, e.g. 8GiB."),
         click.option("--disk-mem", callback=byte_size, help="Disk budget in the offload dir."),
-        click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -150,13 +149,19 @@ def _engine(kw: dict[str, Any], prompt_len: int, gen_len: int, num_prompts: int 
     return store, engine
 
 
-def _print_summary(store: Any, engine: Any, stats: Any, as_json: bool) -> None:
+def _print_summary(store: Any, engine: Any, stats: Any, as_json: bool, json_err: bool = False) -> None:
+    """The run's summary: text on stderr, or with --json one JSON line on stdout (on stderr with ``json_err``,
+    for generate, whose records may be on stdout)."""
     from flexrun.report import summary_dict, summary_text
 
     if as_json:
-        click.echo(json.dumps(summary_dict(store.config, engine.placement, stats)))
+        click.echo(json.dumps(summary_dict(store.config, engine.placement, stats)), err=json_err)
     else:
         click.echo(summary_text(store.config, engine.placement, stats), err=True)
+
+
+def _print_generate_summary(store: Any, engine: Any, stats: Any, as_json: bool) -> None:
+    _print_summary(store, engine, stats, as_json, json_err=True)
 
 
 @cli.command("convert")
@@ -225,6 +230,12 @@ def convert_cmd(model: str, out: str, dtype: str | None) -> None:
 @click.option("--stream", is_flag=True, help="Print each completion's text as it is generated (one at a time).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or plan line on stderr (the summary stays).")
 @click.option("--chat", is_flag=True, help="Wrap each text prompt as a user turn in the tokenizer's chat template.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the summary as one JSON line on stderr (stdout is for the records).",
+)
 def generate_cmd(
     prompts: tuple[str, ...],
     input_file: str | None,
@@ -248,7 +259,8 @@ def generate_cmd(
     """Generate completions for prompts with an offloaded placement; JSONL results, summary on stderr.
 
     Records are written block by block as they finish. With --output, rerunning the same command resumes
-    the job where it stopped; Ctrl-C (or SIGTERM) stops it after the block in flight.
+    the job where it stopped (another model or other settings are refused: OUTPUT.job.json records them);
+    Ctrl-C (or SIGTERM) stops it after the block in flight.
     """
     from flexrun.generation import JobOptions, run_generate
     from flexrun.runtime.sampling import SamplingParams
@@ -280,13 +292,14 @@ def generate_cmd(
         chat=chat,
     )
     kw["quiet"] = quiet
-    run_generate(kw, job, make_engine=_engine, print_summary=_print_summary, echo=click.echo)
+    run_generate(kw, job, make_engine=_engine, print_summary=_print_generate_summary, echo=click.echo)
 
 
 @cli.command("bench")
 @engine_options
 @click.option("--prompt-len", default=512, show_default=True, callback=positive_int)
 @click.option("--gen-len", default=32, show_default=True, callback=positive_int)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def bench_cmd(prompt_len: int, gen_len: int, **kw: Any) -> None:
     """Generate from synthetic prompts (one block) and report throughput, like FlexGen's benchmark."""
     import torch

@@ -4,6 +4,8 @@ A job is planned once, for its longest prompt, and then run block by block: each
 written (and, to a file, fsync'd) as soon as the block finishes, so a job that dies keeps everything it
 finished. Rerunning the same command with the same ``--output`` resumes: records already there are
 skipped, a partial last line is cut off. Every prompt problem is found before anything is generated.
+A job is identified by its fingerprint (the model's weights and every setting that changes the records),
+kept next to the output; resuming with another model or other settings is refused.
 
 Order: ``length`` (the default) runs the longest prompts first, so blocks hold prompts of similar length
 and waste little padding; records come out in that order. ``input`` keeps the input's order. Either way
@@ -13,6 +15,8 @@ writes exactly the records, in the order, that an uninterrupted one would have.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -26,7 +30,7 @@ from tqdm import tqdm
 
 from flexrun.errors import CheckpointError, FlexrunError, InputError
 from flexrun.interrupt import StopRequest
-from flexrun.results import ResultWriter, scan
+from flexrun.results import Existing, ResultWriter, job_path, read_job, scan
 from flexrun.runtime.engine import RunStats
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.streaming import TextStream, cut_at_stop
@@ -136,13 +140,110 @@ def prepare(records: list[PromptRecord], tokenizer: Any, store: TensorStore, job
     return seqs
 
 
-def already_done(path: Path, seqs: list[Sequence], source: str) -> tuple[set[tuple[str, int]], int]:
+def weights_digest(store: TensorStore) -> str:
+    """A short digest of the model the store holds: its config (less its name) and each tensor's dtype, shape
+    and checksum. The same weights give the same digest wherever they were converted to."""
+    config = {k: v for k, v in store.index["config"].items() if k != "name"}
+    blob = json.dumps({"config": config, "tensors": store.index["tensors"]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def job_fingerprint(store: TensorStore, job: JobOptions) -> dict[str, Any]:
+    """Everything apart from the prompts (checked record by record) that decides a job's records. The
+    placement and ``--order`` are left out: they change how fast the records come, not what they hold; so
+    are the sampling options of a greedy job, which only the repetition penalty affects."""
+    p = job.params
+    fp: dict[str, Any] = {
+        "model": store.config.name,
+        "weights": weights_digest(store),
+        "dtype": store.config.dtype,
+        "max_new_tokens": p.max_new_tokens,
+        "temperature": p.temperature,
+        "repetition_penalty": p.repetition_penalty,
+    }
+    if not p.greedy:
+        fp.update(top_p=p.top_p, top_k=p.top_k, seed=p.seed)
+    fp.update(
+        stop=list(p.stop),
+        stop_at_eos=p.stop_at_eos,
+        num_return_sequences=job.num_return_sequences,
+        chat=job.chat,
+        truncate=job.truncate,
+    )
+    return fp
+
+
+# How a fingerprint's settings are named in messages: the options that set them.
+_OPTION = {
+    "dtype": "--dtype",
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "repetition_penalty": "--repetition-penalty",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "seed": "--seed",
+    "stop": "--stop",
+    "num_return_sequences": "--num-return-sequences",
+    "chat": "--chat",
+    "truncate": "--truncate",
+}
+
+
+def job_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between the job that wrote a file and this one, e.g. ``--max-new-tokens 3 there, 8 here``.
+
+    A setting that only one side has (the sampling options of a greedy job) follows from one that both
+    have, which is the one named."""
+    diffs = []
+    if recorded.get("weights") != current["weights"]:
+        there = f"{recorded.get('model')} (weights {str(recorded.get('weights'))[:8]})"
+        diffs.append(f"model {there} there, {current['model']} (weights {current['weights'][:8]}) here")
+    for key, value in current.items():
+        if key in ("model", "weights") or key not in recorded or recorded[key] == value:
+            continue
+        diffs.append(f"{_OPTION.get(key, key)} {json.dumps(recorded[key])} there, {json.dumps(value)} here")
+    if not diffs and {k: v for k, v in recorded.items() if k != "model"} != {
+        k: v for k, v in current.items() if k != "model"
+    }:
+        diffs.append("other settings")
+    return diffs
+
+
+def _check_same_job(path: Path, existing: Existing, fingerprint: dict[str, Any]) -> None:
+    """Refuse to add to records that another job (another model or other settings) wrote, or that no job
+    description vouches for."""
+    fix = "choose another --output, or --overwrite to start afresh"
+    recorded = read_job(path)
+    if recorded is None:
+        if existing.good_bytes or existing.partial:
+            what = f"holds {_records(len(existing.records))}" if existing.records else "is not empty"
+            raise InputError(
+                f"{path} {what} but has no {job_path(path).name} saying which model and settings wrote it, so "
+                f"resuming could mix two jobs; {fix}"
+            )
+        return
+    if not existing.records:
+        return  # nothing to mix: a partial line is cut off and the description replaced
+    diffs = job_differences(recorded, fingerprint)
+    if diffs:
+        raise InputError(f"{path} holds {_records(len(existing.records))} of another job ({'; '.join(diffs)}); {fix}")
+
+
+def _records(n: int) -> str:
+    return f"{n} record" + ("" if n == 1 else "s")
+
+
+def already_done(
+    path: Path, seqs: list[Sequence], source: str, fingerprint: dict[str, Any]
+) -> tuple[set[tuple[str, int]], int]:
     """Keys of the sequences whose records are in ``path``, and the byte length of its complete lines.
 
-    A record that is not part of this job (an id the input does not have, or other prompt tokens for the
-    same id) is an error: results of two jobs are never mixed in one file.
+    Records of another job (its recorded fingerprint differs from ``fingerprint``), or that are not part of
+    this one (an id the input does not have, or other prompt tokens for the same id), are an error:
+    results of two jobs are never mixed in one file.
     """
     existing = scan(path)
+    _check_same_job(path, existing, fingerprint)
     by_key = {s.key: s for s in seqs}
     for key, (lineno, rec) in existing.records.items():
         s = by_key.get(key)
@@ -255,15 +356,16 @@ def run_generate(
     if job.params.stop and tokenizer is None:
         raise InputError(f"--stop needs a tokenizer and {store.config.name} has none")
     seqs = prepare(records, tokenizer, store, job)
+    fingerprint = job_fingerprint(store, job)
 
     done: set[tuple[str, int]] = set()
     keep_bytes: int | None = 0 if job.overwrite else None
     if out_path is not None and not job.overwrite:
-        done, keep_bytes = already_done(out_path, seqs, source)
+        done, keep_bytes = already_done(out_path, seqs, source, fingerprint)
     pending = [s for s in seqs if s.key not in done]
     if job.order == "length":
         pending.sort(key=lambda s: (-len(s.ids), s.seed_index))
-    writer = ResultWriter(out_path, stdout=None if job.stream else (stdout or sys.stdout))
+    writer = ResultWriter(out_path, stdout=None if job.stream else (stdout or sys.stdout), job=fingerprint)
     if not pending:
         writer.open(keep_bytes, len(done))
         writer.close()
@@ -332,7 +434,7 @@ def run_generate(
         bar.close()
         writer.close()
     if stats is not None and not job.stream:
-        print_summary(store, engine, stats, kw.get("as_json", False) and out_path is not None)
+        print_summary(store, engine, stats, kw.get("as_json", False))
     if stop.requested or abandoned:
         how = "abandoning the block in flight" if abandoned else "after the block in flight"
         resume = "; run the same command again to resume" if out_path is not None else ""

@@ -4,6 +4,10 @@ The file is append-only. Each block's records are written with one ``write`` of 
 durable with ``fsync`` before the next block starts, so a crash loses at most the block in flight and can
 leave at most one partial line at the end; the next run cuts that line off and resumes after the last
 complete record. A record counts as written only with its newline.
+
+Next to the file, ``<output>.job.json`` describes the job that writes it (the model's weights and every
+setting that changes the records). It is written atomically before the first record and replaced only
+with ``--overwrite``, after the records are cut; a resume checks it, so two jobs never share one file.
 """
 
 from __future__ import annotations
@@ -65,18 +69,80 @@ def scan(path: Path) -> Existing:
     return Existing(records, good, good < len(data))
 
 
+JOB_FORMAT = "flexrun generate job"
+JOB_VERSION = 1
+
+
+def job_path(path: Path) -> Path:
+    """Where the description of the job writing ``path`` lives."""
+    return path.with_name(path.name + ".job.json")
+
+
+def read_job(path: Path) -> dict[str, Any] | None:
+    """The job description recorded for the results file ``path``, or None when there is none."""
+    side = job_path(path)
+    fix = "choose another --output, or --overwrite to start afresh"
+    try:
+        data = json.loads(side.read_text())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InputError(f"cannot read {side}: {exc.strerror}") from None
+    except ValueError:
+        raise InputError(f"{side}: damaged job description (not JSON); {fix}") from None
+    if not isinstance(data, dict) or data.get("format") != JOB_FORMAT or not isinstance(data.get("job"), dict):
+        raise InputError(f"{side}: not a flexrun job description; {fix}")
+    if data.get("version") != JOB_VERSION:
+        raise InputError(f"{side}: written by another version of flexrun (job format {data.get('version')}); {fix}")
+    job: dict[str, Any] = data["job"]
+    return job
+
+
+def write_job(path: Path, job: dict[str, Any]) -> None:
+    """Record ``job`` as the job writing ``path``: all at once (a temporary file renamed over it) and durably.
+    An identical description already there is left as it is."""
+    side = job_path(path)
+    text = json.dumps({"format": JOB_FORMAT, "version": JOB_VERSION, "job": job}, indent=1) + "\n"
+    try:
+        if side.read_text() == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass  # missing or unreadable: written below
+    tmp = side.with_name(side.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, side)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {side}: {exc.strerror}") from None
+    try:  # make the rename itself durable before any record is written
+        fd = os.open(side.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        log.debug("cannot fsync the directory of %s", side)
+
+
 class ResultWriter:
     """Appends blocks of records to a file (durably), else to ``stdout``, else nowhere (``--stream`` prints
-    text instead). ``written`` counts the records in the file."""
+    text instead). ``written`` counts the records in the file. ``job`` is the description recorded next to
+    the file (``write_job``) when it is opened."""
 
-    def __init__(self, path: Path | None, stdout: IO[str] | None = None) -> None:
+    def __init__(self, path: Path | None, stdout: IO[str] | None = None, job: dict[str, Any] | None = None) -> None:
         self.path = path
         self.stdout = stdout
+        self.job = job
         self.fd: int | None = None
         self.written = 0
 
     def open(self, keep_bytes: int | None, existing: int) -> None:
-        """Open the file for appending, first cutting it to ``keep_bytes`` (None: keep it all; 0: start afresh)."""
+        """Open the file for appending, first cutting it to ``keep_bytes`` (None: keep it all; 0: start afresh),
+        then record the job: the records cut are never left under another job's description."""
         if self.path is None:
             return
         try:
@@ -86,6 +152,12 @@ class ResultWriter:
         except OSError as exc:
             self.close()
             raise InputError(f"cannot write {self.path}: {exc.strerror}") from None
+        if self.job is not None:
+            try:
+                write_job(self.path, self.job)
+            except InputError:
+                self.close()
+                raise
         self.written = existing
 
     def write(self, records: list[dict[str, Any]]) -> None:

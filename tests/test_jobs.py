@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from flexrun.cli import cli
+from flexrun.results import job_path
 from tests.hf_reference import tiny_opt
 from tests.tiny_tokenizer import save_tiny_tokenizer
 
@@ -78,6 +79,7 @@ def test_records_match_hf_and_resume_repairs_a_partial_line(ckpt, stores, tmp_pa
     cut = tmp_path / "cut.jsonl"
     first = text.splitlines(keepends=True)
     cut.write_text("".join(first[:3]) + first[3][:17])
+    job_path(cut).write_text(job_path(full).read_text())  # the job's description goes with its records
     r = gen(ckpt, stores, tmp_path, "-i", str(inp), "-o", str(cut), "--max-new-tokens", "5")
     assert r.exit_code == 0, r.output
     assert cut.read_text() == text
@@ -115,11 +117,141 @@ def test_records_match_hf_and_resume_repairs_a_partial_line(ckpt, stores, tmp_pa
 def test_output_of_another_job_is_refused_untouched(ckpt, stores, tmp_path: Path, existing: str, message: str) -> None:
     inp = write_input(tmp_path / "in.jsonl", 3)
     out = tmp_path / "out.jsonl"
+    # This job's own description next to records that are not its own (or not records at all).
+    assert gen(ckpt, stores, tmp_path, "-i", str(inp), "-o", str(out)).exit_code == 0
     out.write_text(existing + '{"id": "partial')
     r = gen(ckpt, stores, tmp_path, "-i", str(inp), "-o", str(out))
     assert r.exit_code == 1 and message in r.output and "out.jsonl:1:" in r.output, r.output
     assert "--overwrite" in r.output and "Traceback" not in r.output
     assert out.read_text() == existing + '{"id": "partial'
+
+
+@pytest.fixture(scope="module")
+def other_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another tiny OPT of the same shapes: other weights, no tokenizer."""
+    _, model = tiny_opt(seed=6, vocab_size=VOCAB)
+    d = tmp_path_factory.mktemp("other") / "other-opt"
+    model.save_pretrained(d)
+    return d
+
+
+def test_resuming_with_another_model_or_settings_is_refused(ckpt, stores, other_ckpt, tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    r = gen(ckpt, stores, tmp_path, "-i", str(inp), "-o", str(out), "--max-new-tokens", "3")
+    assert r.exit_code == 0, r.output
+    recorded = json.loads(job_path(out).read_text())["job"]
+    assert recorded["model"] == "ckpt" and recorded["max_new_tokens"] == 3 and recorded["temperature"] == 0.0
+    # The job stopped after two records; rerun with another model, more tokens and sampling.
+    out.write_text("".join(out.read_text().splitlines(keepends=True)[:2]))
+    kept, kept_job = out.read_text(), job_path(out).read_text()
+    other = ["-i", str(inp), "-o", str(out), "--max-new-tokens", "8", "--temperature", "0.9"]
+    base = ["generate", "--store-dir", str(stores), "--offload-dir", str(tmp_path / "off"), "-q"]
+    r = CliRunner().invoke(cli, [*base, "-m", str(other_ckpt), "--placement", "manual", *other])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    (line,) = r.output.splitlines()
+    assert "out.jsonl holds 2 records of another job" in line
+    assert "model ckpt (weights " in line and "other-opt (weights " in line
+    assert "--max-new-tokens 3 there, 8 here" in line and "--temperature 0.0 there, 0.9 here" in line
+    assert "--top-p" not in line  # follows from the temperature: a greedy job has no top-p
+    assert "--overwrite" in line and "--output" in line
+    assert out.read_text() == kept and job_path(out).read_text() == kept_job
+    # The same model with one other setting is refused as well, naming only that setting.
+    r = gen(ckpt, stores, tmp_path, "-i", str(inp), "-o", str(out), "--max-new-tokens", "3", "--stop", "zz")
+    assert r.exit_code == 1 and '(--stop [] there, ["zz"] here)' in r.output, r.output
+    # --overwrite starts the other job afresh, with its own description; that job then resumes.
+    r = CliRunner().invoke(cli, [*base, "-m", str(other_ckpt), "--placement", "manual", *other, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert len(lines(out)) == 3 and json.loads(job_path(out).read_text())["job"]["model"] == "other-opt"
+    full = out.read_text()
+    out.write_text("".join(full.splitlines(keepends=True)[:1]))
+    r = CliRunner().invoke(cli, [*base, "-m", str(other_ckpt), "--placement", "manual", *other])
+    assert r.exit_code == 0 and out.read_text() == full, r.output
+
+
+def test_records_without_a_job_description_are_refused(ckpt, stores, tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    assert gen(ckpt, stores, tmp_path, "-i", str(inp), "-o", str(out)).exit_code == 0
+    full = out.read_text()
+    job_path(out).unlink()  # e.g. records from an older flexrun, or copied without their description
+    out.write_text(full.splitlines(keepends=True)[0])
+    r = gen(ckpt, stores, tmp_path, "-i", str(inp), "-o", str(out))
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "out.jsonl holds 1 record but has no out.jsonl.job.json" in r.output and "--overwrite" in r.output
+    assert out.read_text() == full.splitlines(keepends=True)[0] and not job_path(out).exists()
+    # An empty file (one a failed run created) has nothing to mix up: the job runs.
+    out.write_text("")
+    r = gen(ckpt, stores, tmp_path, "-i", str(inp), "-o", str(out))
+    assert r.exit_code == 0 and out.read_text() == full, r.output
+    # A damaged description is refused, never guessed at.
+    job_path(out).write_text('{"format": ')
+    r = gen(ckpt, stores, tmp_path, "-i", str(inp), "-o", str(out))
+    assert r.exit_code == 1 and "out.jsonl.job.json: damaged job description" in r.output, r.output
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"max_new_tokens": 8}, "--max-new-tokens 4 there, 8 here"),
+        ({"temperature": 0.7}, "--temperature 0.5 there, 0.7 here"),
+        ({"top_p": 0.9}, "--top-p 1.0 there, 0.9 here"),
+        ({"top_k": 5}, "--top-k 0 there, 5 here"),
+        ({"repetition_penalty": 1.3}, "--repetition-penalty 1.0 there, 1.3 here"),
+        ({"seed": 2}, "--seed 0 there, 2 here"),
+        ({"stop": ("x",)}, '--stop [] there, ["x"] here'),
+        ({"num_return_sequences": 2}, "--num-return-sequences 1 there, 2 here"),
+        ({"chat": True}, "--chat false there, true here"),
+        ({"truncate": "left"}, '--truncate "none" there, "left" here'),
+    ],
+)
+def test_every_setting_that_changes_the_records_is_in_the_fingerprint(ckpt, stores, change, named) -> None:
+    from dataclasses import replace
+
+    from flexrun.generation import JobOptions, job_differences, job_fingerprint
+    from flexrun.runtime.sampling import SamplingParams
+    from flexrun.weights.convert import ensure_store
+
+    store = ensure_store(str(ckpt[0]), store_root=stores, progress=False)
+    job = JobOptions(params=SamplingParams(max_new_tokens=4, temperature=0.5))
+    params = {k: v for k, v in change.items() if hasattr(job.params, k)}
+    other = replace(job, params=replace(job.params, **params), **{k: v for k, v in change.items() if k not in params})
+    # Through JSON, as the description is kept on disk.
+    recorded = json.loads(json.dumps(job_fingerprint(store, job)))
+    assert job_differences(recorded, job_fingerprint(store, other)) == [named]
+    assert job_differences(recorded, job_fingerprint(store, job)) == []
+
+
+def test_fingerprint_names_the_weights_and_ignores_what_greedy_decoding_does_not_use(ckpt, stores, tmp_path) -> None:
+    from dataclasses import replace
+
+    from flexrun.generation import JobOptions, job_differences, job_fingerprint
+    from flexrun.runtime.sampling import SamplingParams
+    from flexrun.weights.convert import ensure_store
+
+    store = ensure_store(str(ckpt[0]), store_root=stores, progress=False)
+    greedy = JobOptions(params=SamplingParams(max_new_tokens=4))
+    seeded = replace(greedy, params=replace(greedy.params, seed=9, top_k=3, top_p=0.5))
+    assert job_differences(job_fingerprint(store, greedy), job_fingerprint(store, seeded)) == []
+    # The same weights converted elsewhere are the same model; another dtype is another one.
+    moved = ensure_store(str(ckpt[0]), store_root=tmp_path / "elsewhere", progress=False)
+    assert job_differences(job_fingerprint(store, greedy), job_fingerprint(moved, greedy)) == []
+    half = ensure_store(str(ckpt[0]), dtype="bfloat16", store_root=tmp_path / "half", progress=False)
+    diffs = job_differences(job_fingerprint(store, greedy), job_fingerprint(half, greedy))
+    assert diffs[0].startswith("model ckpt (weights ") and diffs[1:] == ['--dtype "float32" there, "bfloat16" here']
+
+
+def test_json_summary_is_one_line_on_stderr_and_the_records_stay_alone_on_stdout(ckpt, stores, tmp_path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 3)
+    for output in ([], ["-o", str(tmp_path / "out.jsonl")]):
+        r = gen(ckpt, stores, tmp_path, "-i", str(inp), "--json", *output)
+        assert r.exit_code == 0, r.output
+        rows = [json.loads(line) for line in r.stdout.splitlines()]
+        assert len(rows) == (0 if output else 3) and all("output_ids" in row for row in rows)
+        summary = json.loads(r.stderr.splitlines()[-1])
+        assert summary["sequences"] == 3 and summary["generated_tokens"] >= 3, r.stderr
+    assert "one JSON line on stderr" in CliRunner().invoke(cli, ["generate", "-h"]).stdout
+    assert "JSON on stdout" in CliRunner().invoke(cli, ["bench", "-h"]).stdout
 
 
 # ---- bad inputs: one line, exit 1, nothing written is lost ---------------------------------------------
@@ -234,19 +366,20 @@ def test_offload_dir_without_room_is_refused_up_front(ckpt, stores, tmp_path, mo
     import shutil
 
     out = tmp_path / "out.jsonl"
-    out.write_text(DONE)
+    assert gen(ckpt, stores, tmp_path, "-i", "-", "-o", str(out), input=GOOD).exit_code == 0  # a job's first record
+    done = out.read_text()
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
     args = ["-i", "-", "-o", str(out), "--cache", "disk=100"]
     r = gen(ckpt, stores, tmp_path, *args, input=GOOD + '{"input_ids": [4]}\n')
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert "the disk tier needs" in r.output and "has 4.0 KiB free" in r.output and "--offload-dir" in r.output
-    assert out.read_text() == DONE
+    assert out.read_text() == done
     # The planner (auto placement) refuses as clearly, naming the offload dir's free space.
     base = ["generate", "-m", str(ckpt[0]), "--store-dir", str(stores), "--offload-dir", str(tmp_path / "off")]
-    r = CliRunner().invoke(cli, [*base, *args, "-q"], input=GOOD + '{"input_ids": [4]}\n')
+    r = CliRunner().invoke(cli, [*base, *args, "-q", "--max-new-tokens", "4"], input=GOOD + '{"input_ids": [4]}\n')
     assert r.exit_code == 1 and "disk tier is short" in r.output and "4.0 KiB free" in r.output, r.output
-    assert out.read_text() == DONE
+    assert out.read_text() == done
 
 
 # ---- sampling -------------------------------------------------------------------------------------------
@@ -349,6 +482,7 @@ def test_an_abandoned_block_leaves_the_finished_ones(ckpt, stores, tmp_path, mon
 
     def generate(self, *args, **kwargs):
         calls["n"] += 1
+        assert job_path(out).exists(), "the job's description is written before its first record"
         if calls["n"] == 2:  # what a second Ctrl-C does in the middle of the second block
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
