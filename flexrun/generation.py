@@ -201,12 +201,18 @@ def job_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[s
     for key, value in current.items():
         if key in ("model", "weights") or key not in recorded or recorded[key] == value:
             continue
-        diffs.append(f"{_OPTION.get(key, key)} {json.dumps(recorded[key])} there, {json.dumps(value)} here")
-    if not diffs and {k: v for k, v in recorded.items() if k != "model"} != {
-        k: v for k, v in current.items() if k != "model"
-    }:
-        diffs.append("other settings")
+        diffs.append(f"{_OPTION.get(key, key)} {_show(recorded[key])} there, {_show(value)} here")
+    if not diffs and _settings(recorded) != _settings(current):
+        diffs.append("other settings")  # a description from elsewhere: refused all the same
     return diffs
+
+
+def _settings(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fingerprint.items() if k != "model"}  # the name is a label; the weights decide
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _check_same_job(path: Path, existing: Existing, fingerprint: dict[str, Any]) -> None:

@@ -202,7 +202,7 @@ def test_records_without_a_job_description_are_refused(ckpt, stores, tmp_path: P
         ({"stop": ("x",)}, '--stop [] there, ["x"] here'),
         ({"num_return_sequences": 2}, "--num-return-sequences 1 there, 2 here"),
         ({"chat": True}, "--chat false there, true here"),
-        ({"truncate": "left"}, '--truncate "none" there, "left" here'),
+        ({"truncate": "left"}, "--truncate none there, left here"),
     ],
 )
 def test_every_setting_that_changes_the_records_is_in_the_fingerprint(ckpt, stores, change, named) -> None:
@@ -238,7 +238,7 @@ def test_fingerprint_names_the_weights_and_ignores_what_greedy_decoding_does_not
     assert job_differences(job_fingerprint(store, greedy), job_fingerprint(moved, greedy)) == []
     half = ensure_store(str(ckpt[0]), dtype="bfloat16", store_root=tmp_path / "half", progress=False)
     diffs = job_differences(job_fingerprint(store, greedy), job_fingerprint(half, greedy))
-    assert diffs[0].startswith("model ckpt (weights ") and diffs[1:] == ['--dtype "float32" there, "bfloat16" here']
+    assert diffs[0].startswith("model ckpt (weights ") and diffs[1:] == ["--dtype float32 there, bfloat16 here"]
 
 
 def test_json_summary_is_one_line_on_stderr_and_the_records_stay_alone_on_stdout(ckpt, stores, tmp_path) -> None:
