@@ -24,7 +24,7 @@ def test_config_and_dummy_bench_need_only_config_json(family: str, tmp_path: Pat
     model.config.save_pretrained(tmp_path / "cfg")  # config.json only, no weights
     result = run("config", str(tmp_path / "cfg"), "--json")
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     # Exactly the HF model's parameters at the config's dtype (a config.json alone defaults to float16).
     assert info["config"]["arch"] == family
     width = DTYPE_BYTES[info["config"]["dtype"]]
@@ -55,7 +55,7 @@ def test_config_and_dummy_bench_need_only_config_json(family: str, tmp_path: Pat
         "--json",
     )
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output.strip().splitlines()[-1])
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["generated_tokens"] == 4 * 3
 
 
