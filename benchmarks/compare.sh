@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# compare.sh [MODEL] [BATCH]: flexrun against each baseline on the same rows, in the same run.
+#   in-memory    flexrun (everything in RAM) vs Hugging Face `generate`, batch BATCH, prompt 128, gen 32
+#   disk-offload flexrun (weights 100% on disk, host budget HOST_MEM) vs transformers + accelerate
+#                (device_map="auto", max_memory cpu=HOST_MEM, offload_folder), same batch and budget
+#   flexgen      the `flexgen` package on the same policy (CUDA machines only)
+# Every run: page cache dropped, run in a memory cgroup of MEM_LIMIT; REPEAT runs, medians, ratio.
+# Settings: DTYPE (float32: this AVX2 CPU runs bf16 matmuls ~7x slower), HOST_MEM (1GiB), PROMPT (128),
+# GEN (32), DISK_BATCH (the disk case's batch; default BATCH), DISK_CACHE (flexrun's KV cache there, host=100), CASES ("in-memory disk-offload").
+source "$(dirname "$0")/lib.sh"
+MODEL=${1:-opt-1.3b}
+BATCH=${2:-8}
+DTYPE=${DTYPE:-float32}
+HOST_MEM=${HOST_MEM:-1GiB}
+PROMPT=${PROMPT:-128}
+GEN=${GEN:-32}
+DISK_BATCH=${DISK_BATCH:-$BATCH}
+DISK_CACHE=${DISK_CACHE:-host=100}
+CASES=${CASES:-in-memory disk-offload}
+RUNS="$OUT/compare-$MODEL-$(date +%Y%m%d-%H%M%S).jsonl"
+OFF=/tmp/flexrun-bench/offload
+mkdir -p "$OFF"
+
+tag() { jq -c --arg case "$1" --arg side "$2" '. + {case: $case, side: $side}' >>"$RUNS"; }
+fr() { limited "$PYTHON" -m flexrun bench --model "$MODEL" --dummy-weights --dtype "$DTYPE" --placement manual \
+  --prompt-len "$PROMPT" --gen-len "$GEN" --offload-dir "$OFF" --json "$@" 2>/dev/null; }
+hf() { limited "$PYTHON" "$BENCH_DIR/$1" --model "$MODEL" --dtype "$DTYPE" --prompt-len "$PROMPT" --gen-len "$GEN" "${@:2}" 2>/dev/null; }
+
+machine
+flexrun bench --model "$MODEL" --dummy-weights --dtype "$DTYPE" --placement manual --prompt-len 8 --gen-len 2 \
+  --gpu-batch-size 1 >/dev/null 2>&1  # builds the dummy store once, outside the timed runs
+cd "$ROOT"
+for ((r = 1; r <= REPEAT; r++)); do
+  for case in $CASES; do
+    case $case in
+      in-memory)
+        fr --weights host=100 --cache host=100 --activations host=100 --gpu-batch-size "$BATCH" | tag "$case b=$BATCH" flexrun
+        hf hf_generate.py --batch "$BATCH" | tag "$case b=$BATCH" hf-generate ;;
+      disk-offload)
+        fr --weights disk=100 --cache "$DISK_CACHE" --activations host=100 --gpu-batch-size "$DISK_BATCH" \
+          --host-mem "$HOST_MEM" | tag "$case b=$DISK_BATCH host=$HOST_MEM" flexrun
+        hf accelerate_offload.py --batch "$DISK_BATCH" --host-mem "$HOST_MEM" \
+          --ckpt-dir /tmp/flexrun-bench/hf-ckpt --offload-dir /tmp/flexrun-bench/accelerate-offload |
+          tag "$case b=$DISK_BATCH host=$HOST_MEM" accelerate ;;
+    esac
+  done
+done
+"$BENCH_DIR/flexgen_baseline.sh" "$MODEL" "$BATCH"
+echo "model $MODEL, $DTYPE, prompt $PROMPT, gen $GEN, medians of $REPEAT run(s); raw runs: $RUNS"
+"$PYTHON" "$BENCH_DIR/table.py" "$RUNS" --compare
