@@ -20,10 +20,13 @@ if __name__ == "__main__":
     p.add_argument("--host-mem", default="1GiB", help="accelerate's max_memory for the CPU")
     p.add_argument("--ckpt-dir", default="/tmp/flexrun-bench/hf-ckpt")
     p.add_argument("--offload-dir", default="/tmp/flexrun-bench/accelerate-offload")
+    p.add_argument("--prepare", action="store_true", help="only save the random checkpoint (outside the limit)")
     args = p.parse_args()
     ckpt = Path(args.ckpt_dir) / f"{args.model}-{args.dtype}"
     if not (ckpt / "config.json").is_file():
         random_model(args.model, args.dtype).save_pretrained(ckpt)  # once; reused by later runs
+    if args.prepare:
+        raise SystemExit(0)
     shutil.rmtree(args.offload_dir, ignore_errors=True)
     t0 = time.perf_counter()
     model = OPTForCausalLM.from_pretrained(

@@ -24,7 +24,7 @@ flexrun() { (cd "$ROOT" && "$PYTHON" -m flexrun "$@"); }
 # Whether the page cache is controlled: root can drop it and cgroup v1 memory bounds it during a run.
 page_cache_control() {
   if [[ $(id -u) == 0 && -w /proc/sys/vm/drop_caches && -w $CGROOT ]]; then
-    echo "yes (dropped before each run; each run in a memory cgroup limited to $MEM_LIMIT, page cache included)"
+    echo "yes (dropped before each run; each run in a memory cgroup, page cache included)"
   else
     echo "NO (not root or no cgroup v1 memory controller): figures may be flattered by the page cache"
   fi

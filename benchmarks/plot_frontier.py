@@ -11,6 +11,7 @@ import sys
 from collections import defaultdict
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -25,7 +26,7 @@ def main() -> None:
         series[r["placement"]].append((float(r["latency_s"]), float(r["total_tok_s"]), int(r["block"])))
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name, pts in series.items():
-        pts.sort()
+        pts.sort(key=lambda p: p[2])  # along the block size
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
         for lat, tput, block in pts:
             ax.annotate(str(block), (lat, tput), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -42,6 +43,9 @@ def main() -> None:
     ax.set_xlabel("latency of one block (s)")
     ax.set_ylabel("throughput (generated tokens/s)")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -2,12 +2,13 @@
 # suite.sh [MODELS...]: FlexGen's benchmark suite adapted to flexrun (dummy weights), one table row per
 # case with the median of REPEAT runs and the roofline (measured / lower bound per decode step).
 # Cases: everything in memory; weights on host+disk and all on disk; KV cache on disk; a mixed split;
-# several micro-batches; prompt 256 / 512 / 1024 with gen 32. Default models: opt-125m opt-350m (this
+# several micro-batches; prompt 256 / 512 / 1024 with gen 32 (GEN). Default models: opt-125m opt-350m (this
 # 2-core CPU); pass e.g. `opt-1.3b opt-6.7b` on a bigger machine. Settings: DTYPE (float32), BATCH (4).
 source "$(dirname "$0")/lib.sh"
 MODELS=${*:-opt-125m opt-350m}
 DTYPE=${DTYPE:-float32}
 BATCH=${BATCH:-4}
+GEN=${GEN:-32}
 RUNS="$OUT/suite-$(date +%Y%m%d-%H%M%S).jsonl"
 MEM="--weights host=100 --cache host=100 --activations host=100"
 CASES=(
@@ -30,10 +31,10 @@ for model in $MODELS; do
     for ((r = 1; r <= REPEAT; r++)); do
       # shellcheck disable=SC2086
       limited "$PYTHON" -m flexrun bench --model "$model" --dummy-weights --dtype "$DTYPE" --placement manual \
-        --gpu-batch-size "$BATCH" --gen-len 32 --offload-dir /tmp/flexrun-bench/offload --json ${entry#*|} 2>/dev/null |
+        --gpu-batch-size "$BATCH" --gen-len "$GEN" --offload-dir /tmp/flexrun-bench/offload --json ${entry#*|} 2>/dev/null |
         jq -c --arg case "$model $name" '. + {case: $case, side: "flexrun"}' >>"$RUNS"
     done
   done
 done
-echo "dtype $DTYPE, micro-batch $BATCH, gen 32, medians of $REPEAT runs; raw runs: $RUNS"
+echo "dtype $DTYPE, micro-batch $BATCH, gen $GEN, medians of $REPEAT runs; raw runs: $RUNS"
 "$PYTHON" "$BENCH_DIR/table.py" "$RUNS"
