@@ -45,7 +45,7 @@ def main() -> None:
         step_p = pr.decode_s / max(gen_len - 1, 1)
         step_m = run["decode_s"] / run["decode_steps"]
         print(
-            f"| {run['model']} {run['dtype']} | {placement.describe()} | {pr.throughput:.2f} | {run['total_tok_s']:.2f} | "
+            f"| {run['model']} {run['dtype']} | {placement.describe().replace(' | ', '; ')} | {pr.throughput:.2f} | {run['total_tok_s']:.2f} | "
             f"{err:+.0%} | {pr.prefill_s:.2f} / {run['prefill_s']:.2f} | {step_p:.3f} / {step_m:.3f} | {pr.bottleneck} |"
         )
     print(
