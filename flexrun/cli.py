@@ -313,7 +313,15 @@ def bench_cmd(prompt_len: int, gen_len: int, **kw: Any) -> None:
         vocab = store.config.vocab_size
         prompts = torch.randint(4, vocab, (n, prompt_len), generator=gen).tolist()
         _, stats, _ = engine.generate(prompts, SamplingParams(max_new_tokens=gen_len, stop_at_eos=False))
-    _print_summary(store, engine, stats, kw["as_json"])
+    from flexrun.costmodel.hardware import load_hardware
+    from flexrun.report import roofline, roofline_text, summary_dict, summary_text
+
+    hw = kw["hardware"] or load_hardware(None)
+    roof = roofline(store.config, engine.placement, stats, hw, prompt_len, gen_len)
+    if kw["as_json"]:
+        click.echo(json.dumps({**summary_dict(store.config, engine.placement, stats), "roofline": roof}))
+    else:
+        click.echo(summary_text(store.config, engine.placement, stats) + "\n" + roofline_text(roof), err=True)
 
 
 @cli.command("embed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flexrun.config import OptConfig
+from flexrun.costmodel.hardware import HardwareSpec
 from flexrun.placement import Placement
 from flexrun.runtime.engine import RunStats
 from flexrun.units import format_bytes
@@ -49,3 +50,42 @@ def summary_text(cfg: OptConfig, placement: Placement, stats: RunStats) -> str:
         f"peak resident memory (measured): {format_bytes(stats.peak_rss)}",
     ]
     return "\n".join(lines)
+
+
+def roofline(
+    cfg: OptConfig, placement: Placement, stats: RunStats, hw: HardwareSpec, prompt_len: int, gen_len: int
+) -> dict[str, Any]:
+    """The lower bound on a decode step for this placement, from measured bandwidths and FLOP/s, and how
+    far the measured step is from it.
+
+    ``bound_s``: the cost model's decode step (the slowest of the read path, the write path and compute,
+    or their sum without overlap). ``disk_bound_s``: the bytes this run read from disk per pass over the
+    stack (measured) over the disk's read bandwidth: what weights and cache on disk cost at the very least.
+    """
+    from flexrun.costmodel.equations import predict
+
+    pred = predict(cfg, hw, placement, prompt_len, gen_len)
+    passes = stats.decode_steps + stats.blocks  # each block's prefill reads the stack once too
+    disk_step = stats.disk_bytes_read / passes if passes else 0.0
+    disk_bound = disk_step / hw.disk_to_host_bw
+    bound = max(pred.decode.seconds * cfg.num_hidden_layers, disk_bound)
+    measured = stats.decode_s / stats.decode_steps if stats.decode_steps else 0.0
+    return {
+        "hardware": hw.name,
+        "bound_s": bound,
+        "bottleneck": pred.decode.bottleneck if bound > disk_bound else "disk->host",
+        "compute_s": (pred.decode.compute + pred.decode.host_compute) * cfg.num_hidden_layers,
+        "disk_bytes_per_step": int(disk_step),
+        "disk_bound_s": disk_bound,
+        "measured_s": measured,
+        "measured_over_bound": measured / bound if bound > 0 else 0.0,
+    }
+
+
+def roofline_text(r: dict[str, Any]) -> str:
+    return (
+        f"roofline ({r['hardware']}): decode step >= {r['bound_s']:.3f} s, bound by {r['bottleneck']} "
+        f"(disk {format_bytes(r['disk_bytes_per_step'])}/step -> {r['disk_bound_s']:.3f} s; "
+        f"compute {r['compute_s']:.3f} s); measured {r['measured_s']:.3f} s/step = "
+        f"{r['measured_over_bound']:.2f}x the bound"
+    )

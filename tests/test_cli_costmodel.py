@@ -103,6 +103,11 @@ def test_calibrate_quick_function(tmp_path: Path) -> None:
     assert spec.host_mem > 0 and spec.disk_mem > 0
     assert spec.device_is_host == (not torch.cuda.is_available())
     assert not list((tmp_path / "off").iterdir())  # the probe file is removed
+    # The compute rates are measured per dtype; the spec's own fields are the requested dtype's.
+    assert {"bfloat16", "float32"} <= set(spec.rates_by_dtype)
+    assert spec.rates_by_dtype[spec.dtype]["mm_flops_decode"] == spec.mm_flops_decode
+    f32 = spec.for_dtype("float32")
+    assert f32.dtype == "float32" and f32.mm_flops_prefill == spec.rates_by_dtype["float32"]["mm_flops_prefill"]
 
 
 def test_calibrate_cli_then_plan_with_it(group: FlexrunGroup, tmp_path: Path) -> None:

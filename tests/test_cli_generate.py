@@ -74,6 +74,22 @@ def test_bench_json(ckpt, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["sequences"] == 4 and data["generated_tokens"] == 12 and data["total_tok_s"] > 0
+    roof = data["roofline"]
+    assert roof["bound_s"] > 0 and roof["measured_s"] == pytest.approx(data["decode_s"] / data["decode_steps"])
+    assert roof["measured_over_bound"] == pytest.approx(roof["measured_s"] / roof["bound_s"])
+
+
+def test_bench_roofline_counts_the_disk_bytes_of_each_step(ckpt, tmp_path: Path) -> None:
+    # Weights all on disk: every pass over the stack (the prefill and each decode step) reads them all.
+    path, _ = ckpt
+    args = ["bench", "-m", str(path), "--store-dir", str(tmp_path), "--prompt-len", "8", "--gen-len", "3"]
+    args += ["--placement", "manual", "--weights", "disk=100", "--offload-dir", str(tmp_path / "off")]
+    data = json.loads(run(*args, "--json").stdout)
+    roof = data["roofline"]
+    assert roof["disk_bytes_per_step"] >= data["model_bytes"]
+    assert roof["bound_s"] >= roof["disk_bound_s"] > 0
+    result = run(*args)
+    assert result.exit_code == 0 and "roofline (" in result.output and "x the bound" in result.output
 
 
 def test_auto_placement_plans_what_is_not_given(ckpt, tmp_path: Path) -> None:

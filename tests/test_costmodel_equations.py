@@ -235,3 +235,31 @@ def test_load_hardware_default_prefers_the_calibrated_spec(tmp_path, monkeypatch
     if not torch.cuda.is_available():
         spec = load_hardware(None)
         assert spec.name == "cpu" and spec.device_is_host and spec.host_mem > 0
+
+
+def test_for_dtype_swaps_in_that_dtypes_compute_rates() -> None:
+    # BOX's own rates are fp16's; float32 runs 4x slower on its matmuls, 2x on attention.
+    slow = {"mm_flops_prefill": 2.5e11, "mm_flops_decode": 2.5e10, "bmm_flops_decode": 5e9}
+    box = dataclasses.replace(BOX, rates_by_dtype={"float32": slow})
+    f32 = box.for_dtype("float32")
+    assert (f32.dtype, f32.mm_flops_decode, f32.bmm_flops_decode) == ("float32", 2.5e10, 5e9)
+    assert f32.bmm_flops_prefill == BOX.bmm_flops_prefill  # a rate not measured in float32 stays
+    assert box.for_dtype("float16") is box and box.for_dtype("bfloat16") is box  # own dtype / none measured
+    assert HardwareSpec.from_dict(json.loads(json.dumps(box.to_dict()))) == box
+
+
+def test_predict_uses_the_models_dtype_rates() -> None:
+    # The same fp32 model on the same box: decode compute (matmul-bound at one token per sequence) follows
+    # the float32 matmul rate when the spec has one; transfers do not change.
+    tiny32 = dataclasses.replace(TINY, dtype="float32")
+    box = dataclasses.replace(BOX, rates_by_dtype={"float32": {"mm_flops_decode": 1e10}})
+    base, slow = predict(tiny32, BOX, ON_HOST, 16, 4), predict(tiny32, box, ON_HOST, 16, 4)
+    assert slow.decode.compute > 5 * base.decode.compute
+    assert slow.decode.links == base.decode.links
+
+
+def test_rates_by_dtype_are_validated() -> None:
+    with pytest.raises(ConfigError, match="unknown rate 'disk_to_host_bw'"):
+        dataclasses.replace(BOX, rates_by_dtype={"float32": {"disk_to_host_bw": 1.0}})
+    with pytest.raises(ConfigError, match="must be > 0"):
+        dataclasses.replace(BOX, rates_by_dtype={"float32": {"mm_flops_decode": 0.0}})

@@ -11,6 +11,7 @@ Everything CUDA is created inside the functions, so this module imports on a mac
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -180,7 +181,6 @@ def calibrate(
     dtype = dtype or ("float16" if has_cuda else "bfloat16")
     if dtype not in TORCH_DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
-    tdtype = TORCH_DTYPES[dtype]
     directory = Path(offload_dir).expanduser() if offload_dir else cache_dir() / "offload"
     figures: dict[str, float] = {}
     direct = True
@@ -195,41 +195,31 @@ def calibrate(
         else:
             figures["host_to_device_bw"] = figures["device_to_host_bw"] = 0.0
 
+    # The compute rates are measured in every dtype a model may run in here (the requested one first,
+    # whose figures fill the spec's main fields): without bf16 hardware, bfloat16 and float32 differ ~7x.
+    others = ("float16", "bfloat16", "float32") if has_cuda else ("bfloat16", "float32")
+    rates: dict[str, dict[str, float]] = {d: {} for d in dict.fromkeys([dtype, *others])}
+
+    def compute(d: str) -> None:
+        td, r = TORCH_DTYPES[d], rates[d]
+        r["mm_flops_prefill"] = measure_matmul(device, td, sizes.prefill_tokens, sizes)
+        r["mm_flops_decode"] = measure_matmul(device, td, sizes.decode_batch, sizes)
+        r["bmm_flops_prefill"] = measure_attention(device, td, 1, sizes.prompt_len, sizes.prompt_len, sizes)
+        r["bmm_flops_decode"] = measure_attention(device, td, sizes.decode_batch, 1, sizes.context_len, sizes)
+
     def host_attention() -> None:
         if has_cuda:  # host-side attention runs in float32 on the CPU, as FlexGen's
             b = sizes.decode_batch
-            figures["host_attn_flops"] = measure_attention(
-                torch.device("cpu"), torch.float32, b, 1, sizes.context_len, sizes
-            )
-        else:
-            figures["host_attn_flops"] = figures["bmm_flops_decode"]
+            host = measure_attention(torch.device("cpu"), torch.float32, b, 1, sizes.context_len, sizes)
+        for r in rates.values():
+            r["host_attn_flops"] = host if has_cuda else r["bmm_flops_decode"]
+        figures.update(rates[dtype])
 
     steps: list[tuple[str, Callable[[], None]]] = [
         ("disk", disk),
         ("host<->device", links),
         ("memory bandwidth", lambda: figures.__setitem__("device_mem_bw", measure_memory_bw(device, sizes))),
-        (
-            "matmul (prefill)",
-            lambda: figures.__setitem__(
-                "mm_flops_prefill", measure_matmul(device, tdtype, sizes.prefill_tokens, sizes)
-            ),
-        ),
-        (
-            "matmul (decode)",
-            lambda: figures.__setitem__("mm_flops_decode", measure_matmul(device, tdtype, sizes.decode_batch, sizes)),
-        ),
-        (
-            "attention (prefill)",
-            lambda: figures.__setitem__(
-                "bmm_flops_prefill", measure_attention(device, tdtype, 1, sizes.prompt_len, sizes.prompt_len, sizes)
-            ),
-        ),
-        (
-            "attention (decode)",
-            lambda: figures.__setitem__(
-                "bmm_flops_decode", measure_attention(device, tdtype, sizes.decode_batch, 1, sizes.context_len, sizes)
-            ),
-        ),
+        *[(f"compute ({d})", functools.partial(compute, d)) for d in rates],
         ("host attention", host_attention),
     ]
     start = time.perf_counter()
@@ -259,6 +249,7 @@ def calibrate(
         disk_mem=int(shutil.disk_usage(probe).free),
         device_is_host=not has_cuda,
         dtype=dtype,
+        rates_by_dtype=rates,
         **figures,
     )
     log.info("calibrated in %.1f s: %s", time.perf_counter() - start, spec.source)

@@ -165,6 +165,7 @@ def cost_terms(
     cpu_cache_compute: bool = False,
 ) -> CostTerms:
     """The cost model's affine terms for this batch shape and these options (shares left free)."""
+    hw = hw.for_dtype(cfg.dtype)  # the compute rates of the dtype the model runs in
     cpu_cache_compute = cpu_cache_compute and not hw.device_is_host  # the host *is* the device there
     dt, h, kvd, l = cfg.dtype_bytes, cfg.hidden_size, cfg.kv_dim, cfg.num_hidden_layers
     b, nb = gpu_batch_size, num_gpu_batches

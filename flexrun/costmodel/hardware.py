@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ TFLOPS = 1e12
 
 # Links between tiers, in the order the cost model names them.
 LINKS = ("disk->host", "host->disk", "host->device", "device->host")
+# The figures that depend on the dtype the device computes in (``HardwareSpec.rates_by_dtype``).
+COMPUTE_RATES = ("mm_flops_prefill", "mm_flops_decode", "bmm_flops_prefill", "bmm_flops_decode", "host_attn_flops")
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,15 @@ class HardwareSpec:
     host_to_disk_cache_bw: float | None = None
     # The dtype the compute rates were measured (or quoted) in.
     dtype: str = "float16"
+    # Compute rates per dtype, {dtype: {one of COMPUTE_RATES: FLOP/s}}: a CPU without bf16 hardware runs
+    # float32 matmuls several times faster than bfloat16, so the rates of one dtype mislead the cost
+    # model about a model stored in another. ``for_dtype`` picks a model's; empty: the fields above only.
+    rates_by_dtype: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("name", "source", "dtype", "device_is_host") or value is None:
+            if f.name in ("name", "source", "dtype", "device_is_host", "rates_by_dtype") or value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"hardware spec {self.name!r}: {f.name} must be a number >= 0, got {value!r}")
@@ -79,6 +86,16 @@ class HardwareSpec:
         for key in rates:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"hardware spec {self.name!r}: {key} must be > 0")
+        if not isinstance(self.rates_by_dtype, Mapping):
+            raise ConfigError(f"hardware spec {self.name!r}: rates_by_dtype must map a dtype to its rates")
+        for dtype, measured in self.rates_by_dtype.items():
+            for key, value in dict(measured).items():
+                if key not in COMPUTE_RATES:
+                    raise ConfigError(
+                        f"hardware spec {self.name!r}: rates_by_dtype[{dtype!r}] has unknown rate {key!r}"
+                    )
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise ConfigError(f"hardware spec {self.name!r}: rates_by_dtype[{dtype!r}][{key!r}] must be > 0")
         if self.device_is_host and self.device_mem:
             # The device tier is host RAM: one budget, the host's.
             object.__setattr__(self, "device_mem", 0)
@@ -105,6 +122,14 @@ class HardwareSpec:
             "device->host": self.device_to_host_bw,
         }[link]
 
+    def for_dtype(self, dtype: str) -> HardwareSpec:
+        """This spec with the compute rates measured in ``dtype``; unchanged when it has none for it."""
+        rates = self.rates_by_dtype.get(dtype)
+        if dtype == self.dtype or not rates:
+            return self
+        changes: dict[str, Any] = {**rates, "dtype": dtype}
+        return dataclasses.replace(self, **changes)
+
     def with_memory(self, device: int | None = None, host: int | None = None, disk: int | None = None) -> HardwareSpec:
         """This spec with the given tier budgets replacing its memory figures (``None`` keeps one)."""
         if device is not None and self.device_is_host:
@@ -119,7 +144,9 @@ class HardwareSpec:
 
     # ---- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["rates_by_dtype"] = {d: dict(r) for d, r in self.rates_by_dtype.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "hardware spec") -> HardwareSpec:
