@@ -30,8 +30,8 @@ run: install
 		--max-new-tokens 48 --prompt "What is the capital of France?" --prompt "Write a haiku about the sea."
 
 lint: install
-	$(BIN)/ruff check flexrun tests
-	$(BIN)/ruff format --check flexrun tests
+	$(BIN)/ruff check flexrun tests benchmarks
+	$(BIN)/ruff format --check flexrun tests benchmarks
 	$(BIN)/mypy
 
 test: lint
