@@ -285,3 +285,14 @@ def test_run_embed_uses_the_streams_it_is_given(bert, tmp_path: Path) -> None:
     )
     assert [r["id"] for r in rows_of(stdout.getvalue())] == ["r0", "r1", "r2"]
     assert stats.sequences == 3 and pooling == "mean"
+
+
+def test_embed_output_through_a_symlink_replaces_the_file_it_points_to(bert, tmp_path: Path) -> None:
+    ckpt, _, _ = bert
+    (tmp_path / "real").mkdir()
+    target, link = tmp_path / "real" / "out.jsonl", tmp_path / "link.jsonl"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    result = embed(ckpt, tmp_path, "-t", "hi", "-o", str(link), "--pooling", "cls")
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and [r["id"] for r in rows_of(target.read_text())] == [0]
