@@ -372,13 +372,17 @@ def embed_cmd(
     Writes one JSONL row per input record, in input order: {"id", "tokens", "embedding": [...]}, or with
     --all-tokens {"id", "tokens", "input_ids", "last_hidden_state": [[...], ...]} (one row of hidden_size
     floats per token). Text is tokenized with the checkpoint's tokenizer (special tokens added); token-type
-    ids are all 0. A weight is read once per block of GPU_BATCH_SIZE x NUM_GPU_BATCHES sequences. The
-    summary goes to stderr.
+    ids are all 0. A weight is read once per block of GPU_BATCH_SIZE x NUM_GPU_BATCHES sequences.
+
+    Within each window of 1024 input records (one block with --all-tokens) blocks group records of similar
+    length, and rows are written as soon as every earlier record's are, so memory holds at most one
+    window of results. --output is written to a temporary file beside it that replaces it only when the
+    job succeeds: a failed job leaves an existing file as it was. The summary goes to stderr.
     """
     from flexrun.embed import EmbedOptions, run_embed, summary_text
 
     opts = EmbedOptions(pooling=pooling, all_tokens=all_tokens, normalize=normalize, truncate=truncate)
-    store, placement, stats, used = run_embed(kw, texts, input_file, output, opts)
+    store, placement, stats, used = run_embed(kw, texts, input_file, output, opts, stdin=sys.stdin, stdout=sys.stdout)
     click.echo(summary_text(store, placement, stats, used), err=True)
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from flexrun.errors import InputError
-from flexrun.generation import load_tokenizer
+from flexrun.generation import _check_output, load_tokenizer
 from flexrun.placement import Placement, Shares
 from flexrun.runtime.encoder import Encoder, EncodeStats
 from flexrun.runtime.tiers import Budgets
@@ -19,6 +20,10 @@ from flexrun.textio import PromptRecord, read_prompts
 from flexrun.weights.store import TensorStore
 
 TEXT_KEYS = ("text", "prompt")
+
+#: Sequences sorted by length together (rounded up to whole blocks): more saves padding, fewer bounds the
+#: results held back to keep input order. With --all-tokens (a (len, h) state per row) it is one block.
+SORT_WINDOW = 1024
 
 
 @dataclass(frozen=True)
@@ -65,23 +70,102 @@ def _row(rec: PromptRecord, seq: list[int], vec: torch.Tensor, opts: EmbedOption
     return row
 
 
+class RowWriter:
+    """JSONL rows to ``stdout``, or to a temporary file beside ``path`` that replaces it only on ``commit``:
+    until then an existing file is untouched, and ``discard`` leaves things as they were."""
+
+    def __init__(self, path: Path | None, stdout: IO[str], input_file: str | None) -> None:
+        self.path = path
+        self.stdout = stdout
+        self.file: IO[str] | None = None
+        self.tmp: Path | None = None
+        self.committed = False
+        if path is None:
+            self.created = False
+            return
+        self.created = not path.exists()  # then an empty file left by a failed job is removed
+        _check_output(path, input_file)  # refuses the input file itself and an unwritable path, early
+        self.target = path.resolve()  # through a symlink: the file it points to is replaced, not the link
+        tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any file
+        except OSError as exc:
+            self.discard()
+            raise InputError(f"cannot write {path}: cannot create {tmp.name} beside it: {exc.strerror}") from None
+        self.tmp = tmp
+        self.file = os.fdopen(fd, "w", encoding="utf-8")
+        if not self.created:
+            shutil.copymode(self.target, tmp)  # the replaced file keeps its permissions
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Write rows and flush them: to stdout they are out; to a file they wait for ``commit``."""
+        if not rows:
+            return
+        out = self.file or self.stdout
+        try:
+            out.write("".join(json.dumps(row) + "\n" for row in rows))
+            out.flush()
+        except OSError as exc:
+            raise InputError(f"cannot write {self.path or 'stdout'}: {exc.strerror}") from None
+
+    def commit(self) -> None:
+        """Put the finished file in place of the output, atomically: a reader sees the old or the new one."""
+        if self.file is None or self.tmp is None:
+            return
+        try:
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.target)
+        except OSError as exc:
+            raise InputError(f"cannot write {self.path}: {exc.strerror}") from None
+        self.tmp = None
+        self.committed = True
+
+    def discard(self) -> None:
+        """Drop an unfinished file (a no-op after ``commit``); an output this job created empty goes too."""
+        if self.file is not None:
+            self.file.close()
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+        path = self.path
+        if self.created and not self.committed and path is not None and path.is_file() and not path.stat().st_size:
+            path.unlink()
+
+
 def run_embed(
     kw: dict[str, Any],
     texts: tuple[str, ...],
     input_file: str | None,
     output: str | None,
     opts: EmbedOptions,
+    stdin: IO[str],
+    stdout: IO[str],
 ) -> tuple[TensorStore, Placement, EncodeStats, str]:
-    """Embed every record and write one JSONL row each (in input order) to ``output`` or stdout.
+    """Embed every record and write one JSONL row each, in input order, to ``output`` or ``stdout``.
 
-    ``kw`` holds the CLI's model and placement options. Returns the store, the placement, the stats and
-    the pooling used, for the summary.
+    Rows are written as their blocks finish; memory holds one sort window of them (SORT_WINDOW
+    sequences, one block with ``all_tokens``). An ``output`` file is written beside and put in place at
+    the end, so a failed job leaves an existing file as it was. ``kw`` holds the CLI's model and placement
+    options. Returns the store, the placement, the stats and the pooling used, for the summary.
     """
+    use_stdin = input_file == "-" or (not texts and not input_file and not stdin.isatty())
+    hint = "give --text TEXT, --input FILE.jsonl, or JSONL on stdin"
+    records = read_prompts(texts, input_file, stdin if use_stdin else None, TEXT_KEYS, hint)
+    writer = RowWriter(Path(output) if output else None, stdout, input_file)
+    try:
+        result = _embed(kw, records, opts, writer)
+        writer.commit()
+    finally:
+        writer.discard()
+    return result
+
+
+def _embed(
+    kw: dict[str, Any], records: list[PromptRecord], opts: EmbedOptions, writer: RowWriter
+) -> tuple[TensorStore, Placement, EncodeStats, str]:
     from flexrun.weights.convert import ensure_store
 
-    use_stdin = input_file == "-" or (not texts and not input_file and not sys.stdin.isatty())
-    hint = "give --text TEXT, --input FILE.jsonl, or JSONL on stdin"
-    records = read_prompts(texts, input_file, sys.stdin if use_stdin else None, TEXT_KEYS, hint)
     store = ensure_store(
         kw["model"], dtype=kw["dtype"], dummy=kw["dummy_weights"], store_root=kw["store_dir"], task="embed"
     )
@@ -98,23 +182,22 @@ def run_embed(
         overlap=kw["overlap"],
     )
     budgets = Budgets(device=kw["device_mem"], host=kw["host_mem"], disk=kw["disk_mem"])
-    longest = max(len(seq) for seq in ids)
-    out_stream = None
-    if output:
-        try:
-            out_stream = Path(output).open("w", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
-        except OSError as exc:
-            raise InputError(f"cannot write {output}: {exc.strerror}") from None
-    try:
-        with Encoder(store, placement, longest, budgets=budgets, offload_dir=kw["offload_dir"]) as encoder:
-            vectors, stats = encoder.encode(ids, pooling)
-        stream = out_stream or sys.stdout
-        for rec, seq, vec in zip(records, ids, vectors, strict=True):
-            stream.write(json.dumps(_row(rec, seq, vec, opts)) + "\n")
-        stream.flush()
-    finally:
-        if out_stream is not None:
-            out_stream.close()
+    # Finished results wait here until every earlier record's are in, then go out in input order.
+    pending: dict[int, torch.Tensor] = {}
+    next_row = 0
+
+    def on_block(members: list[int], outputs: list[torch.Tensor]) -> None:
+        nonlocal next_row
+        pending.update(zip(members, outputs, strict=True))
+        rows = []
+        while next_row in pending:
+            rows.append(_row(records[next_row], ids[next_row], pending.pop(next_row), opts))
+            next_row += 1
+        writer.write(rows)
+
+    window = 1 if opts.all_tokens else SORT_WINDOW
+    with Encoder(store, placement, max(map(len, ids)), budgets=budgets, offload_dir=kw["offload_dir"]) as encoder:
+        stats = encoder.encode_blocks(ids, pooling, on_block, sort_window=window)
     return store, placement, stats, pooling
 
 

@@ -166,3 +166,23 @@ def test_encoders_refuse_generation_and_decoders_refuse_embedding(encoder_and_st
 def test_registry_matches_architectures_and_model_types() -> None:
     assert isinstance(policy_for_hf_config({"architectures": ["BertForSequenceClassification"]}), BertPolicy)
     assert isinstance(policy_for_hf_config({"model_type": "roberta"}), RobertaPolicy)
+
+
+def test_encode_blocks_streams_each_block_within_its_sort_window(encoder_and_store) -> None:
+    """Each block is handed over as it finishes; with a sort window, blocks hold only that window's
+    sequences (longest first), so a caller keeping input order holds back at most one window."""
+    model, store, d = encoder_and_store
+    seqs = SEQS + [[2, 20, 21, 22, 23, 24, 25, 26, 3], [2, 30, 3]]  # 7 sequences, lengths 6 3 11 4 5 9 3
+    ref = hf_forward(model, seqs).last_hidden_state
+    for window, want_blocks in [(None, [[2, 5], [0, 4], [3, 1], [6]]), (3, [[2, 0], [3, 1], [5, 4], [6]])]:
+        blocks: list[list[int]] = []
+
+        def on_block(members: list[int], outputs: list[torch.Tensor], blocks: list[list[int]] = blocks) -> None:
+            blocks.append(members)
+            for n, out in zip(members, outputs, strict=True):
+                torch.testing.assert_close(out, ref[n, : len(seqs[n])], atol=ATOL, rtol=0)
+
+        # window 3 rounds up to 4 (two blocks of 2): windows [0, 4) and [4, 7), each sorted longest first.
+        with Encoder(store, p(b=2), 11, offload_dir=d / "offload") as enc:
+            stats = enc.encode_blocks(seqs, "none", on_block, sort_window=window)
+        assert blocks == want_blocks and stats.blocks == 4, window

@@ -156,3 +156,143 @@ def test_embed_dummy_weights_with_input_ids(bert, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     (row,) = rows_of(result.stdout)
     assert len(row["embedding"]) == 48 and all(abs(v) <= 1 for v in row["embedding"])  # tanh pooler
+
+
+def ids_records(lengths: list[int]) -> str:
+    """One {"id", "input_ids"} line per length: [CLS] n n ... [SEP] with distinct ids per record."""
+    return "".join(
+        json.dumps({"id": f"r{n}", "input_ids": [2] + [10 + n] * (length - 2) + [3]}) + "\n"
+        for n, length in enumerate(lengths)
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--host-mem", "1KiB"],  # the encoder does not fit: fails after the input is read
+        ["--offload-dir", "/proc/flexrun-no"],  # the offload dir cannot be made
+    ],
+)
+def test_embed_failure_keeps_the_existing_output(bert, tmp_path: Path, args: list[str]) -> None:
+    ckpt, _, _ = bert
+    inp, out = tmp_path / "in.jsonl", tmp_path / "keep.jsonl"
+    inp.write_text(ids_records([4, 6]))
+    out.write_text("precious\n")
+    result = embed(ckpt, tmp_path, "-i", str(inp), "-o", str(out), *args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert out.read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["in.jsonl", "keep.jsonl"]  # no temp left
+
+
+def test_embed_failure_leaves_no_new_output(bert, tmp_path: Path) -> None:
+    ckpt, _, _ = bert
+    out = tmp_path / "new.jsonl"
+    result = embed(ckpt, tmp_path, "-t", "hi", "-o", str(out), "--host-mem", "1KiB")
+    assert result.exit_code == 1, result.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.is_file()]
+
+
+def test_embed_refuses_to_write_over_its_input(bert, tmp_path: Path) -> None:
+    ckpt, _, _ = bert
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(ids_records([4, 6]))
+    (tmp_path / "sub").mkdir()
+    for out in (inp, tmp_path / "sub" / ".." / "in.jsonl"):  # the same file, spelled differently
+        result = embed(ckpt, tmp_path, "-i", str(inp), "-o", str(out))
+        assert result.exit_code == 1, result.output
+        assert "is the input file" in result.output and "Traceback" not in result.output
+        assert inp.read_text() == ids_records([4, 6])
+    assert not (tmp_path / "stores").exists()  # refused before converting anything
+
+
+def test_embed_replaces_an_existing_output_only_when_done(bert, tmp_path: Path) -> None:
+    ckpt, _, _ = bert
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(ids_records([4, 6, 5]))
+    out.write_text("old\n" * 100)
+    out.chmod(0o640)
+    result = embed(ckpt, tmp_path, "-i", str(inp), "-o", str(out), "--pooling", "cls")
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in rows_of(out.read_text())] == ["r0", "r1", "r2"]
+    assert "old" not in out.read_text()
+    assert out.stat().st_mode & 0o777 == 0o640  # the file it replaced kept its permissions
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["in.jsonl", "out.jsonl"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--all-tokens"]])
+def test_embed_writes_input_order_across_many_blocks(bert, tmp_path: Path, extra: list[str]) -> None:
+    """Lengths that a job-wide length sort would reorder; rows still come out in input order and match HF."""
+    ckpt, model, _ = bert
+    lengths = [3, 17, 5, 30, 4, 9, 22, 6, 3, 12, 8, 26]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(ids_records(lengths))
+    args = ["-i", str(inp), "--pooling", "cls", "--gpu-batch-size", "2", "--num-gpu-batches", "2", *extra]
+    result = embed(ckpt, tmp_path, *args)
+    assert result.exit_code == 0, result.output
+    rows = rows_of(result.stdout)
+    assert [r["id"] for r in rows] == [f"r{n}" for n in range(len(lengths))]
+    for row, line in zip(rows, inp.read_text().splitlines(), strict=True):
+        seq = json.loads(line)["input_ids"]
+        with torch.no_grad():
+            want = model(torch.tensor([seq])).last_hidden_state[0]
+        got = torch.tensor(row["last_hidden_state"] if extra else row["embedding"])
+        torch.testing.assert_close(got, want if extra else want[0], atol=ATOL, rtol=0)
+
+
+def test_embed_writes_each_block_as_it_finishes(bert, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure in the third block: the first two blocks' rows are already on stdout; a file is untouched."""
+    from flexrun.errors import InputError
+    from flexrun.runtime.encoder import Encoder
+
+    ckpt, _, _ = bert
+    real_block = Encoder._block
+    calls: list[int] = []
+
+    def failing_block(self, ids, valid, pooling):
+        calls.append(ids.shape[0])
+        if len(calls) == 3:
+            raise InputError("disk gone")
+        return real_block(self, ids, valid, pooling)
+
+    monkeypatch.setattr(Encoder, "_block", failing_block)
+    records = ids_records([5] * 7)
+    result = embed(ckpt, tmp_path, "--all-tokens", "--gpu-batch-size", "2", input=records)
+    assert result.exit_code == 1 and "disk gone" in result.output
+    assert [r["id"] for r in rows_of(result.stdout)] == ["r0", "r1", "r2", "r3"]
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    calls.clear()
+    result = embed(ckpt, tmp_path, "--all-tokens", "--gpu-batch-size", "2", "-o", str(out), input=records)
+    assert result.exit_code == 1 and out.read_text() == "precious\n"
+
+
+def test_run_embed_uses_the_streams_it_is_given(bert, tmp_path: Path) -> None:
+    """Library code does not own the terminal: stdin and stdout are passed in."""
+    import io
+
+    from flexrun.embed import EmbedOptions, run_embed
+
+    ckpt, _, _ = bert
+    kw = dict(
+        model=str(ckpt), dtype=None, dummy_weights=False, store_dir=str(tmp_path / "stores"), weights=None,
+        activations=None, gpu_batch_size=2, num_gpu_batches=1, overlap=True, offload_dir=str(tmp_path / "off"),
+        device_mem=None, host_mem=None, disk_mem=None,
+    )  # fmt: skip
+    stdout = io.StringIO()
+    _, _, stats, pooling = run_embed(
+        kw, (), "-", None, EmbedOptions(pooling="mean"), stdin=io.StringIO(ids_records([4, 5, 6])), stdout=stdout
+    )
+    assert [r["id"] for r in rows_of(stdout.getvalue())] == ["r0", "r1", "r2"]
+    assert stats.sequences == 3 and pooling == "mean"
+
+
+def test_embed_output_through_a_symlink_replaces_the_file_it_points_to(bert, tmp_path: Path) -> None:
+    ckpt, _, _ = bert
+    (tmp_path / "real").mkdir()
+    target, link = tmp_path / "real" / "out.jsonl", tmp_path / "link.jsonl"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    result = embed(ckpt, tmp_path, "-t", "hi", "-o", str(link), "--pooling", "cls")
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and [r["id"] for r in rows_of(target.read_text())] == [0]

@@ -13,6 +13,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,39 +200,71 @@ class Encoder:
             if len(seq) > self.max_len:
                 raise InputError(f"sequence {n} has {len(seq)} tokens, over the {self.max_len} this run was sized for")
 
-    def encode(self, seqs: list[list[int]], pooling: str = "pooler") -> tuple[list[torch.Tensor], EncodeStats]:
-        """Encode every sequence, one block (placement.block_size sequences) at a time.
+    def encode_blocks(
+        self,
+        seqs: list[list[int]],
+        pooling: str,
+        on_block: Callable[[list[int], list[torch.Tensor]], None],
+        sort_window: int | None = None,
+    ) -> EncodeStats:
+        """Encode every sequence, one block (placement.block_size sequences) at a time, handing each block's
+        results to ``on_block(members, outputs)`` as soon as the block is done, so nothing accumulates here.
 
-        Returns, in input order, each sequence's float32 vector (h,) for "pooler" (tanh(dense) of the first
-        token), "cls" (the first token's last hidden state) or "mean" (over its real tokens), or its last
-        hidden state (len, h) for "none"; and the measured stats.
+        ``members`` are the block's input positions, ``outputs`` each member's float32 vector (h,) for
+        "pooler" (tanh(dense) of the first token), "cls" (the first token's last hidden state) or "mean"
+        (over its real tokens), or its last hidden state (len, h) for "none". Blocks hold sequences of
+        similar length, to waste little padding: the longest first within each window of ``sort_window``
+        consecutive input sequences (rounded up to whole blocks; None: the whole job), so a caller that
+        writes results in input order holds at most one window of them. The time spent in ``on_block``
+        is not counted in the stats' seconds.
         """
         self._check(seqs, pooling)
         stats = EncodeStats(sequences=len(seqs), planned=self.ledger.items)
         reset_peak_rss()
         read_before = self.store.bytes_read
-        # Similar lengths together waste less padding; results go back in input order.
-        order = sorted(range(len(seqs)), key=lambda n: -len(seqs[n]))
-        results: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+        bs = self.placement.block_size
+        window = len(seqs) if sort_window is None else -(-max(sort_window, 1) // bs) * bs
+        window = max(window, 1)
+        order = [
+            n
+            for w in range(0, len(seqs), window)
+            for n in sorted(range(w, min(w + window, len(seqs))), key=lambda n: -len(seqs[n]))
+        ]
         start_time = time.perf_counter()
-        for start in range(0, len(order), self.placement.block_size):
-            members = order[start : start + self.placement.block_size]
+        callback_seconds = 0.0
+        for start in range(0, len(order), bs):
+            members = order[start : start + bs]
             s = max(len(seqs[n]) for n in members)
             ids = torch.full((len(members), s), self.cfg.pad_token_id, dtype=torch.long)
             valid = torch.zeros((len(members), s), dtype=torch.bool)
             for r, n in enumerate(members):
                 ids[r, : len(seqs[n])] = torch.tensor(seqs[n])
                 valid[r, : len(seqs[n])] = True
-            pooled = torch.cat(self._block(ids, valid, pooling))
-            for r, n in enumerate(members):
-                results[n] = pooled[r, : len(seqs[n])].clone() if pooling == "none" else pooled[r]
+            pooled = torch.cat(self._block(ids, valid, pooling))  # (n, h), or (n, s, h) for "none"
+            # Each member's (h,), or the (len, h) of its real tokens.
+            outputs = [pooled[r, : len(seqs[n])] for r, n in enumerate(members)] if pooling == "none" else [*pooled]
             stats.blocks += 1
             stats.padded_tokens += ids.numel()
+            handed = time.perf_counter()
+            on_block(members, outputs)
+            callback_seconds += time.perf_counter() - handed
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        stats.seconds = time.perf_counter() - start_time
+        stats.seconds = time.perf_counter() - start_time - callback_seconds
         stats.tokens = sum(len(seq) for seq in seqs)
         stats.disk_bytes_read = self.store.bytes_read - read_before
         stats.peak_rss = peak_rss()
         stats.direct_io = self.store.direct
+        return stats
+
+    def encode(self, seqs: list[list[int]], pooling: str = "pooler") -> tuple[list[torch.Tensor], EncodeStats]:
+        """Every sequence's result (see ``encode_blocks``) in input order, all held in memory, and the stats.
+        For small jobs; a large one should stream with ``encode_blocks``."""
+        results: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+
+        def keep(members: list[int], outputs: list[torch.Tensor]) -> None:
+            for n, out in zip(members, outputs, strict=True):
+                results[n] = out.clone()  # its own storage, not a view into the block's
+
+        stats = self.encode_blocks(seqs, pooling, keep)
         return results, stats
