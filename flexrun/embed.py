@@ -12,8 +12,9 @@ from typing import IO, Any
 import torch
 
 from flexrun.errors import InputError
-from flexrun.generation import _check_output, load_tokenizer
+from flexrun.generation import load_tokenizer
 from flexrun.placement import Placement, Shares
+from flexrun.results import check_output
 from flexrun.runtime.encoder import Encoder, EncodeStats
 from flexrun.runtime.tiers import Budgets
 from flexrun.textio import PromptRecord, read_prompts
@@ -84,7 +85,7 @@ class RowWriter:
             self.created = False
             return
         self.created = not path.exists()  # then an empty file left by a failed job is removed
-        _check_output(path, input_file)  # refuses the input file itself and an unwritable path, early
+        check_output(path, input_file)  # refuses the input file itself and an unwritable path, early
         self.target = path.resolve()  # through a symlink: the file it points to is replaced, not the link
         tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.tmp")
         try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 from flexrun.errors import CheckpointError, FlexrunError, InputError
 from flexrun.interrupt import StopRequest
-from flexrun.results import Existing, ResultWriter, job_path, read_job, scan
+from flexrun.results import Existing, ResultWriter, check_output, job_path, read_job, scan
 from flexrun.runtime.engine import RunStats
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.streaming import TextStream, cut_at_stop
@@ -266,16 +265,6 @@ def already_done(
     return set(existing.records), existing.good_bytes
 
 
-def _check_output(path: Path, input_file: str | None) -> None:
-    """Fail before any work when the output cannot be written (or would overwrite the input)."""
-    if input_file and input_file != "-" and path.exists() and Path(input_file).exists() and path.samefile(input_file):
-        raise InputError(f"--output {path} is the input file; write the results elsewhere")
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror}") from None
-
-
 def _add_stats(total: RunStats | None, part: RunStats) -> RunStats:
     """The stats of a job run block by block: counts and seconds add up, the peak is the highest."""
     if total is None:
@@ -351,7 +340,7 @@ def run_generate(
     out_path = Path(job.output) if job.output else None
     if out_path is not None:
         check_unique_ids(records)
-        _check_output(out_path, job.input_file)
+        check_output(out_path, job.input_file)
 
     from flexrun.weights.convert import ensure_store
 

@@ -26,6 +26,16 @@ from flexrun.textio import id_key
 log = logging.getLogger(__name__)
 
 
+def check_output(path: Path, input_file: str | None) -> None:
+    """Fail before any work when the output cannot be written (or would overwrite the input)."""
+    if input_file and input_file != "-" and path.exists() and Path(input_file).exists() and path.samefile(input_file):
+        raise InputError(f"--output {path} is the input file; write the results elsewhere")
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror}") from None
+
+
 def result_key(record: dict[str, Any]) -> tuple[str, int]:
     """A record's identity in a job: its prompt's id and its sequence index (``--num-return-sequences``)."""
     return id_key(record["id"]), int(record.get("seq", 0))
