@@ -263,3 +263,31 @@ def test_rates_by_dtype_are_validated() -> None:
         dataclasses.replace(BOX, rates_by_dtype={"float32": {"disk_to_host_bw": 1.0}})
     with pytest.raises(ConfigError, match="must be > 0"):
         dataclasses.replace(BOX, rates_by_dtype={"float32": {"mm_flops_decode": 0.0}})
+
+
+def test_decode_rate_per_micro_batch_size(tmp_path) -> None:
+    # Calibrated on this CPU in float32: small micro-batches fall off the BLAS fast paths.
+    curve = {"float32": {"1": 6e9, "4": 7e9, "16": 40e9, "64": 90e9}}
+    cpu = dataclasses.replace(PRESETS["cpu"], dtype="float32", decode_by_batch=curve)
+    assert cpu.mm_decode_rate(1) == 6e9 and cpu.mm_decode_rate(64) == 90e9 and cpu.mm_decode_rate(512) == 90e9
+    assert 7e9 < cpu.mm_decode_rate(8) < 40e9  # log-log between 4 and 16: 16.7 GFLOP/s
+    assert cpu.mm_decode_rate(8) == pytest.approx((7e9 * 40e9) ** 0.5)
+    # Without a curve for the spec's dtype, the single rate stands.
+    assert PRESETS["cpu"].mm_decode_rate(4) == PRESETS["cpu"].mm_flops_decode
+    # The equations use the micro-batch's rate: per token, 4 x 4 is slower than 16 x 1 here.
+    cfg = dataclasses.replace(resolve("opt-350m"), dtype="float32")
+    slow = predict(cfg, cpu, Placement(gpu_batch_size=4, num_gpu_batches=4), 128, 8)
+    fast = predict(cfg, cpu, Placement(gpu_batch_size=16, num_gpu_batches=1), 128, 8)
+    assert slow.decode.compute > 3 * fast.decode.compute
+    # JSON round trip; bad curves are refused.
+    assert HardwareSpec.load(cpu.save(tmp_path / "c.json")) == cpu
+    with pytest.raises(ConfigError, match="decode_by_batch"):
+        dataclasses.replace(cpu, decode_by_batch={"float32": {"zero": 1.0}})
+
+
+def test_specs_saved_before_the_per_dtype_fields_still_load(tmp_path) -> None:
+    old = PRESETS["cpu"].to_dict()
+    del old["rates_by_dtype"], old["decode_by_batch"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    spec = HardwareSpec.load(tmp_path / "old.json")
+    assert spec.mm_decode_rate(4) == spec.mm_flops_decode == PRESETS["cpu"].mm_flops_decode

@@ -47,10 +47,11 @@ class Sizes:
     prompt_len: int  # prefill attention over (s, s)
     context_len: int  # decode attention over a cache of this many tokens
     min_seconds: float  # repeat each compute measurement at least this long
+    decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # the decode matmul rate's micro-batch sizes
 
 
 FULL = Sizes(512 << 20, 32 << 20, 256 << 20, 2048, 512, 64, 16, 512, 1024, 0.5)
-QUICK = Sizes(8 << 20, 4 << 20, 8 << 20, 256, 64, 16, 4, 64, 128, 0.02)
+QUICK = Sizes(8 << 20, 4 << 20, 8 << 20, 256, 64, 16, 4, 64, 128, 0.02, (1, 4, 16))
 
 
 def _sync(device: torch.device) -> None:
@@ -199,11 +200,13 @@ def calibrate(
     # whose figures fill the spec's main fields): without bf16 hardware, bfloat16 and float32 differ ~7x.
     others = ("float16", "bfloat16", "float32") if has_cuda else ("bfloat16", "float32")
     rates: dict[str, dict[str, float]] = {d: {} for d in dict.fromkeys([dtype, *others])}
+    curves: dict[str, dict[str, float]] = {}
 
     def compute(d: str) -> None:
         td, r = TORCH_DTYPES[d], rates[d]
         r["mm_flops_prefill"] = measure_matmul(device, td, sizes.prefill_tokens, sizes)
         r["mm_flops_decode"] = measure_matmul(device, td, sizes.decode_batch, sizes)
+        curves[d] = {str(b): measure_matmul(device, td, b, sizes) for b in sizes.decode_batches}
         r["bmm_flops_prefill"] = measure_attention(device, td, 1, sizes.prompt_len, sizes.prompt_len, sizes)
         r["bmm_flops_decode"] = measure_attention(device, td, sizes.decode_batch, 1, sizes.context_len, sizes)
 
@@ -250,6 +253,7 @@ def calibrate(
         device_is_host=not has_cuda,
         dtype=dtype,
         rates_by_dtype=rates,
+        decode_by_batch=curves,
         **figures,
     )
     log.info("calibrated in %.1f s: %s", time.perf_counter() - start, spec.source)

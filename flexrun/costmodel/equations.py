@@ -187,8 +187,9 @@ def cost_terms(
     # that, not the FLOP rate, bounds them (a roofline per micro-batch, summed over the block).
     weight_read = nb * cfg.layer_bytes() / hw.device_mem_bw
     mm_p = max(2 * B * s * _linear_params(cfg) / hw.mm_flops_prefill, weight_read)
-    mm_d = max(2 * B * _linear_params(cfg) / hw.mm_flops_decode, weight_read)
-    head = 2 * B * _head_params(cfg) / l / hw.mm_flops_decode  # logits of the last position only
+    mm_rate_d = hw.mm_decode_rate(b)  # one micro-batch's rows per matmul
+    mm_d = max(2 * B * _linear_params(cfg) / mm_rate_d, weight_read)
+    head = 2 * B * _head_params(cfg) / l / mm_rate_d  # logits of the last position only
     attn_p = 4 * B * s * s * h / hw.bmm_flops_prefill  # Q K^T and P V over (s, s) per head
     attn_d = 4 * B * L * h  # FLOPs over the cache, on whichever side holds it
     kv_full = 2 * kvd * dt  # K and V of one token in one layer, uncompressed
