@@ -273,7 +273,7 @@ def test_decode_rate_per_micro_batch_size(tmp_path) -> None:
     assert 7e9 < cpu.mm_decode_rate(8) < 40e9  # log-log between 4 and 16: 16.7 GFLOP/s
     assert cpu.mm_decode_rate(8) == pytest.approx((7e9 * 40e9) ** 0.5)
     # Without a curve for the spec's dtype, the single rate stands.
-    assert PRESETS["cpu"].mm_decode_rate(4) == PRESETS["cpu"].mm_flops_decode
+    assert PRESETS["t4"].mm_decode_rate(4) == PRESETS["t4"].mm_flops_decode
     # The equations use the micro-batch's rate: per token, 4 x 4 is slower than 16 x 1 here.
     cfg = dataclasses.replace(resolve("opt-350m"), dtype="float32")
     slow = predict(cfg, cpu, Placement(gpu_batch_size=4, num_gpu_batches=4), 128, 8)
@@ -291,3 +291,4 @@ def test_specs_saved_before_the_per_dtype_fields_still_load(tmp_path) -> None:
     (tmp_path / "old.json").write_text(json.dumps(old))
     spec = HardwareSpec.load(tmp_path / "old.json")
     assert spec.mm_decode_rate(4) == spec.mm_flops_decode == PRESETS["cpu"].mm_flops_decode
+    assert not spec.decode_by_batch and not spec.rates_by_dtype

@@ -280,6 +280,21 @@ _PRESET_LIST = [
         host_attn_flops=3.6e9,
         device_is_host=True,
         dtype="bfloat16",
+        # The same VM in float32 (it has no bf16 hardware), and the decode matmul rate per micro-batch size,
+        # from a quiet-machine `flexrun calibrate` (2026-11-25), rounded.
+        rates_by_dtype={
+            "float32": {
+                "mm_flops_prefill": 105e9,
+                "mm_flops_decode": 56e9,
+                "bmm_flops_prefill": 93e9,
+                "bmm_flops_decode": 7.1e9,
+                "host_attn_flops": 7.1e9,
+            },
+        },
+        decode_by_batch={
+            "bfloat16": {"1": 17.4e9, "4": 17.4e9, "16": 18.0e9, "64": 20.5e9},
+            "float32": {"1": 7.6e9, "2": 7.3e9, "4": 9.3e9, "8": 19.5e9, "16": 28.0e9, "32": 45.9e9, "64": 64.3e9},
+        },
     ),
     # FlexGen's fitted constants (its cost_model.py, GCP T4 machine) and the paper's memory figures.
     HardwareSpec(
