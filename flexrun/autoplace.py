@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flexrun.config import OptConfig
 from flexrun.errors import BudgetError, PlacementError
-from flexrun.paths import cache_dir
+from flexrun.paths import offload_root
 from flexrun.placement import Placement, Shares
 from flexrun.runtime.tiers import Budgets, disk_free
 from flexrun.units import format_bytes
@@ -39,11 +38,6 @@ MANUAL_DEFAULTS: dict[str, Any] = {
     "gpu_batch_size": 4,
     "num_gpu_batches": 1,
 }
-
-
-def offload_root(offload_dir: str | Path | None) -> Path:
-    """The directory the engine puts its disk-resident cache and activations under."""
-    return Path(offload_dir).expanduser() if offload_dir else cache_dir() / "offload"
 
 
 def manual_placement(opts: dict[str, Any]) -> Placement:

@@ -147,7 +147,7 @@ def plan_cmd(
         # This machine: the budgets `generate` would get (90% of free RAM, the offload dir's free disk).
         import torch
 
-        from flexrun.autoplace import offload_root
+        from flexrun.paths import offload_root
         from flexrun.runtime.tiers import Budgets
 
         cuda = torch.cuda.is_available()

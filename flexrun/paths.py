@@ -13,3 +13,8 @@ def cache_dir() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "flexrun"
+
+
+def offload_root(offload_dir: str | Path | None = None) -> Path:
+    """Where disk-resident KV cache and activations go: ``offload_dir``, else the cache dir's ``offload``."""
+    return Path(offload_dir).expanduser() if offload_dir else cache_dir() / "offload"

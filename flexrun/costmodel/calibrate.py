@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from flexrun import diskio
 from flexrun.costmodel.hardware import HardwareSpec, default_path
 from flexrun.errors import ConfigError
-from flexrun.paths import cache_dir
+from flexrun.paths import offload_root
 from flexrun.weights.store import TORCH_DTYPES
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def calibrate(
     dtype = dtype or ("float16" if has_cuda else "bfloat16")
     if dtype not in TORCH_DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
-    directory = Path(offload_dir).expanduser() if offload_dir else cache_dir() / "offload"
+    directory = offload_root(offload_dir)
     figures: dict[str, float] = {}
     direct = True
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,15 +19,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flexrun.errors import InputError, PlacementError
+from flexrun.errors import InputError
 from flexrun.kernels import reference as K
-from flexrun.paths import cache_dir
+from flexrun.paths import offload_root
 from flexrun.placement import Placement
 from flexrun.runtime.activations import ActivationStore
 from flexrun.runtime.iopool import IOPool
 from flexrun.runtime.layer import FusedLayer, LayerSpec, LayerWeights
 from flexrun.runtime.stats import peak_rss, reset_peak_rss
-from flexrun.runtime.tiers import Budgets, Ledger, compute_device
+from flexrun.runtime.tiers import Budgets, Ledger, compute_device, make_workdir
 from flexrun.runtime.weights import WeightManager
 from flexrun.weights.store import TORCH_DTYPES, TensorStore
 
@@ -84,12 +83,8 @@ class Encoder:
             raise InputError(f"{max_seq_len} tokens exceed the model's {cfg.max_seq_len} positions")
         self.max_len = max_seq_len
         self.dtype = TORCH_DTYPES[cfg.dtype]
-        root = Path(offload_dir).expanduser() if offload_dir else cache_dir() / "offload"
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            self.workdir = Path(tempfile.mkdtemp(prefix="enc-", dir=root))
-        except OSError as exc:
-            raise PlacementError(f"offload dir {root} is not usable: {exc.strerror}") from None
+        root = offload_root(offload_dir)
+        self.workdir = make_workdir(root, "enc-")
         self.pool = IOPool(placement.overlap)
         gbs, ngb = placement.gpu_batch_size, placement.num_gpu_batches
         ledger = Ledger()
@@ -103,8 +98,7 @@ class Encoder:
             )
             self.weights = WeightManager(store, placement.weights, self.device, self.pool, ledger)
             if self.device.type == "cpu":
-                ledger.items["host"].update({f"{k} (device)": v for k, v in ledger.items.pop("device").items()})
-                ledger.items["device"] = {}
+                ledger.fold_device_into_host()
             self.budgets = (budgets or Budgets()).resolved(root, self.device.type == "cuda")
             ledger.check(self.budgets)
             self.weights.load()

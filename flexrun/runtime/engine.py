@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -20,9 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flexrun.errors import InputError, PlacementError
+from flexrun.errors import InputError
 from flexrun.kernels import reference as K
-from flexrun.paths import cache_dir
+from flexrun.paths import offload_root
 from flexrun.placement import Placement
 from flexrun.runtime.activations import ActivationStore
 from flexrun.runtime.iopool import IOPool
@@ -30,7 +29,7 @@ from flexrun.runtime.kvcache import KVCache
 from flexrun.runtime.layer import FusedLayer, LayerSpec, LayerWeights
 from flexrun.runtime.sampling import Sampler, SamplingParams
 from flexrun.runtime.stats import Timers, peak_rss, reset_peak_rss
-from flexrun.runtime.tiers import Budgets, Ledger, compute_device
+from flexrun.runtime.tiers import Budgets, Ledger, compute_device, make_workdir
 from flexrun.runtime.weights import WeightManager
 from flexrun.weights.store import TORCH_DTYPES, TensorStore
 
@@ -100,12 +99,8 @@ class Engine:
             raise InputError(f"{max_seq_len} tokens exceed the model's {cfg.max_seq_len} positions")
         self.max_len = max_seq_len
         self.dtype = TORCH_DTYPES[cfg.dtype]
-        root = Path(offload_dir).expanduser() if offload_dir else cache_dir() / "offload"
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            self.workdir = Path(tempfile.mkdtemp(prefix="run-", dir=root))
-        except OSError as exc:
-            raise PlacementError(f"offload dir {root} is not usable: {exc.strerror}") from None
+        root = offload_root(offload_dir)
+        self.workdir = make_workdir(root, "run-")
         self.pool = IOPool(placement.overlap)
         ledger = Ledger()
         gbs, ngb = placement.gpu_batch_size, placement.num_gpu_batches
@@ -119,8 +114,7 @@ class Engine:
             self.acts = ActivationStore(*acts_args, max_tokens=gbs * self.max_len, num_batches=ngb)
             self.weights = WeightManager(store, placement.weights, self.device, self.pool, ledger)
             if self.device.type == "cpu":
-                ledger.items["host"].update({f"{k} (device)": v for k, v in ledger.items.pop("device").items()})
-                ledger.items["device"] = {}
+                ledger.fold_device_into_host()
             ledger.check(self.budgets, offload_dir=root)
             self.cache.allocate()
             self.weights.load()

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import torch
 
-from flexrun.errors import BudgetError
+from flexrun.errors import BudgetError, PlacementError
 from flexrun.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ class Ledger:
     def add(self, tier: str, what: str, nbytes: int) -> None:
         self.items[tier][what] = self.items[tier].get(what, 0) + int(nbytes)
 
+    def fold_device_into_host(self) -> None:
+        """Without CUDA the device tier is host RAM: count what was planned for it against the host."""
+        self.items["host"].update({f"{k} (device)": v for k, v in self.items.pop("device").items()})
+        self.items["device"] = {}
+
     def total(self, tier: str) -> int:
         return sum(self.items[tier].values())
 
@@ -81,6 +87,15 @@ class Ledger:
                     need,
                     have,
                 )
+
+
+def make_workdir(root: Path, prefix: str) -> Path:
+    """A fresh temporary directory under the offload root ``root`` for one run's disk-resident tensors."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    except OSError as exc:
+        raise PlacementError(f"offload dir {root} is not usable: {exc.strerror}") from None
 
 
 def disk_free(path: Path) -> int:
