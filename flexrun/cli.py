@@ -129,20 +129,24 @@ def engine_options(fn: Any) -> Any:
     return fn
 
 
-def _engine(kw: dict[str, Any], prompt_len: int, gen_len: int, num_prompts: int | None = None) -> Any:
-    """The tensor store and an engine sized for ``prompt_len + gen_len`` tokens, with the placement given
-    on the command line or, with ``--placement auto``, chosen by the planner for this job."""
+def _engine(
+    kw: dict[str, Any], prompt_len: int, gen_len: int, num_prompts: int | None = None, store: Any = None
+) -> Any:
+    """The tensor store (``store``, or the one ``--model`` names) and an engine sized for ``prompt_len +
+    gen_len`` tokens, with the placement given on the command line or, with ``--placement auto``, chosen by
+    the planner for this job."""
     from flexrun.autoplace import build_engine
     from flexrun.runtime.tiers import Budgets
     from flexrun.weights.convert import ensure_store
 
-    store = ensure_store(
-        kw["model"],
-        dtype=kw["dtype"],
-        dummy=kw["dummy_weights"],
-        store_root=kw["store_dir"],
-        progress=not kw.get("quiet"),
-    )
+    if store is None:
+        store = ensure_store(
+            kw["model"],
+            dtype=kw["dtype"],
+            dummy=kw["dummy_weights"],
+            store_root=kw["store_dir"],
+            progress=not kw.get("quiet"),
+        )
     budgets = Budgets(device=kw["device_mem"], host=kw["host_mem"], disk=kw["disk_mem"])
     report = None if kw.get("quiet") else lambda line: click.echo(line, err=True)
     engine = build_engine(store, kw, budgets, prompt_len, gen_len, num_prompts, report=report)

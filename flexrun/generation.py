@@ -326,7 +326,7 @@ class _Job:
 def run_generate(
     kw: dict[str, Any],
     job: JobOptions,
-    make_engine: Callable[[dict[str, Any], int, int, int], Any],
+    make_engine: Callable[..., Any],
     print_summary: Callable[[Any, Any, Any, bool], None],
     echo: Callable[..., None],
     stdin: IO[str] | None = None,
@@ -372,7 +372,7 @@ def run_generate(
     # Planned for the whole job, not for what is left, so a resumed job runs the same blocks as an
     # uninterrupted one would have (same placement, same block size).
     longest = max(len(s.ids) for s in seqs)
-    store, engine = make_engine(kw, longest, job.params.max_new_tokens, 1 if job.stream else len(seqs))
+    store, engine = make_engine(kw, longest, job.params.max_new_tokens, 1 if job.stream else len(seqs), store)
     run = _Job(job, tokenizer, store.config.eos_token_id, writer)
     stop_check = run.stop_check()
     stop = StopRequest(notify=None if job.quiet else lambda line: echo(line, err=True))
