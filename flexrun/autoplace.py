@@ -8,6 +8,7 @@ offered to the planner.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,8 @@ from flexrun.config import OptConfig
 from flexrun.errors import BudgetError, PlacementError
 from flexrun.paths import offload_root
 from flexrun.placement import Placement, Shares
-from flexrun.runtime.tiers import Budgets, disk_free
+from flexrun.runtime.precision import resolve_compute_dtype
+from flexrun.runtime.tiers import Budgets, compute_device, disk_free
 from flexrun.units import format_bytes
 
 if TYPE_CHECKING:
@@ -69,13 +71,16 @@ def build_engine(
     """
     from flexrun.runtime.engine import Engine
 
+    stored = store.config.dtype
+    compute = resolve_compute_dtype(opts.get("compute_dtype"), stored, compute_device())
+    cfg = dataclasses.replace(store.config, compute_dtype="" if compute == stored else compute)
     reserve: dict[str, int] = {}
     lines: list[str] = []
     refused: BudgetError | None = None
     for _ in range(_REPLANS + 1):
         try:
             placement = choose_placement(
-                store.config, opts, budgets, prompt_len, gen_len, num_prompts, report=lines.append, reserve=reserve
+                cfg, opts, budgets, prompt_len, gen_len, num_prompts, report=lines.append, reserve=reserve
             )
         except PlacementError:
             if refused is None:
@@ -83,7 +88,12 @@ def build_engine(
             raise refused from None  # the runtime's exact figures say more than the planner's on less
         try:
             engine = Engine(
-                store, placement, prompt_len + gen_len, budgets=budgets, offload_dir=opts.get("offload_dir")
+                store,
+                placement,
+                prompt_len + gen_len,
+                budgets=budgets,
+                offload_dir=opts.get("offload_dir"),
+                compute_dtype=compute,
             )
         except BudgetError as exc:
             if not is_planned(opts):

@@ -13,6 +13,7 @@ import click
 
 from flexrun.cli_options import byte_size, hardware_spec, non_negative_int, positive_int, tier_shares
 from flexrun.errors import FlexrunError
+from flexrun.runtime.precision import CHOICES as COMPUTE_CHOICES
 
 try:
     __version__ = version("flexrun")
@@ -96,7 +97,17 @@ def engine_options(fn: Any) -> Any:
     """Model, weights and placement options shared by generate and bench (each adds its own --json)."""
     options = [
         click.option("--model", "-m", required=True, help="Model name, checkpoint directory or tensor store."),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute/storage dtype."),
+        click.option(
+            "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Weight and KV cache dtype."
+        ),
+        click.option(
+            "--compute-dtype",
+            type=click.Choice(COMPUTE_CHOICES),
+            default="auto",
+            show_default=True,
+            help="Dtype of the arithmetic. auto: the weights' dtype on a GPU or on a CPU with matmul hardware "
+            "for it, else float32 (16-bit weights are converted chunk by chunk inside each matmul).",
+        ),
         click.option("--dummy-weights", is_flag=True, help="Random weights of the right shapes (no download)."),
         click.option("--store-dir", type=click.Path(file_okay=False), help="Where converted stores are cached."),
         click.option(
@@ -159,9 +170,9 @@ def _print_summary(store: Any, engine: Any, stats: Any, as_json: bool, json_err:
     from flexrun.report import summary_dict, summary_text
 
     if as_json:
-        click.echo(json.dumps(summary_dict(store.config, engine.placement, stats)), err=json_err)
+        click.echo(json.dumps(summary_dict(engine.cfg, engine.placement, stats)), err=json_err)
     else:
-        click.echo(summary_text(store.config, engine.placement, stats), err=True)
+        click.echo(summary_text(engine.cfg, engine.placement, stats), err=True)
 
 
 def _print_generate_summary(store: Any, engine: Any, stats: Any, as_json: bool) -> None:
@@ -321,11 +332,11 @@ def bench_cmd(prompt_len: int, gen_len: int, **kw: Any) -> None:
     from flexrun.report import roofline, roofline_text, summary_dict, summary_text
 
     hw = kw["hardware"] or load_hardware(None)
-    roof = roofline(store.config, engine.placement, stats, hw, prompt_len, gen_len)
+    roof = roofline(engine.cfg, engine.placement, stats, hw, prompt_len, gen_len)
     if kw["as_json"]:
-        click.echo(json.dumps({**summary_dict(store.config, engine.placement, stats), "roofline": roof}))
+        click.echo(json.dumps({**summary_dict(engine.cfg, engine.placement, stats), "roofline": roof}))
     else:
-        click.echo(summary_text(store.config, engine.placement, stats) + "\n" + roofline_text(roof), err=True)
+        click.echo(summary_text(engine.cfg, engine.placement, stats) + "\n" + roofline_text(roof), err=True)
 
 
 @cli.command("embed")
@@ -347,7 +358,14 @@ def bench_cmd(prompt_len: int, gen_len: int, **kw: Any) -> None:
 @click.option("--all-tokens", is_flag=True, help="Write every token's last hidden state instead of one vector.")
 @click.option("--normalize", is_flag=True, help="Scale each vector to unit length (L2).")
 @click.option("--truncate", is_flag=True, help="Cut inputs longer than the model's positions instead of failing.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Compute/storage dtype.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Weight dtype.")
+@click.option(
+    "--compute-dtype",
+    type=click.Choice(COMPUTE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Dtype of the arithmetic (as for generate).",
+)
 @click.option("--dummy-weights", is_flag=True, help="Random weights of the right shapes (no download).")
 @click.option("--store-dir", type=click.Path(file_okay=False), help="Where converted stores are cached.")
 @click.option("--weights", callback=tier_shares, help="Weight shares, e.g. host=40,disk=60 (default host=100).")

@@ -12,6 +12,7 @@ import click
 
 from flexrun.cli_options import byte_size, hardware_spec, positive_int
 from flexrun.errors import FlexrunError
+from flexrun.runtime.precision import CHOICES as COMPUTE_CHOICES
 
 DTYPES = ["float32", "float16", "bfloat16"]
 _TRI = {"auto": None, "on": True, "off": False}
@@ -43,8 +44,10 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
     tiers = [t for t in TIERS if t in plan.budgets]
     budgets = ", ".join(f"{t} {format_bytes(b)}" for t, b in plan.budgets.items())
     relax = int(RELAXATION["host"] * 100)
+    computed = f" computed in {cfg.run_dtype}" if cfg.run_dtype != cfg.dtype else ""
     lines = [
-        f"model:      {cfg.name} ({cfg.dtype}, {format_bytes(cfg.model_bytes())} of weights, {cfg.num_hidden_layers} layers)",
+        f"model:      {cfg.name} ({cfg.dtype}{computed}, {format_bytes(cfg.model_bytes())} of weights, "
+        f"{cfg.num_hidden_layers} layers)",
         f"hardware:   {hw.name}: {hw.source}",
         f"budgets:    {budgets} (the plan uses at most {relax}% of each)",
         f"workload:   prompt {pr.prompt_len} + generate {pr.gen_len} tokens",
@@ -107,6 +110,14 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
     help="Attention over a host-resident cache on the host (a what-if on a GPU machine: the runtime computes "
     "attention on the device); auto tries both.",
 )
+@click.option(
+    "--compute-dtype",
+    type=click.Choice(COMPUTE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Dtype of the arithmetic (see generate); auto: the weights' dtype on a GPU, float32 for 16-bit weights "
+    "on a CPU without matmul hardware for them.",
+)
 @click.option("--max-block-size", type=int, callback=positive_int, help="At most this many sequences per block.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output with exact byte counts.")
 def plan_cmd(
@@ -120,6 +131,7 @@ def plan_cmd(
     dtype: str | None,
     compress: str,
     host_attention: str,
+    compute_dtype: str,
     max_block_size: int | None,
     as_json: bool,
 ) -> None:
@@ -157,6 +169,16 @@ def plan_cmd(
         )
     else:
         hw = hardware.with_memory(device=device_mem, host=host_mem, disk=disk_mem)
+    import dataclasses
+
+    import torch
+
+    from flexrun.runtime.precision import resolve_compute_dtype
+
+    # The CPU the spec describes is taken to be this one: its flags say whether 16-bit matmuls are native.
+    device = torch.device("cpu" if hw.device_is_host else "cuda")
+    compute = resolve_compute_dtype(compute_dtype, cfg.dtype, device)
+    cfg = dataclasses.replace(cfg, compute_dtype="" if compute == cfg.dtype else compute)
     result = plan(
         cfg,
         hw,
@@ -173,6 +195,7 @@ def plan_cmd(
         out = {
             "model": cfg.name,
             "dtype": cfg.dtype,
+            "compute_dtype": cfg.run_dtype,
             "prompt_len": prompt_len,
             "gen_len": gen_len,
             "total_bytes": kinds,

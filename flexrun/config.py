@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flexrun.errors import ConfigError, UnknownModelError
+from flexrun.runtime.precision import UPCAST_CHUNK_BYTES
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 POSITIONS = ("learned", "rotary", "alibi", "none")
@@ -45,6 +46,9 @@ class OptConfig:
     bos_token_id: int = 2
     eos_token_id: int = 2
     dtype: str = "float16"
+    # The dtype activations are computed in when it differs from the stored weights' dtype ("" = the same):
+    # a CPU without bf16/fp16 matmul hardware computes a 16-bit model in float32 (``runtime/precision.py``).
+    compute_dtype: str = ""
     do_layer_norm_before: bool = True
     # OPT-350m embeds tokens in 512 dims and projects in/out of the 1024-dim stack; 0 means hidden_size.
     word_embed_proj_dim: int = 0
@@ -115,6 +119,8 @@ class OptConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.dtype not in DTYPE_BYTES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.compute_dtype and self.compute_dtype not in DTYPE_BYTES:
+            raise ConfigError(f"compute_dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.compute_dtype!r}")
         if self.hidden_size % self.n_head:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
         if self.word_embed_proj_dim == 0:
@@ -159,7 +165,17 @@ class OptConfig:
 
     @property
     def dtype_bytes(self) -> int:
+        """Bytes per element of the stored weights and of the KV cache."""
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def run_dtype(self) -> str:
+        """The dtype hidden states and intermediates are computed in."""
+        return self.compute_dtype or self.dtype
+
+    @property
+    def run_dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.run_dtype]
 
     # ---- per-layer flags -----------------------------------------------------------------------
     def attention_window(self, layer: int) -> int:
@@ -248,24 +264,28 @@ class OptConfig:
 
     def hidden_bytes(self, batch_size: int, seq_len: int) -> int:
         """Bytes of the hidden state (the activations passed from layer to layer)."""
-        return batch_size * seq_len * self.hidden_size * self.dtype_bytes
+        return batch_size * seq_len * self.hidden_size * self.run_dtype_bytes
 
     def working_bytes(self, batch_size: int, seq_len: int) -> int:
         """Intermediates of one micro-batch's prefill (the largest step) on the compute device: what the
         engine reserves and the planner counts."""
         b, s = batch_size, seq_len
         ffn_buffers = 3 if self.gated_mlp else 2  # up (and gate), activated
-        act = b * s * (6 * self.hidden_size + ffn_buffers * self.ffn_embed_dim) * self.dtype_bytes
+        act = b * s * (6 * self.hidden_size + ffn_buffers * self.ffn_embed_dim) * self.run_dtype_bytes
         scores = b * self.n_head * s * s * 4  # (b, nh, s, s) in float32
         if self.position == "alibi":  # the per-head bias is added to the mask: one more scores-sized tensor
             scores *= 2
         logits = 2 * b * self.vocab_size * 4  # (b, vocab) float32, twice for sampling
-        return act + scores + logits
+        upcast = 0
+        if self.run_dtype != self.dtype:  # one weight chunk in the compute dtype and its output rows
+            upcast = UPCAST_CHUNK_BYTES + b * s * UPCAST_CHUNK_BYTES // min(self.hidden_size, self.word_embed_proj_dim)
+        return act + scores + logits + upcast
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if not d["extra"]:
-            d.pop("extra")
+        for key in ("extra", "compute_dtype"):  # left out when unset, so stored indexes read as before
+            if not d[key]:
+                d.pop(key)
         return d
 
 

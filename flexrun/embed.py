@@ -197,7 +197,15 @@ def _embed(
         writer.write(rows)
 
     window = 1 if opts.all_tokens else SORT_WINDOW
-    with Encoder(store, placement, max(map(len, ids)), budgets=budgets, offload_dir=kw["offload_dir"]) as encoder:
+    encoder = Encoder(
+        store,
+        placement,
+        max(map(len, ids)),
+        budgets=budgets,
+        offload_dir=kw["offload_dir"],
+        compute_dtype=kw.get("compute_dtype"),
+    )
+    with encoder:
         stats = encoder.encode_blocks(ids, pooling, on_block, sort_window=window)
     return store, placement, stats, pooling
 

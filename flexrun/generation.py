@@ -31,7 +31,9 @@ from flexrun.errors import CheckpointError, FlexrunError, InputError
 from flexrun.interrupt import StopRequest
 from flexrun.results import Existing, ResultWriter, check_output, job_path, read_job, scan
 from flexrun.runtime.engine import RunStats
+from flexrun.runtime.precision import resolve_compute_dtype
 from flexrun.runtime.sampling import SamplingParams
+from flexrun.runtime.tiers import compute_device
 from flexrun.streaming import TextStream, cut_at_stop
 from flexrun.textio import PromptRecord, check_unique_ids, id_key, read_prompts
 from flexrun.weights.store import TensorStore
@@ -147,10 +149,11 @@ def weights_digest(store: TensorStore) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def job_fingerprint(store: TensorStore, job: JobOptions) -> dict[str, Any]:
+def job_fingerprint(store: TensorStore, job: JobOptions, compute_dtype: str | None = None) -> dict[str, Any]:
     """Everything apart from the prompts (checked record by record) that decides a job's records. The
     placement and ``--order`` are left out: they change how fast the records come, not what they hold; so
-    are the sampling options of a greedy job, which only the repetition penalty affects."""
+    are the sampling options of a greedy job, which only the repetition penalty affects. The compute dtype
+    is recorded only when it differs from the weights' (so jobs that never had one still resume)."""
     p = job.params
     fp: dict[str, Any] = {
         "model": store.config.name,
@@ -160,6 +163,8 @@ def job_fingerprint(store: TensorStore, job: JobOptions) -> dict[str, Any]:
         "temperature": p.temperature,
         "repetition_penalty": p.repetition_penalty,
     }
+    if compute_dtype and compute_dtype != store.config.dtype:
+        fp["compute_dtype"] = compute_dtype
     if not p.greedy:
         fp.update(top_p=p.top_p, top_k=p.top_k, seed=p.seed)
     fp.update(
@@ -175,6 +180,7 @@ def job_fingerprint(store: TensorStore, job: JobOptions) -> dict[str, Any]:
 # How a fingerprint's settings are named in messages: the options that set them.
 _OPTION = {
     "dtype": "--dtype",
+    "compute_dtype": "--compute-dtype",
     "max_new_tokens": "--max-new-tokens",
     "temperature": "--temperature",
     "repetition_penalty": "--repetition-penalty",
@@ -197,8 +203,11 @@ def job_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[s
     if recorded.get("weights") != current["weights"]:
         there = f"{recorded.get('model')} (weights {str(recorded.get('weights'))[:8]})"
         diffs.append(f"model {there} there, {current['model']} (weights {current['weights'][:8]}) here")
+    computed = [f.get("compute_dtype", f.get("dtype")) for f in (recorded, current)]
+    if computed[0] != computed[1] and recorded.get("dtype") == current.get("dtype"):
+        diffs.append(f"--compute-dtype {computed[0]} there, {computed[1]} here")
     for key, value in current.items():
-        if key in ("model", "weights") or key not in recorded or recorded[key] == value:
+        if key in ("model", "weights", "compute_dtype") or key not in recorded or recorded[key] == value:
             continue
         diffs.append(f"{_OPTION.get(key, key)} {_show(recorded[key])} there, {_show(value)} here")
     if not diffs and _settings(recorded) != _settings(current):
@@ -351,7 +360,8 @@ def run_generate(
     if job.params.stop and tokenizer is None:
         raise InputError(f"--stop needs a tokenizer and {store.config.name} has none")
     seqs = prepare(records, tokenizer, store, job)
-    fingerprint = job_fingerprint(store, job)
+    compute = resolve_compute_dtype(kw.get("compute_dtype"), store.config.dtype, compute_device())
+    fingerprint = job_fingerprint(store, job, compute)
 
     done: set[tuple[str, int]] = set()
     keep_bytes: int | None = 0 if job.overwrite else None

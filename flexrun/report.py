@@ -15,6 +15,7 @@ def summary_dict(cfg: OptConfig, placement: Placement, stats: RunStats) -> dict[
     return {
         "model": cfg.name,
         "dtype": cfg.dtype,
+        "compute_dtype": cfg.run_dtype,
         "model_bytes": cfg.model_bytes(),
         "placement": placement.to_dict(),
         "sequences": stats.sequences,
@@ -33,13 +34,17 @@ def summary_dict(cfg: OptConfig, placement: Placement, stats: RunStats) -> dict[
     }
 
 
+def _computed_in(cfg: OptConfig) -> str:
+    return f" computed in {cfg.run_dtype}" if cfg.run_dtype != cfg.dtype else ""
+
+
 def summary_text(cfg: OptConfig, placement: Placement, stats: RunStats) -> str:
     t = stats.throughput()
     planned = {tier: sum(v.values()) for tier, v in stats.planned.items()}
     per_step = stats.decode_s / stats.decode_steps if stats.decode_steps else 0.0
     io = {True: "O_DIRECT", False: "buffered (page cache may flatter it)", None: "none"}[stats.direct_io]
     lines = [
-        f"model: {cfg.name} ({cfg.dtype}, {format_bytes(cfg.model_bytes())})",
+        f"model: {cfg.name} ({cfg.dtype}{_computed_in(cfg)}, {format_bytes(cfg.model_bytes())})",
         f"placement: {placement.describe()}",
         f"sequences: {stats.sequences} in {stats.blocks} block(s)",
         f"prefill latency: {stats.prefill_s:.3f} s  prefill throughput: {t['prefill_tok_s']:.2f} token/s",

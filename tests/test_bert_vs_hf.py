@@ -186,3 +186,25 @@ def test_encode_blocks_streams_each_block_within_its_sort_window(encoder_and_sto
         with Encoder(store, p(b=2), 11, offload_dir=d / "offload") as enc:
             stats = enc.encode_blocks(seqs, "none", on_block, sort_window=window)
         assert blocks == want_blocks and stats.blocks == 4, window
+
+
+def test_bfloat16_weights_computed_in_float32_match_hf_on_the_rounded_weights(encoder_and_store) -> None:
+    """A bfloat16 store run with float32 arithmetic equals HF in float32 on the same rounded weights (an
+    encoder keeps no cache, so nothing else is rounded)."""
+    model, store, d = encoder_and_store
+    half = d / "store-bf16"
+    if not half.exists():
+        convert_checkpoint(d / "ckpt", half, dtype="bfloat16", progress=False)
+    rounded = type(model)(model.config).eval()
+    rounded.load_state_dict({k: v.bfloat16().float() for k, v in model.state_dict().items()})
+    ref = hf_forward(rounded, SEQS)
+    placement = p(weights="host=50,disk=50", b=2, n=2)
+    with Encoder(
+        TensorStore(half), placement, max(map(len, SEQS)), offload_dir=d / "off", compute_dtype="float32"
+    ) as e:
+        assert e.cfg.dtype == "bfloat16" and e.cfg.run_dtype == "float32"
+        hidden, _ = e.encode(SEQS, "none")
+        pooled, _ = e.encode(SEQS, "pooler")
+    for n, seq in enumerate(SEQS):
+        torch.testing.assert_close(hidden[n], ref.last_hidden_state[n, : len(seq)], atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.stack(pooled), ref.pooler_output, atol=ATOL, rtol=0)

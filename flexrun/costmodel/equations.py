@@ -165,7 +165,7 @@ def cost_terms(
     cpu_cache_compute: bool = False,
 ) -> CostTerms:
     """The cost model's affine terms for this batch shape and these options (shares left free)."""
-    hw = hw.for_dtype(cfg.dtype)  # the compute rates of the dtype the model runs in
+    hw = hw.for_dtype(cfg.run_dtype)  # the compute rates of the dtype the model runs in
     cpu_cache_compute = cpu_cache_compute and not hw.device_is_host  # the host *is* the device there
     dt, h, kvd, l = cfg.dtype_bytes, cfg.hidden_size, cfg.kv_dim, cfg.num_hidden_layers
     b, nb = gpu_batch_size, num_gpu_batches
@@ -179,7 +179,7 @@ def cost_terms(
     weights_total = cfg.model_bytes() * w_frac
     w_layer = weights_total / l  # per layer, with the embeddings and head spread over the stack
     kv_tok = 2 * kvd * dt * c_frac  # K and V of one token in one layer  # (2, kv_dim)
-    h_tok = h * dt  # the hidden state of one token  # (h,)
+    h_tok = h * cfg.run_dtype_bytes  # the hidden state of one token  # (h,)
     off_device = ("host", "disk")
 
     # ---- compute (seconds per layer, whole block) ----

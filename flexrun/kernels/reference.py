@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from flexrun.runtime.precision import UPCAST_CHUNK_BYTES
+
 
 def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: float) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
@@ -38,8 +40,31 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# Above this many rows of x (tokens in the micro-batch) a whole-weight matmul is as fast as a chunked one.
+_CHUNKED_ROWS = 512
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, w, b)
+    """x @ w.T + b, computed in x's dtype (``b`` must be in it too).
+
+    On a CPU the weight is taken ``UPCAST_CHUNK_BYTES`` of output rows at a time: a weight stored in
+    another dtype (bfloat16 weights, float32 activations on a CPU without bf16 matmul hardware) is
+    converted chunk by chunk, so the converted chunk is still in cache when the matmul reads it, and even
+    in one dtype the chunked product runs 1.2-2x faster at decode shapes (a few rows of x) than one
+    ``F.linear`` over the whole weight (measured on the 2-core AVX2 machine: OPT-1.3B's fc1 at batch 16,
+    22-25 ms whole, 12 ms chunked; its LM head 190 ms and 80 ms). At prefill shapes (thousands of rows)
+    one ``F.linear`` is as fast or faster, so a weight already in x's dtype is then not chunked.
+    """
+    rows = max(1, UPCAST_CHUNK_BYTES // (w.shape[1] * x.element_size()))
+    if w.dtype == x.dtype and (
+        x.device.type != "cpu" or w.shape[0] <= 2 * rows or x.numel() > _CHUNKED_ROWS * w.shape[1]
+    ):
+        return F.linear(x, w, b)
+    out = torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)  # (..., out)
+    for r in range(0, w.shape[0], rows):
+        part = None if b is None else b[r : r + rows]
+        out[..., r : r + rows] = F.linear(x, w[r : r + rows].to(x.dtype), part)
+    return out
 
 
 def attention(

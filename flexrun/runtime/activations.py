@@ -33,11 +33,11 @@ class ActivationStore:
         self.tiers = [t if on_cuda or t != "device" else "host" for t in shares.split(cfg.num_hidden_layers)]
         self.device = device
         self.pool = pool
-        self.dtype = TORCH_DTYPES[cfg.dtype]
+        self.dtype = TORCH_DTYPES[cfg.run_dtype]
         self.workdir = workdir
         self._held: dict[int, torch.Tensor] = {}
         self._on_disk: dict[int, tuple[Future[None], torch.Size]] = {}
-        nbytes = max_tokens * cfg.hidden_size * cfg.dtype_bytes  # (b, s, h) of the largest micro-batch
+        nbytes = cfg.hidden_bytes(1, max_tokens)  # (b, s, h) of the largest micro-batch
         for tier in sorted(set(self.tiers)):
             ledger.add(tier, "activations", num_batches * nbytes)
 

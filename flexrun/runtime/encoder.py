@@ -9,6 +9,7 @@ first token, as in Hugging Face) and padding keys are masked out of every query'
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -26,6 +27,7 @@ from flexrun.placement import Placement
 from flexrun.runtime.activations import ActivationStore
 from flexrun.runtime.iopool import IOPool
 from flexrun.runtime.layer import FusedLayer, LayerSpec, LayerWeights
+from flexrun.runtime.precision import resolve_compute_dtype, vectors_in
 from flexrun.runtime.stats import peak_rss, reset_peak_rss
 from flexrun.runtime.tiers import Budgets, Ledger, compute_device, make_workdir
 from flexrun.runtime.weights import WeightManager
@@ -74,15 +76,19 @@ class Encoder:
         budgets: Budgets | None = None,
         offload_dir: str | Path | None = None,
         device: torch.device | None = None,
+        compute_dtype: str | None = None,
     ) -> None:
+        """``compute_dtype``: as for ``Engine``."""
         self.store = store
-        self.cfg = cfg = store.config
-        self.placement = placement
         self.device = device or compute_device()
+        stored = store.config.dtype
+        compute = resolve_compute_dtype(compute_dtype, stored, self.device)
+        self.cfg = cfg = dataclasses.replace(store.config, compute_dtype="" if compute == stored else compute)
+        self.placement = placement
         if max_seq_len > cfg.max_seq_len:
             raise InputError(f"{max_seq_len} tokens exceed the model's {cfg.max_seq_len} positions")
         self.max_len = max_seq_len
-        self.dtype = TORCH_DTYPES[cfg.dtype]
+        self.dtype = TORCH_DTYPES[cfg.run_dtype]
         root = offload_root(offload_dir)
         self.workdir = make_workdir(root, "enc-")
         self.pool = IOPool(placement.overlap)
@@ -90,8 +96,8 @@ class Encoder:
         ledger = Ledger()
         try:
             kv_elems = max_seq_len * gbs * cfg.kv_dim
-            ledger.add("device", "k/v scratch", 2 * kv_elems * cfg.dtype_bytes)
-            act = gbs * max_seq_len * (6 * cfg.hidden_size + 2 * cfg.ffn_embed_dim) * cfg.dtype_bytes
+            ledger.add("device", "k/v scratch", 2 * kv_elems * cfg.run_dtype_bytes)
+            act = gbs * max_seq_len * (6 * cfg.hidden_size + 2 * cfg.ffn_embed_dim) * cfg.run_dtype_bytes
             ledger.add("device", "working memory", act + gbs * cfg.n_head * max_seq_len * max_seq_len * 4)
             self.acts = ActivationStore(
                 cfg, placement.activations, self.device, self.pool, ledger, self.workdir, gbs * max_seq_len, ngb
@@ -130,10 +136,10 @@ class Encoder:
             positions = real.cumsum(1) * real - 1  # (b, s); pads read the row just before position 0
         else:
             positions = torch.arange(s, device=ids.device).expand(b, s)
-        x = F.embedding(ids, w["embed_tokens"])  # (b, s, h)
-        x = x + F.embedding(positions + cfg.position_offset, w["embed_positions"])
+        x = F.embedding(ids, w["embed_tokens"]).to(self.dtype)  # (b, s, h)
+        x = x + F.embedding(positions + cfg.position_offset, w["embed_positions"]).to(self.dtype)
         if "embed_token_types" in w:
-            x = x + w["embed_token_types"][0]  # every token in segment 0, like HF without token_type_ids
+            x = x + w["embed_token_types"][0].to(self.dtype)  # every token in segment 0, like HF without token_type_ids
         if "embed_ln_w" in w:
             x = K.NORMS[cfg.norm](x, w["embed_ln_w"], w.get("embed_ln_b"), cfg.layer_norm_eps)
         return x
@@ -142,7 +148,7 @@ class Encoder:
     def _pool(w: dict[str, torch.Tensor], x: torch.Tensor, valid: torch.Tensor, pooling: str) -> torch.Tensor:
         """x: (b, s, h), valid: (b, s). Returns (b, h) float32, or (b, s, h) for "none"."""
         if pooling == "pooler":
-            return torch.tanh(F.linear(x[:, 0], w["pooler_w"], w["pooler_b"])).float()
+            return torch.tanh(K.linear(x[:, 0], w["pooler_w"], w["pooler_b"])).float()
         if pooling == "cls":
             return x[:, 0].float()
         if pooling == "mean":
@@ -162,7 +168,7 @@ class Encoder:
         fut = weights.prefetch(0)
         out: list[torch.Tensor] = []
         for g in range(n_groups):
-            w = weights.wait(fut)
+            w = vectors_in(weights.wait(fut), self.dtype)
             if g + 1 < n_groups:
                 fut = weights.prefetch(g + 1)
             if g == 0:

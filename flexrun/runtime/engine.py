@@ -8,6 +8,7 @@ run in line, in the same order, and give identical tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from flexrun.runtime.activations import ActivationStore
 from flexrun.runtime.iopool import IOPool
 from flexrun.runtime.kvcache import KVCache
 from flexrun.runtime.layer import FusedLayer, LayerSpec, LayerWeights
+from flexrun.runtime.precision import resolve_compute_dtype, vectors_in
 from flexrun.runtime.sampling import Sampler, SamplingParams
 from flexrun.runtime.stats import Timers, peak_rss, reset_peak_rss
 from flexrun.runtime.tiers import Budgets, Ledger, compute_device, make_workdir
@@ -90,15 +92,20 @@ class Engine:
         budgets: Budgets | None = None,
         offload_dir: str | Path | None = None,
         device: torch.device | None = None,
+        compute_dtype: str | None = None,
     ) -> None:
+        """``compute_dtype``: what hidden states are computed in, "auto" or None for ``resolve_compute_dtype``'s
+        choice (float32 for a 16-bit model on a CPU without 16-bit matmul hardware)."""
         self.store = store
-        self.cfg = cfg = store.config
-        self.placement = placement
         self.device = device or compute_device()
+        stored = store.config.dtype
+        compute = resolve_compute_dtype(compute_dtype, stored, self.device)
+        self.cfg = cfg = dataclasses.replace(store.config, compute_dtype="" if compute == stored else compute)
+        self.placement = placement
         if cfg.position == "learned" and max_seq_len > cfg.max_seq_len:
             raise InputError(f"{max_seq_len} tokens exceed the model's {cfg.max_seq_len} positions")
         self.max_len = max_seq_len
-        self.dtype = TORCH_DTYPES[cfg.dtype]
+        self.dtype = TORCH_DTYPES[cfg.run_dtype]
         root = offload_root(offload_dir)
         self.workdir = make_workdir(root, "run-")
         self.pool = IOPool(placement.overlap)
@@ -146,14 +153,15 @@ class Engine:
 
     # ---- compute of the non-layer groups ---------------------------------------------------------
     def _embed(self, w: dict[str, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(ids, w["embed_tokens"])  # (b, q, word_embed_proj_dim)
+        x = F.embedding(ids, w["embed_tokens"]).to(self.dtype)  # (b, q, word_embed_proj_dim)
         if "embed_ln_w" in w:
             x = K.NORMS[self.cfg.norm](x, w["embed_ln_w"], w.get("embed_ln_b"), self.cfg.layer_norm_eps)
         if "project_in" in w:
-            x = F.linear(x, w["project_in"])
+            x = K.linear(x, w["project_in"], None)
         if "embed_positions" in w:
             # Padding (position -1) may fall before the table when there is no offset; it is never attended to.
-            x = x + F.embedding((positions + self.cfg.position_offset).clamp(min=0), w["embed_positions"])
+            pos = (positions + self.cfg.position_offset).clamp(min=0)
+            x = x + F.embedding(pos, w["embed_positions"]).to(self.dtype)
         return x
 
     def _head(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -161,9 +169,9 @@ class Engine:
         if "final_ln_w" in w:
             x = K.NORMS[self.cfg.norm](x, w["final_ln_w"], w.get("final_ln_b"), self.cfg.layer_norm_eps)
         if "project_out" in w:
-            x = F.linear(x, w["project_out"])
+            x = K.linear(x, w["project_out"], None)
         head = w["lm_head"] if "lm_head" in w else w["embed_tokens"]
-        return F.linear(x, head, w.get("lm_head_b")).float()  # (b, vocab)
+        return K.linear(x, head, w.get("lm_head_b")).float()  # (b, vocab)
 
     def _attention_inputs(
         self, valid: torch.Tensor, positions: torch.Tensor, query_len: int
@@ -204,7 +212,7 @@ class Engine:
         cfut = self.cache.fetch(0, 0, block.sizes[0], past)
         logits = []
         for g in range(n_groups):
-            w = weights.wait(fut)
+            w = vectors_in(weights.wait(fut), self.dtype)
             if g + 1 < n_groups:
                 fut = weights.prefetch(g + 1)
             else:

@@ -154,8 +154,9 @@ class FusedLayer:
             k = K.apply_rotary(k4, cos, sin, sp.rotary_interleaved).transpose(1, 2).reshape(b, s, kv_dim)
         k_buf[past:t].copy_(k.transpose(0, 1))  # (s, b, kv_dim)
         v_buf[past:t].copy_(v.transpose(0, 1))
-        keys = k_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim).permute(1, 2, 0, 3)  # (b, nkv, t, d)
-        values = v_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim).permute(1, 2, 0, 3)
+        # The cache may be kept in the stored dtype while attention runs in the compute dtype.
+        keys = k_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim).permute(1, 2, 0, 3).to(q.dtype)  # (b, nkv, t, d)
+        values = v_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim).permute(1, 2, 0, 3).to(q.dtype)
         attn = K.attention(q, keys, values, mask, sp.scale)  # (b, nh, s, d)
         return K.linear(attn.transpose(1, 2).reshape(b, s, h), w.out_w, w.out_b)  # (b, s, h)
 

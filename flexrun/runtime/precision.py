@@ -1,0 +1,66 @@
+"""The dtype the engine computes in, which may differ from the dtype the weights are stored in.
+
+Weights and the KV cache keep the stored dtype (the bytes that cross the memory hierarchy); hidden states
+and intermediates use the compute dtype, and a 16-bit weight is converted a cache-sized chunk at a time
+inside each matmul (``kernels.reference.linear``). On a CPU without bfloat16 or float16 matmul hardware
+(AVX2, or AVX-512 without the BF16/FP16 extensions) PyTorch emulates the 16-bit matmul several times
+slower than float32, so there ``auto`` computes a 16-bit model in float32: half the weight bytes of a
+float32 model at float32's arithmetic rate. GPUs compute in the stored dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# x86 feature flags (Linux /proc/cpuinfo) that give PyTorch native matmuls in a 16-bit dtype. Other
+# CPUs are taken to have none: float32 is never slower than an emulated 16-bit matmul.
+_NATIVE_FLAGS = {
+    "bfloat16": {"avx512_bf16", "amx_bf16"},
+    "float16": {"avx512_fp16", "amx_fp16"},
+}
+CHOICES = ("auto", "float32", "float16", "bfloat16")
+# A weight stored in another dtype than the activations is converted this many bytes (in the compute
+# dtype) at a time: small enough to stay in the CPU's cache between the conversion and the matmul, big
+# enough for an efficient matmul (a few hundred rows of a 2048-wide matrix). Measured on the 2-core AVX2
+# machine: chunks of 2-4 MiB run bfloat16 weights at float32's matmul rate from batch 16 up.
+UPCAST_CHUNK_BYTES = 4 << 20
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags, empty when the system does not list them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_has_native(dtype: str) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices in hardware (float32 always does)."""
+    return dtype == "float32" or bool(_NATIVE_FLAGS.get(dtype, set()) & _cpu_flags())
+
+
+def resolve_compute_dtype(requested: str | None, stored: str, device: torch.device) -> str:
+    """The dtype to compute in: ``requested`` unless it is "auto" (or None), which means ``stored`` on a GPU
+    and on a CPU with native matmuls in it, else float32."""
+    if requested and requested != "auto":
+        return requested
+    if device.type != "cpu" or cpu_has_native(stored):
+        return stored
+    return "float32"
+
+
+def vectors_in(w: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A weight group with its vectors (norms, biases) in the compute dtype; the matrices stay as stored
+    (``kernels.reference.linear`` converts them chunk by chunk, embedding lookups the rows they take)."""
+    return {n: t.to(dtype) if t.dim() == 1 else t for n, t in w.items()}
