@@ -6,8 +6,13 @@
 #   flexgen      the `flexgen` package on the same policy (CUDA machines only)
 # Every run: page cache dropped, run in a memory cgroup (MEM_LIMIT for the disk case, MEM_LIMIT_INMEM
 # in memory) that also bounds the page cache; REPEAT runs, medians, ratio.
-# Settings: DTYPE (float32: this AVX2 CPU runs bf16 matmuls ~7x slower), HOST_MEM (1GiB), PROMPT (128),
-# GEN (32), DISK_BATCH (the disk case's batch; default BATCH), DISK_CACHE (flexrun's KV cache there, host=100), CASES ("in-memory disk-offload").
+# Settings: DTYPE (bfloat16, the dtype both sides store and, HF, compute in; flexrun computes in float32
+# on a CPU without bf16 matmul hardware, see README "Dtypes"), HOST_MEM (1GiB), PROMPT (128), GEN (32),
+# DISK_BATCH (the disk case's batch; default BATCH), DISK_CACHE (flexrun's KV cache there, host=100),
+# DISK_PLACEMENT (manual: flexrun at DISK_BATCH with DISK_CACHE; auto: weights disk=100 held and the
+# planner chooses flexrun's batch, cache and activations within HOST_MEM, accelerate stays at DISK_BATCH;
+# DISK_FLAGS adds flexrun options there, e.g. "--num-gpu-batches 4" to cap the block the planner picks),
+# CASES ("in-memory disk-offload").
 # The memory cgroup of every run: the disk case's is the host budget plus the processes' own ~0.5-1 GiB
 # (torch, transformers); the in-memory case holds the whole model.
 MEM_LIMIT=${MEM_LIMIT:-2G}
@@ -15,12 +20,13 @@ MEM_LIMIT_INMEM=${MEM_LIMIT_INMEM:-16G}
 source "$(dirname "$0")/lib.sh"
 MODEL=${1:-opt-1.3b}
 BATCH=${2:-8}
-DTYPE=${DTYPE:-float32}
+DTYPE=${DTYPE:-bfloat16}
 HOST_MEM=${HOST_MEM:-1GiB}
 PROMPT=${PROMPT:-128}
 GEN=${GEN:-32}
 DISK_BATCH=${DISK_BATCH:-$BATCH}
 DISK_CACHE=${DISK_CACHE:-host=100}
+DISK_PLACEMENT=${DISK_PLACEMENT:-manual}
 CASES=${CASES:-in-memory disk-offload}
 RUNS="$OUT/compare-$MODEL-$(date +%Y%m%d-%H%M%S).jsonl"
 OFF=/tmp/flexrun-bench/offload
@@ -51,9 +57,16 @@ for ((r = 1; r <= REPEAT; r++)); do
         hf hf_generate.py --batch "$BATCH" | tag "$c" hf-generate || failed hf-generate "$c" $? ;;
       disk-offload)
         LIMIT=$MEM_LIMIT
-        c="$case b=$DISK_BATCH host=$HOST_MEM"
-        fr --weights disk=100 --cache "$DISK_CACHE" --activations host=100 --gpu-batch-size "$DISK_BATCH" \
-          --host-mem "$HOST_MEM" | tag "$c" flexrun || failed flexrun "$c" $?
+        if [[ $DISK_PLACEMENT == auto ]]; then
+          c="$case host=$HOST_MEM"
+          # shellcheck disable=SC2086  # DISK_FLAGS holds several words
+          fr --placement auto --weights disk=100 --host-mem "$HOST_MEM" ${DISK_FLAGS:-} | tag "$c" flexrun ||
+            failed flexrun "$c" $?
+        else
+          c="$case b=$DISK_BATCH host=$HOST_MEM"
+          fr --weights disk=100 --cache "$DISK_CACHE" --activations host=100 --gpu-batch-size "$DISK_BATCH" \
+            --host-mem "$HOST_MEM" | tag "$c" flexrun || failed flexrun "$c" $?
+        fi
         hf accelerate_offload.py --batch "$DISK_BATCH" --host-mem "$HOST_MEM" \
           --ckpt-dir /tmp/flexrun-bench/hf-ckpt --offload-dir /tmp/flexrun-bench/accelerate-offload |
           tag "$c" accelerate || failed accelerate "$c" $? ;;

@@ -18,10 +18,19 @@ def step_s(run: dict[str, Any]) -> float:
     return run["decode_s"] / run["decode_steps"] if run.get("decode_steps") else 0.0
 
 
+def batch(run: dict[str, Any]) -> int:
+    """Sequences per block: a baseline's batch, or flexrun's micro-batch size x count."""
+    if "batch" in run:
+        return int(run["batch"])
+    pl = run.get("placement", {})
+    return int(pl.get("gpu_batch_size", 0)) * int(pl.get("num_gpu_batches", 1))
+
+
 def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
     med = statistics.median
     out = {
         "n": len(runs),
+        "batch": max(batch(r) for r in runs),
         "tok_s": med(r["total_tok_s"] for r in runs),
         "step_s": med(step_s(r) for r in runs),
         "spread": (max(r["total_tok_s"] for r in runs) - min(r["total_tok_s"] for r in runs))
@@ -55,9 +64,10 @@ def main() -> None:
                 )
         return
     print(
-        "| case | flexrun tok/s | flexrun s/step | measured/bound | baseline | baseline tok/s | baseline s/step | ratio |"
+        "| case | flexrun batch | flexrun tok/s | flexrun s/step | measured/bound | baseline | baseline batch "
+        "| baseline tok/s | baseline s/step | ratio |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for case, sides in groups.items():
         if "flexrun" not in sides:
             continue
@@ -68,8 +78,9 @@ def main() -> None:
                 continue
             b = summary(runs)
             print(
-                f"| {case} | {f['tok_s']:.2f} (n={f['n']}) | {f['step_s']:.3f} | {roof} | {side} | "
-                f"{b['tok_s']:.3f} (n={b['n']}) | {b['step_s']:.3f} | **{f['tok_s'] / b['tok_s']:.2f}x** |"
+                f"| {case} | {f['batch']} | {f['tok_s']:.2f} (n={f['n']}) | {f['step_s']:.3f} | {roof} | {side} | "
+                f"{b['batch']} | {b['tok_s']:.3f} (n={b['n']}) | {b['step_s']:.3f} | "
+                f"**{f['tok_s'] / b['tok_s']:.2f}x** |"
             )
 
 

@@ -279,8 +279,8 @@ def _add_stats(total: RunStats | None, part: RunStats) -> RunStats:
     if total is None:
         return part
     for f in fields(RunStats):
-        if f.name == "peak_rss":
-            total.peak_rss = max(total.peak_rss, part.peak_rss)
+        if f.name in ("peak_rss", "base_rss"):
+            setattr(total, f.name, max(getattr(total, f.name), getattr(part, f.name)))
         elif f.name == "direct_io":
             if part.direct_io is not None:
                 total.direct_io = part.direct_io if total.direct_io is None else total.direct_io and part.direct_io
@@ -325,8 +325,19 @@ class _Job:
         if not stop or self.tokenizer is None:
             return None
 
+        # A stop string newly found ends at the newest token, so only the output's tail is decoded (keeping
+        # the check linear in the output's length): a character is at most 4 bytes and a token at least
+        # one, so a stop string spans at most 4 tokens per character, special tokens (decoded as nothing)
+        # not counted, plus one whose start the window may cut.
+        special = set(getattr(self.tokenizer, "all_special_ids", ()))
+        need = 4 * max(len(s) for s in stop) + 1
+
         def check(member: int, toks: list[int]) -> bool:
-            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            start, kept = len(toks), 0
+            while start > 0 and kept < need:
+                start -= 1
+                kept += toks[start] not in special
+            text = self.tokenizer.decode(toks[start:], skip_special_tokens=True)
             return any(s in text for s in stop)
 
         return check

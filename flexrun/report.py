@@ -29,6 +29,7 @@ def summary_dict(cfg: OptConfig, placement: Placement, stats: RunStats) -> dict[
         "disk_bytes_read": stats.disk_bytes_read,
         "direct_io": stats.direct_io,
         "peak_rss_bytes": stats.peak_rss,
+        "base_rss_bytes": stats.base_rss,
         "planned_bytes": {tier: sum(v.values()) for tier, v in stats.planned.items()},
         "budget_bytes": stats.budgets,
     }
@@ -52,7 +53,9 @@ def summary_text(cfg: OptConfig, placement: Placement, stats: RunStats) -> str:
         f"total latency: {stats.total_s:.3f} s  total throughput: {t['total_tok_s']:.2f} token/s",
         f"disk read: {format_bytes(stats.disk_bytes_read)} ({io})",
         "planned memory: " + ", ".join(f"{tier} {format_bytes(b)}" for tier, b in planned.items() if b),
-        f"peak resident memory (measured): {format_bytes(stats.peak_rss)}",
+        f"peak resident memory (measured): {format_bytes(stats.peak_rss)}, "
+        f"{format_bytes(max(stats.peak_rss - stats.base_rss, 0))} over the {format_bytes(stats.base_rss)} "
+        "held before the engine (interpreter, libraries)",
     ]
     return "\n".join(lines)
 

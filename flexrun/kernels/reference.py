@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
 import torch
@@ -55,16 +56,41 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     22-25 ms whole, 12 ms chunked; its LM head 190 ms and 80 ms). At prefill shapes (thousands of rows)
     one ``F.linear`` is as fast or faster, so a weight already in x's dtype is then not chunked.
     """
-    rows = max(1, UPCAST_CHUNK_BYTES // (w.shape[1] * x.element_size()))
-    if w.dtype == x.dtype and (
-        x.device.type != "cpu" or w.shape[0] <= 2 * rows or x.numel() > _CHUNKED_ROWS * w.shape[1]
-    ):
+    k_in, n_out = w.shape[1], w.shape[0]
+    rows = max(1, UPCAST_CHUNK_BYTES // (k_in * x.element_size()))
+    if w.dtype == x.dtype and (x.device.type != "cpu" or n_out <= 2 * rows or x.numel() > _CHUNKED_ROWS * k_in):
         return F.linear(x, w, b)
-    out = torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)  # (..., out)
-    for r in range(0, w.shape[0], rows):
-        part = None if b is None else b[r : r + rows]
-        out[..., r : r + rows] = F.linear(x, w[r : r + rows].to(x.dtype), part)
-    return out
+    x2 = x.reshape(-1, k_in)  # (m, in)
+    m = x2.shape[0]
+    out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)  # (m, out)
+    for r in range(0, n_out, rows):
+        n = min(rows, n_out - r)
+        wc = w[r : r + n]  # (n, in)
+        if wc.dtype != x.dtype:
+            wc = _scratch("weight", n * k_in, x).view(n, k_in).copy_(wc)
+        part = _scratch("out", m * n, x).view(m, n)  # (m, n)
+        if b is None:
+            torch.mm(x2, wc.t(), out=part)
+        else:
+            torch.addmm(b[r : r + n], x2, wc.t(), out=part)
+        out[:, r : r + n] = part
+    return out.view(*x.shape[:-1], n_out)
+
+
+_scratches = threading.local()
+
+
+def _scratch(slot: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A reused buffer of ``numel`` elements in ``like``'s dtype and device, per thread: the chunked
+    matmul's converted weights and output rows. Fresh multi-MiB temporaries at every chunk would make
+    glibc's malloc either page-fault on each (mmap'd) or keep hundreds of MiB resident (heap), depending
+    on its adaptive threshold; measured on OPT-1.3B, the latter took peak RSS 0.75 GiB over the plan."""
+    bufs: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = _scratches.__dict__.setdefault("bufs", {})
+    key = (slot, like.dtype, like.device)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel]
 
 
 def attention(

@@ -30,7 +30,7 @@ from flexrun.runtime.kvcache import KVCache
 from flexrun.runtime.layer import FusedLayer, LayerSpec, LayerWeights
 from flexrun.runtime.precision import resolve_compute_dtype, vectors_in
 from flexrun.runtime.sampling import Sampler, SamplingParams
-from flexrun.runtime.stats import Timers, peak_rss, reset_peak_rss
+from flexrun.runtime.stats import Timers, current_rss, peak_rss, reset_peak_rss
 from flexrun.runtime.tiers import Budgets, Ledger, compute_device, make_workdir
 from flexrun.runtime.weights import WeightManager
 from flexrun.weights.store import TORCH_DTYPES, TensorStore
@@ -53,6 +53,7 @@ class RunStats:
     decode_steps: int = 0
     disk_bytes_read: int = 0
     peak_rss: int = 0
+    base_rss: int = 0  # resident memory before the engine allocated anything (interpreter, libraries)
     planned: dict[str, dict[str, int]] = field(default_factory=dict)
     budgets: dict[str, int] = field(default_factory=dict)
     direct_io: bool | None = None
@@ -97,6 +98,7 @@ class Engine:
         """``compute_dtype``: what hidden states are computed in, "auto" or None for ``resolve_compute_dtype``'s
         choice (float32 for a 16-bit model on a CPU without 16-bit matmul hardware)."""
         self.store = store
+        self.base_rss = current_rss()
         self.device = device or compute_device()
         stored = store.config.dtype
         compute = resolve_compute_dtype(compute_dtype, stored, self.device)
@@ -303,6 +305,7 @@ class Engine:
         stats.decode_s = timers.seconds["decode"]
         stats.disk_bytes_read = self.store.bytes_read + self.cache.bytes_read - read_before
         stats.peak_rss = peak_rss()
+        stats.base_rss = self.base_rss
         stats.direct_io = self.store.direct
         return outputs, stats, all_logits
 
