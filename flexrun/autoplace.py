@@ -8,7 +8,6 @@ offered to the planner.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ from flexrun.config import OptConfig
 from flexrun.errors import BudgetError, PlacementError
 from flexrun.paths import offload_root
 from flexrun.placement import Placement, Shares
-from flexrun.runtime.precision import resolve_compute_dtype
+from flexrun.runtime.precision import with_compute_dtype
 from flexrun.runtime.tiers import Budgets, compute_device, disk_free
 from flexrun.units import format_bytes
 
@@ -71,9 +70,7 @@ def build_engine(
     """
     from flexrun.runtime.engine import Engine
 
-    stored = store.config.dtype
-    compute = resolve_compute_dtype(opts.get("compute_dtype"), stored, compute_device())
-    cfg = dataclasses.replace(store.config, compute_dtype="" if compute == stored else compute)
+    cfg = with_compute_dtype(store.config, opts.get("compute_dtype"), compute_device())
     reserve: dict[str, int] = {}
     lines: list[str] = []
     refused: BudgetError | None = None
@@ -93,7 +90,7 @@ def build_engine(
                 prompt_len + gen_len,
                 budgets=budgets,
                 offload_dir=opts.get("offload_dir"),
-                compute_dtype=compute,
+                compute_dtype=cfg.run_dtype,
             )
         except BudgetError as exc:
             if not is_planned(opts):

@@ -169,16 +169,12 @@ def plan_cmd(
         )
     else:
         hw = hardware.with_memory(device=device_mem, host=host_mem, disk=disk_mem)
-    import dataclasses
-
     import torch
 
-    from flexrun.runtime.precision import resolve_compute_dtype
+    from flexrun.runtime.precision import with_compute_dtype
 
     # The CPU the spec describes is taken to be this one: its flags say whether 16-bit matmuls are native.
-    device = torch.device("cpu" if hw.device_is_host else "cuda")
-    compute = resolve_compute_dtype(compute_dtype, cfg.dtype, device)
-    cfg = dataclasses.replace(cfg, compute_dtype="" if compute == cfg.dtype else compute)
+    cfg = with_compute_dtype(cfg, compute_dtype, torch.device("cpu" if hw.device_is_host else "cuda"))
     result = plan(
         cfg,
         hw,

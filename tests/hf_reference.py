@@ -57,3 +57,39 @@ def tiny_opt(seed: int = 0, **fields: Any) -> tuple[OptConfig, OPTForCausalLM]:
             if name.endswith("bias") or "layer_norm" in name:
                 p.normal_(0.0 if name.endswith("bias") else 1.0, 0.1)
     return cfg, model
+
+
+def hf_generate_each(model: Any, prompts: list[list[int]], new: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Each prompt generated alone (no padding) by HF, greedily: its new tokens and per-step logits."""
+    tokens, logits = [], []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=1,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            tokens.append(out.sequences[0, len(prompt) :].tolist())
+            logits.append(torch.stack([step[0] for step in out.logits]))  # (new, vocab)
+    return tokens, logits
+
+
+def logits_by_prompt(
+    steps: list[torch.Tensor], prompts: list[list[int]], block_size: int, new: int
+) -> dict[int, torch.Tensor]:
+    """The engine's per-step logits (one (block, vocab) tensor per step, blocks of the longest prompts
+    first) regrouped as each prompt's (new, vocab)."""
+    order = sorted(range(len(prompts)), key=lambda n: -len(prompts[n]))
+    it = iter(steps)
+    got: dict[int, list[torch.Tensor]] = {}
+    for start in range(0, len(order), block_size):
+        members = order[start : start + block_size]
+        for _ in range(new):
+            step = next(it)
+            for row, n in enumerate(members):
+                got.setdefault(n, []).append(step[row])
+    return {n: torch.stack(rows) for n, rows in got.items()}

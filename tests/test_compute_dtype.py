@@ -20,7 +20,7 @@ from flexrun.runtime.precision import resolve_compute_dtype
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.weights.convert import convert_checkpoint
 from flexrun.weights.store import TensorStore
-from tests.hf_reference import tiny_opt
+from tests.hf_reference import hf_generate_each, logits_by_prompt, tiny_opt
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [40, 41]]
 NEW = 6
@@ -79,21 +79,7 @@ def hf_with_bf16_cache(model, monkeypatch) -> tuple[list[list[int]], list[torch.
         return update(self, k.bfloat16().float(), v.bfloat16().float(), *args, **kwargs)
 
     monkeypatch.setattr(DynamicLayer, "update", rounded)
-    tokens, logits = [], []
-    with torch.no_grad():
-        for prompt in PROMPTS:
-            out = model.generate(
-                torch.tensor([prompt]),
-                max_new_tokens=NEW,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=1,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-            tokens.append(out.sequences[0, len(prompt) :].tolist())
-            logits.append(torch.stack([step[0] for step in out.logits]))  # (NEW, vocab)
-    return tokens, logits
+    return hf_generate_each(model, PROMPTS, NEW)
 
 
 @pytest.mark.parametrize(
@@ -110,19 +96,11 @@ def test_bf16_weights_computed_in_float32_match_hf(bf16_model, monkeypatch, weig
             PROMPTS, SamplingParams(max_new_tokens=NEW, stop_at_eos=False), return_logits=True
         )
     assert out == ref_tokens
-    order = sorted(range(len(PROMPTS)), key=lambda k: -len(PROMPTS[k]))
-    blocks = [order[i : i + placement.block_size] for i in range(0, len(order), placement.block_size)]
-    steps = iter(logits)
-    got: dict[int, list[torch.Tensor]] = {}
-    for members in blocks:
-        for _ in range(NEW):
-            step = next(steps)
-            for row, k in enumerate(members):
-                got.setdefault(k, []).append(step[row])
+    got = logits_by_prompt(logits, PROMPTS, placement.block_size, NEW)
     for k in range(len(PROMPTS)):
         # The same bfloat16 values and float32 arithmetic on both sides: only the summation order differs
         # (chunked matmuls, padding, SDPA), about 1e-6 relative on logits of magnitude ~10.
-        torch.testing.assert_close(torch.stack(got[k]), ref_logits[k], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[k], ref_logits[k], rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_engine_in_bfloat16_stays_close_to_float32_compute(bf16_model) -> None:

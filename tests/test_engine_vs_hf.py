@@ -12,7 +12,7 @@ from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.weights.convert import convert_checkpoint
 from flexrun.weights.store import TensorStore
-from tests.hf_reference import tiny_opt
+from tests.hf_reference import hf_generate_each, logits_by_prompt, tiny_opt
 
 # Mixed lengths, so blocks are left-padded.
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [40, 41], [7, 8, 9, 10, 11, 12]]
@@ -55,21 +55,7 @@ def model_and_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
 
 def hf_reference(model, prompts: list[list[int]]) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Each prompt generated alone (no padding) by HF: greedy tokens and per-step logits."""
-    tokens, logits = [], []
-    with torch.no_grad():
-        for prompt in prompts:
-            out = model.generate(
-                torch.tensor([prompt]),
-                max_new_tokens=NEW,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=1,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-            tokens.append(out.sequences[0, len(prompt) :].tolist())
-            logits.append(torch.stack([step[0] for step in out.logits]))  # (NEW, vocab)
-    return tokens, logits
+    return hf_generate_each(model, prompts, NEW)
 
 
 @pytest.mark.parametrize("name", sorted(PLACEMENTS))
@@ -82,20 +68,11 @@ def test_greedy_tokens_and_logits_match_hf(model_and_store, name: str) -> None:
             PROMPTS, SamplingParams(max_new_tokens=NEW, stop_at_eos=False), return_logits=True
         )
     assert out == ref_tokens
-    # Rebuild each prompt's per-step logits from the blocks (sequences are sorted longest first).
-    order = sorted(range(len(PROMPTS)), key=lambda n: -len(PROMPTS[n]))
-    per_block = [order[i : i + placement.block_size] for i in range(0, len(order), placement.block_size)]
-    steps = iter(logits)
-    got: dict[int, list[torch.Tensor]] = {}
-    for members in per_block:
-        for _ in range(NEW):
-            step = next(steps)
-            for row, n in enumerate(members):
-                got.setdefault(n, []).append(step[row])
+    got = logits_by_prompt(logits, PROMPTS, placement.block_size, NEW)
     for n in range(len(PROMPTS)):
         # float32 on both sides; differences come only from summation order (padding, fused QKV, SDPA
         # vs HF's kernels), about 1e-6 relative on logits of magnitude ~10.
-        torch.testing.assert_close(torch.stack(got[n]), ref_logits[n], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[n], ref_logits[n], rtol=1e-4, atol=1e-4)
     assert stats.generated_tokens >= len(PROMPTS) * NEW
     if "disk" in placement.weights.spec():
         assert stats.disk_bytes_read > 0

@@ -9,7 +9,6 @@ first token, as in Hugging Face) and padding keys are masked out of every query'
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
@@ -27,7 +26,7 @@ from flexrun.placement import Placement
 from flexrun.runtime.activations import ActivationStore
 from flexrun.runtime.iopool import IOPool
 from flexrun.runtime.layer import FusedLayer, LayerSpec, LayerWeights
-from flexrun.runtime.precision import resolve_compute_dtype, vectors_in
+from flexrun.runtime.precision import vectors_in, with_compute_dtype
 from flexrun.runtime.stats import peak_rss, reset_peak_rss
 from flexrun.runtime.tiers import Budgets, Ledger, compute_device, make_workdir
 from flexrun.runtime.weights import WeightManager
@@ -81,9 +80,7 @@ class Encoder:
         """``compute_dtype``: as for ``Engine``."""
         self.store = store
         self.device = device or compute_device()
-        stored = store.config.dtype
-        compute = resolve_compute_dtype(compute_dtype, stored, self.device)
-        self.cfg = cfg = dataclasses.replace(store.config, compute_dtype="" if compute == stored else compute)
+        self.cfg = cfg = with_compute_dtype(store.config, compute_dtype, self.device)
         self.placement = placement
         if max_seq_len > cfg.max_seq_len:
             raise InputError(f"{max_seq_len} tokens exceed the model's {cfg.max_seq_len} positions")

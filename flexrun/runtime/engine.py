@@ -8,7 +8,6 @@ run in line, in the same order, and give identical tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from flexrun.runtime.activations import ActivationStore
 from flexrun.runtime.iopool import IOPool
 from flexrun.runtime.kvcache import KVCache
 from flexrun.runtime.layer import FusedLayer, LayerSpec, LayerWeights
-from flexrun.runtime.precision import resolve_compute_dtype, vectors_in
+from flexrun.runtime.precision import vectors_in, with_compute_dtype
 from flexrun.runtime.sampling import Sampler, SamplingParams
 from flexrun.runtime.stats import Timers, current_rss, peak_rss, reset_peak_rss
 from flexrun.runtime.tiers import Budgets, Ledger, compute_device, make_workdir
@@ -100,9 +99,7 @@ class Engine:
         self.store = store
         self.base_rss = current_rss()
         self.device = device or compute_device()
-        stored = store.config.dtype
-        compute = resolve_compute_dtype(compute_dtype, stored, self.device)
-        self.cfg = cfg = dataclasses.replace(store.config, compute_dtype="" if compute == stored else compute)
+        self.cfg = cfg = with_compute_dtype(store.config, compute_dtype, self.device)
         self.placement = placement
         if cfg.position == "learned" and max_seq_len > cfg.max_seq_len:
             raise InputError(f"{max_seq_len} tokens exceed the model's {cfg.max_seq_len} positions")

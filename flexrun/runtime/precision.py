@@ -10,12 +10,15 @@ float32 model at float32's arithmetic rate. GPUs compute in the stored dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+    from flexrun.config import OptConfig
 
 # x86 feature flags (Linux /proc/cpuinfo) that give PyTorch native matmuls in a 16-bit dtype. Other
 # CPUs are taken to have none: float32 is never slower than an emulated 16-bit matmul.
@@ -58,6 +61,12 @@ def resolve_compute_dtype(requested: str | None, stored: str, device: torch.devi
     if device.type != "cpu" or cpu_has_native(stored):
         return stored
     return "float32"
+
+
+def with_compute_dtype(cfg: OptConfig, requested: str | None, device: torch.device) -> OptConfig:
+    """``cfg`` with the compute dtype ``resolve_compute_dtype`` chooses (left unset when it is the stored one)."""
+    compute = resolve_compute_dtype(requested, cfg.dtype, device)
+    return dataclasses.replace(cfg, compute_dtype="" if compute == cfg.dtype else compute)
 
 
 def vectors_in(w: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
