@@ -120,7 +120,9 @@ def test_t4_opt_30b_near_flexgen() -> None:
     assert pl.cache.host >= 0.6 and pl.cache.disk == 0
     assert pl.activations.host >= 0.9
     assert pl.cpu_cache_compute
-    assert 8 <= pl.gpu_batch_size <= 96
+    # FlexGen runs 48 x 3. flexrun's decode step runs the block as one matmul, so a small micro-batch costs
+    # decode nothing and leaves GPU memory for prefill: the plan may split the block finer.
+    assert pl.gpu_batch_size <= 96
     assert 32 <= pl.block_size <= 288  # FlexGen: 144
 
 

@@ -2,7 +2,7 @@
 
 Each figure is measured on the operation the engine runs: disk reads with O_DIRECT into page-aligned
 buffers (``flexrun.diskio``), disk writes ending in fsync, pinned host<->device copies, the fused layer's
-``F.linear`` at prefill-like (many tokens) and decode-like (one token per sequence) shapes, and the
+``linear`` at prefill-like (many tokens) and decode-like (one token per sequence) shapes, and the
 reference attention kernel over a prompt and over a cache. A full run takes well under a minute;
 ``quick=True`` shrinks every size for tests (figures then understate the machine).
 
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from flexrun import diskio
 from flexrun.costmodel.hardware import HardwareSpec, default_path
@@ -47,7 +46,7 @@ class Sizes:
     prompt_len: int  # prefill attention over (s, s)
     context_len: int  # decode attention over a cache of this many tokens
     min_seconds: float  # repeat each compute measurement at least this long
-    decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # the decode matmul rate's micro-batch sizes
+    decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the decode matmul rate's row counts
 
 
 FULL = Sizes(512 << 20, 32 << 20, 256 << 20, 2048, 512, 64, 16, 512, 1024, 0.5)
@@ -135,11 +134,13 @@ def measure_links(device: torch.device, sizes: Sizes) -> tuple[float, float]:
 
 # ---- compute ---------------------------------------------------------------------------------------
 def measure_matmul(device: torch.device, dtype: torch.dtype, tokens: int, sizes: Sizes) -> float:
-    """FLOP/s of ``F.linear`` over ``tokens`` rows against an MLP-shaped (4h, h) weight."""
+    """FLOP/s of the engine's ``linear`` over ``tokens`` rows against an MLP-shaped (4h, h) weight."""
+    from flexrun.kernels.reference import linear
+
     h = sizes.hidden
     x = torch.randn(tokens, h, device=device).to(dtype)  # (tokens, h)
     w = torch.randn(4 * h, h, device=device).to(dtype) / h**0.5  # (4h, h)
-    seconds = _best_time(lambda: F.linear(x, w), device, sizes.min_seconds)
+    seconds = _best_time(lambda: linear(x, w, None), device, sizes.min_seconds)
     return 2 * tokens * h * 4 * h / seconds
 
 

@@ -183,11 +183,12 @@ def cost_terms(
     off_device = ("host", "disk")
 
     # ---- compute (seconds per layer, whole block) ----
-    # A micro-batch's matmuls read the layer's weights from device memory once: with small micro-batches
-    # that, not the FLOP rate, bounds them (a roofline per micro-batch, summed over the block).
-    weight_read = nb * cfg.layer_bytes() / hw.device_mem_bw
-    mm_p = max(2 * B * s * _linear_params(cfg) / hw.mm_flops_prefill, weight_read)
-    mm_rate_d = hw.mm_decode_rate(b)  # one micro-batch's rows per matmul
+    # A prefill micro-batch's matmuls read the layer's weights from device memory once: with small
+    # micro-batches that, not the FLOP rate, bounds them (a roofline per micro-batch, summed over the block).
+    # A decode step's matmuls run once over the whole block's rows (the engine merges its micro-batches).
+    weight_read = cfg.layer_bytes() / hw.device_mem_bw
+    mm_p = max(2 * B * s * _linear_params(cfg) / hw.mm_flops_prefill, nb * weight_read)
+    mm_rate_d = hw.mm_decode_rate(B)
     mm_d = max(2 * B * _linear_params(cfg) / mm_rate_d, weight_read)
     head = 2 * B * _head_params(cfg) / l / mm_rate_d  # logits of the last position only
     attn_p = 4 * B * s * s * h / hw.bmm_flops_prefill  # Q K^T and P V over (s, s) per head

@@ -72,9 +72,10 @@ class HardwareSpec:
     # float32 matmuls several times faster than bfloat16, so the rates of one dtype mislead the cost
     # model about a model stored in another. ``for_dtype`` picks a model's; empty: the fields above only.
     rates_by_dtype: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
-    # Decode matmul FLOP/s per micro-batch size, per dtype: {dtype: {"4": FLOP/s, ...}}. On a CPU a
-    # one-token-per-sequence F.linear falls off the BLAS fast paths at small batches (measured here in
-    # float32: 5.8 GFLOP/s with 1 row, 6.8 with 4, 41 with 16, 89 with 64), so one rate misleads the model.
+    # Decode matmul FLOP/s per block size (rows: a decode step's matmul spans the block), per dtype:
+    # {dtype: {"4": FLOP/s, ...}}. On a CPU a one-token-per-sequence matmul falls off the BLAS fast paths
+    # at small batches (measured here in float32: 5.8 GFLOP/s with 1 row, 6.8 with 4, 41 with 16, 89 with
+    # 64), so one rate misleads the model.
     # ``mm_decode_rate`` interpolates; empty: ``mm_flops_decode`` at every size.
     decode_by_batch: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
@@ -138,7 +139,7 @@ class HardwareSpec:
         }[link]
 
     def mm_decode_rate(self, batch: int) -> float:
-        """Decode matmul FLOP/s for a micro-batch of ``batch`` sequences in this spec's dtype: interpolated
+        """Decode matmul FLOP/s for ``batch`` rows (sequences) in this spec's dtype: interpolated
         (log-log) between the calibrated sizes, clamped at the ends; ``mm_flops_decode`` without a curve."""
         curve = sorted((int(k), float(v)) for k, v in dict(self.decode_by_batch.get(self.dtype, {})).items())
         if not curve:

@@ -221,11 +221,12 @@ class _Search:
 
     def choice(self) -> tuple[float, CostTerms, dict[Key, float]] | None:
         """The smallest block among the plans within ``TIE`` of the fastest: less memory and latency for
-        the same throughput (the cost model is not accurate to 1% anyway)."""
+        the same throughput (the cost model is not accurate to 1% anyway); for one block size, the fewest
+        micro-batches, since each costs per-call overheads the model leaves out."""
         if self.best is None:
             return None
         near = [f for f in self.found if f[0] <= self.best[0] * (1 + TIE)]
-        return min(near, key=lambda f: (f[1].block_size, f[0]))
+        return min(near, key=lambda f: (f[1].block_size, f[1].num_gpu_batches, f[0]))
 
     def try_shape(self, gbs: int, nb: int, opts: tuple[bool, bool, bool]) -> float | None:
         """Seconds per sequence of the best placement for this shape; None: it does not fit; ``PRUNED``:

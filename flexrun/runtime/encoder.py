@@ -180,7 +180,7 @@ class Encoder:
                 b = mb.shape[0]
                 k = self._kv[0, : s * b * self.cfg.kv_dim].view(s, b, self.cfg.kv_dim)
                 v = self._kv[1, : s * b * self.cfg.kv_dim].view(s, b, self.cfg.kv_dim)
-                x = self.layer(lw, self.acts.take(j), k, v, 0, masks[j])  # (b, s, h)
+                x = self.layer(lw, self.acts.take(j), self.layer.cached_core(k, v, 0, masks[j]))  # (b, s, h)
                 self.acts.put(min(g, n_layers - 1), j, x)
         return out
 

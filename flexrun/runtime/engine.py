@@ -25,8 +25,8 @@ from flexrun.paths import offload_root
 from flexrun.placement import Placement
 from flexrun.runtime.activations import ActivationStore
 from flexrun.runtime.iopool import IOPool
-from flexrun.runtime.kvcache import KVCache
-from flexrun.runtime.layer import FusedLayer, LayerSpec, LayerWeights
+from flexrun.runtime.kvcache import KV, KVCache
+from flexrun.runtime.layer import AttentionCore, FusedLayer, LayerSpec, LayerWeights, Rotary
 from flexrun.runtime.precision import vectors_in, with_compute_dtype
 from flexrun.runtime.sampling import Sampler, SamplingParams
 from flexrun.runtime.stats import Timers, current_rss, peak_rss, reset_peak_rss
@@ -193,7 +193,14 @@ class Engine:
 
     # ---- one step of the block schedule ----------------------------------------------------------
     def _step(self, block: _Block, ids: list[torch.Tensor], past: int) -> torch.Tensor:
-        """Run the whole stack for every micro-batch: ``ids[j]`` (b_j, q) new tokens after ``past`` cached."""
+        """Run the whole stack for every micro-batch: ``ids[j]`` (b_j, q) new tokens after ``past`` cached.
+
+        Prefill runs each layer once per micro-batch, its activations kept on their planned tiers. A decode
+        step runs each layer once for the whole block, attending micro-batch by micro-batch over each one's
+        cache: the block's hidden states are a few rows, and one matmul over all of them reads each weight
+        once at a higher rate than one per micro-batch (on the 2-core CPU, 114 GFLOP/s at 64 rows against
+        50 at 16, OPT-1.3B's fc1).
+        """
         q = ids[0].shape[1]
         valid = block.valid.to(self.device)
         # Padding gets position -1 (only ever masked out); real tokens count from 0.
@@ -208,7 +215,9 @@ class Engine:
         # The input group was prefetched at the end of the previous step, overlapping the output head.
         fut = self._first if self._first is not None else weights.prefetch(0)
         n_groups, n_layers, n_mb = len(self.slots), self.cfg.num_hidden_layers, len(block.sizes)
-        cfut = self.cache.fetch(0, 0, block.sizes[0], past)
+        walk = _CacheWalk(self.cache, block.sizes, n_layers, past)
+        merged = q == 1
+        x = torch.empty(0)  # the block's hidden states in decode
         logits = []
         for g in range(n_groups):
             w = vectors_in(weights.wait(fut), self.dtype)
@@ -217,27 +226,53 @@ class Engine:
             else:
                 self._first = weights.prefetch(0)
             if g == 0:
+                if merged:
+                    x = self._embed(w, torch.cat(ids).to(self.device), positions)
+                    continue
                 for j, o in enumerate(offsets):
                     x = self._embed(w, ids[j].to(self.device), positions[o : o + block.sizes[j]])
                     self.acts.put(0, j, x)
                 continue
             if g == n_groups - 1:
-                logits = [self._head(w, self.acts.take(j)) for j in range(n_mb)]
+                logits = [self._head(w, x)] if merged else [self._head(w, self.acts.take(j)) for j in range(n_mb)]
                 continue
             i = g - 1
             lw = LayerWeights.from_slots({slot: w[name] for name, slot in self.slots[g]})
+            layer = self.layers[i]
+            if merged:
+                rotary = _cat_rotary([r for _, r in inputs])
+                x = layer(lw, x, self._block_core(i, layer, walk, offsets, inputs, past), rotary)
+                continue
             for j in range(n_mb):
-                (k, v), turn = cfut.result()
-                if j + 1 < n_mb:
-                    cfut = self.cache.fetch(i, j + 1, block.sizes[j + 1], past)
-                elif i + 1 < n_layers:
-                    cfut = self.cache.fetch(i + 1, 0, block.sizes[0], past)
-                layer = self.layers[i]
+                (k, v), turn = walk.next()
                 masks, rotary = inputs[j]
-                x = layer(lw, self.acts.take(j), k, v, past, masks[layer.spec.window], rotary)
+                x = layer(lw, self.acts.take(j), layer.cached_core(k, v, past, masks[layer.spec.window]), rotary)
                 self.cache.store(i, j, (k, v), turn, past, past + q)
                 self.acts.put(min(g, n_layers - 1), j, x)
         return torch.cat(logits).cpu()
+
+    def _block_core(
+        self,
+        i: int,
+        layer: FusedLayer,
+        walk: _CacheWalk,
+        offsets: list[int],
+        inputs: list[tuple[dict[int, torch.Tensor], Rotary | None]],
+        past: int,
+    ) -> AttentionCore:
+        """Layer ``i``'s attention over the whole block: each micro-batch's rows against its own cache."""
+
+        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            outs = []
+            for j, (o, b) in enumerate(zip(offsets, walk.sizes, strict=True)):
+                kv, turn = walk.next()
+                rows = slice(o, o + b)
+                mask = inputs[j][0][layer.spec.window]
+                outs.append(layer.cached_core(*kv, past, mask)(q[rows], k[rows], v[rows]))
+                self.cache.store(i, j, kv, turn, past, past + k.shape[1])
+            return torch.cat(outs)
+
+        return core
 
     # ---- generation --------------------------------------------------------------------------------
     def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
@@ -361,3 +396,30 @@ class Engine:
                 logits = self._step(block, list(nxt[:, None].split(sizes)), past=s + t)
             stats.decode_steps += 1
         return out, logits_log
+
+
+class _CacheWalk:
+    """The block's KV cache in schedule order (layer-major, micro-batch minor), each one's fetch started
+    while the one before is in use."""
+
+    def __init__(self, cache: KVCache, sizes: list[int], n_layers: int, past: int) -> None:
+        self.cache, self.sizes, self.past = cache, sizes, past
+        self._order = [(i, j) for i in range(n_layers) for j in range(len(sizes))]
+        self._at = 0
+        self._fut = cache.fetch(0, 0, sizes[0], past)
+
+    def next(self) -> tuple[KV, int]:
+        """The next micro-batch's buffers (k, v) and staging turn, for ``KVCache.store``."""
+        got = self._fut.result()
+        self._at += 1
+        if self._at < len(self._order):
+            i, j = self._order[self._at]
+            self._fut = self.cache.fetch(i, j, self.sizes[j], self.past)
+        return got
+
+
+def _cat_rotary(parts: list[Rotary | None]) -> Rotary | None:
+    """The block's rotary angles from its micro-batches'."""
+    if parts[0] is None:
+        return None
+    return torch.cat([p[0] for p in parts if p is not None]), torch.cat([p[1] for p in parts if p is not None])

@@ -10,6 +10,7 @@ which alone knows the positions.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,9 +85,14 @@ class LayerSpec:
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
 
+# Attention over the cache, given the new tokens' queries (b, nh, s, d) and their keys and values
+# (b, s, kv_dim), keys already rotated: caches the new keys and values and returns (b, nh, s, d). The
+# engine supplies it, so one layer call can span micro-batches whose caches live in different buffers.
+AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 class FusedLayer:
-    """Computes one decoder layer for one micro-batch, appending to a position-major KV buffer.
+    """Computes one decoder layer, appending to position-major KV buffers through an ``AttentionCore``.
 
     The KV buffers are (max_len, b, kv_dim): row t holds every sequence's key (value) at position t, so
     appending a token is one contiguous write, in memory and on disk alike. Keys are cached after the
@@ -99,49 +105,45 @@ class FusedLayer:
         self._act = K.ACTIVATIONS[spec.activation]
 
     def __call__(
-        self,
-        w: LayerWeights,
-        x: torch.Tensor,
-        k_buf: torch.Tensor,
-        v_buf: torch.Tensor,
-        past: int,
-        mask: torch.Tensor,
-        rotary: Rotary | None = None,
+        self, w: LayerWeights, x: torch.Tensor, core: AttentionCore, rotary: Rotary | None = None
     ) -> torch.Tensor:
-        """x: (b, s, h); k_buf/v_buf: (>= past + s, b, kv_dim) with rows [0, past) filled; mask: additive,
-        (b, 1 or nh, s, past + s); rotary: cos and sin (b, 1, s, rotary_dim) of the new tokens' positions.
-
-        Writes the new keys and values into rows [past, past + s) of the buffers and returns (b, s, h).
-        """
+        """x: (b, s, h); rotary: cos and sin (b, 1, s, rotary_dim) of the new tokens' positions. Returns (b, s, h)."""
         sp = self.spec
         if sp.parallel_attn:
             # GPT-J: one norm feeds both branches; GPT-NeoX: ln1 feeds attention, ln2 the MLP.
             attn_in = self._norm(x, w.ln1_w, w.ln1_b, sp.eps)
             mlp_in = attn_in if sp.shared_norm else self._norm2(w, x)
-            return x + self._attention(w, attn_in, k_buf, v_buf, past, mask, rotary) + self._mlp(w, mlp_in)
+            return x + self._attention(w, attn_in, core, rotary) + self._mlp(w, mlp_in)
         if not sp.pre_norm:  # post-LN: normalise after each residual add
-            x = self._norm(x + self._attention(w, x, k_buf, v_buf, past, mask, rotary), w.ln1_w, w.ln1_b, sp.eps)
+            x = self._norm(x + self._attention(w, x, core, rotary), w.ln1_w, w.ln1_b, sp.eps)
             return self._norm2(w, x + self._mlp(w, x))
-        x = x + self._attention(w, self._norm(x, w.ln1_w, w.ln1_b, sp.eps), k_buf, v_buf, past, mask, rotary)
+        x = x + self._attention(w, self._norm(x, w.ln1_w, w.ln1_b, sp.eps), core, rotary)
         return x + self._mlp(w, self._norm2(w, x))
+
+    def cached_core(self, k_buf: torch.Tensor, v_buf: torch.Tensor, past: int, mask: torch.Tensor) -> AttentionCore:
+        """The core for one micro-batch: k_buf/v_buf (>= past + s, b, kv_dim) with rows [0, past) filled,
+        into whose rows [past, past + s) the new keys and values go; mask: additive, (b, 1 or nh, s, past + s)."""
+        sp = self.spec
+
+        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            b, s = k.shape[:2]
+            t = past + s
+            k_buf[past:t].copy_(k.transpose(0, 1))  # (s, b, kv_dim)
+            v_buf[past:t].copy_(v.transpose(0, 1))
+            # The cache may be kept in the stored dtype while attention runs in the compute dtype.
+            keys = k_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim).permute(1, 2, 0, 3).to(q.dtype)  # (b, nkv, t, d)
+            values = v_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim).permute(1, 2, 0, 3).to(q.dtype)
+            return K.attention(q, keys, values, mask, sp.scale)
+
+        return core
 
     def _norm2(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         assert w.ln2_w is not None, "this layer has no second norm"
         return self._norm(x, w.ln2_w, w.ln2_b, self.spec.eps)
 
-    def _attention(
-        self,
-        w: LayerWeights,
-        hs: torch.Tensor,
-        k_buf: torch.Tensor,
-        v_buf: torch.Tensor,
-        past: int,
-        mask: torch.Tensor,
-        rotary: Rotary | None,
-    ) -> torch.Tensor:
+    def _attention(self, w: LayerWeights, hs: torch.Tensor, core: AttentionCore, rotary: Rotary | None) -> torch.Tensor:
         sp = self.spec
         b, s, h = hs.shape
-        t = past + s
         qkv = K.linear(hs, w.qkv_w, w.qkv_b)  # (b, s, h + 2 * kv_dim)
         kv_dim = sp.n_kv_head * sp.head_dim
         q, k, v = qkv.split([sp.n_head * sp.head_dim, kv_dim, kv_dim], dim=-1)
@@ -152,12 +154,7 @@ class FusedLayer:
             q = K.apply_rotary(q, cos, sin, sp.rotary_interleaved)
             k4 = k.view(b, s, sp.n_kv_head, sp.head_dim).transpose(1, 2)  # (b, nkv, s, d)
             k = K.apply_rotary(k4, cos, sin, sp.rotary_interleaved).transpose(1, 2).reshape(b, s, kv_dim)
-        k_buf[past:t].copy_(k.transpose(0, 1))  # (s, b, kv_dim)
-        v_buf[past:t].copy_(v.transpose(0, 1))
-        # The cache may be kept in the stored dtype while attention runs in the compute dtype.
-        keys = k_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim).permute(1, 2, 0, 3).to(q.dtype)  # (b, nkv, t, d)
-        values = v_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim).permute(1, 2, 0, 3).to(q.dtype)
-        attn = K.attention(q, keys, values, mask, sp.scale)  # (b, nh, s, d)
+        attn = core(q, k, v)  # (b, nh, s, d)
         return K.linear(attn.transpose(1, 2).reshape(b, s, h), w.out_w, w.out_b)  # (b, s, h)
 
     def _mlp(self, w: LayerWeights, hs: torch.Tensor) -> torch.Tensor:
