@@ -26,6 +26,7 @@ from flexrun.placement import Placement
 from flexrun.runtime.activations import ActivationStore
 from flexrun.runtime.iopool import IOPool
 from flexrun.runtime.layer import FusedLayer, LayerSpec, LayerWeights
+from flexrun.runtime.malloc import release_large_frees
 from flexrun.runtime.precision import vectors_in, with_compute_dtype
 from flexrun.runtime.stats import peak_rss, reset_peak_rss
 from flexrun.runtime.tiers import Budgets, Ledger, compute_device, make_workdir
@@ -79,6 +80,7 @@ class Encoder:
     ) -> None:
         """``compute_dtype``: as for ``Engine``."""
         self.store = store
+        release_large_frees()
         self.device = device or compute_device()
         self.cfg = cfg = with_compute_dtype(store.config, compute_dtype, self.device)
         self.placement = placement

@@ -27,6 +27,7 @@ from flexrun.runtime.activations import ActivationStore
 from flexrun.runtime.iopool import IOPool
 from flexrun.runtime.kvcache import KV, KVCache
 from flexrun.runtime.layer import AttentionCore, FusedLayer, LayerSpec, LayerWeights, Rotary
+from flexrun.runtime.malloc import release_large_frees
 from flexrun.runtime.precision import vectors_in, with_compute_dtype
 from flexrun.runtime.sampling import Sampler, SamplingParams
 from flexrun.runtime.stats import Timers, current_rss, peak_rss, reset_peak_rss
@@ -97,6 +98,7 @@ class Engine:
         """``compute_dtype``: what hidden states are computed in, "auto" or None for ``resolve_compute_dtype``'s
         choice (float32 for a 16-bit model on a CPU without 16-bit matmul hardware)."""
         self.store = store
+        release_large_frees()
         self.base_rss = current_rss()
         self.device = device or compute_device()
         self.cfg = cfg = with_compute_dtype(store.config, compute_dtype, self.device)
