@@ -404,8 +404,8 @@ def embed_cmd(
     from flexrun.embed import EmbedOptions, run_embed, summary_text
 
     opts = EmbedOptions(pooling=pooling, all_tokens=all_tokens, normalize=normalize, truncate=truncate)
-    store, placement, stats, used = run_embed(kw, texts, input_file, output, opts, stdin=sys.stdin, stdout=sys.stdout)
-    click.echo(summary_text(store, placement, stats, used), err=True)
+    cfg, placement, stats, used = run_embed(kw, texts, input_file, output, opts, stdin=sys.stdin, stdout=sys.stdout)
+    click.echo(summary_text(cfg, placement, stats, used), err=True)
 
 
 def _register_costmodel_commands() -> None:

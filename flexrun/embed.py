@@ -11,6 +11,7 @@ from typing import IO, Any
 
 import torch
 
+from flexrun.config import OptConfig
 from flexrun.errors import InputError
 from flexrun.generation import load_tokenizer
 from flexrun.placement import Placement, Shares
@@ -18,7 +19,6 @@ from flexrun.results import check_output
 from flexrun.runtime.encoder import Encoder, EncodeStats
 from flexrun.runtime.tiers import Budgets
 from flexrun.textio import PromptRecord, read_prompts
-from flexrun.weights.store import TensorStore
 
 TEXT_KEYS = ("text", "prompt")
 
@@ -142,13 +142,14 @@ def run_embed(
     opts: EmbedOptions,
     stdin: IO[str],
     stdout: IO[str],
-) -> tuple[TensorStore, Placement, EncodeStats, str]:
+) -> tuple[OptConfig, Placement, EncodeStats, str]:
     """Embed every record and write one JSONL row each, in input order, to ``output`` or ``stdout``.
 
     Rows are written as their blocks finish; memory holds one sort window of them (SORT_WINDOW
     sequences, one block with ``all_tokens``). An ``output`` file is written beside and put in place at
     the end, so a failed job leaves an existing file as it was. ``kw`` holds the CLI's model and placement
-    options. Returns the store, the placement, the stats and the pooling used, for the summary.
+    options. Returns the config run (its compute dtype resolved), the placement, the stats and the pooling
+    used, for the summary.
     """
     use_stdin = input_file == "-" or (not texts and not input_file and not stdin.isatty())
     hint = "give --text TEXT, --input FILE.jsonl, or JSONL on stdin"
@@ -164,7 +165,7 @@ def run_embed(
 
 def _embed(
     kw: dict[str, Any], records: list[PromptRecord], opts: EmbedOptions, writer: RowWriter
-) -> tuple[TensorStore, Placement, EncodeStats, str]:
+) -> tuple[OptConfig, Placement, EncodeStats, str]:
     from flexrun.weights.convert import ensure_store
 
     store = ensure_store(
@@ -207,18 +208,19 @@ def _embed(
     )
     with encoder:
         stats = encoder.encode_blocks(ids, pooling, on_block, sort_window=window)
-    return store, placement, stats, pooling
+    return encoder.cfg, placement, stats, pooling
 
 
-def summary_text(store: TensorStore, placement: Placement, stats: EncodeStats, pooling: str) -> str:
+def summary_text(cfg: OptConfig, placement: Placement, stats: EncodeStats, pooling: str) -> str:
+    from flexrun.report import computed_in
     from flexrun.units import format_bytes
 
-    cfg = store.config
     io = {True: "O_DIRECT", False: "buffered (page cache may flatter it)", None: "none"}[stats.direct_io]
     planned = {tier: sum(v.values()) for tier, v in stats.planned.items()}
     return "\n".join(
         [
-            f"model: {cfg.name} ({cfg.arch}, {cfg.dtype}, {format_bytes(cfg.model_bytes())}); pooling: {pooling}",
+            f"model: {cfg.name} ({cfg.arch}, {cfg.dtype}{computed_in(cfg)}, {format_bytes(cfg.model_bytes())}); "
+            f"pooling: {pooling}",
             # An encoder keeps no KV cache: its placement is the weights, the activations and the batching.
             f"placement: weights {placement.weights.spec()} | activations {placement.activations.spec()} | "
             f"batch {placement.gpu_batch_size} x {placement.num_gpu_batches}"

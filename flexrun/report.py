@@ -35,7 +35,8 @@ def summary_dict(cfg: OptConfig, placement: Placement, stats: RunStats) -> dict[
     }
 
 
-def _computed_in(cfg: OptConfig) -> str:
+def computed_in(cfg: OptConfig) -> str:
+    """ " computed in X" when the arithmetic runs in another dtype than the weights are stored in, else ""."""
     return f" computed in {cfg.run_dtype}" if cfg.run_dtype != cfg.dtype else ""
 
 
@@ -45,7 +46,7 @@ def summary_text(cfg: OptConfig, placement: Placement, stats: RunStats) -> str:
     per_step = stats.decode_s / stats.decode_steps if stats.decode_steps else 0.0
     io = {True: "O_DIRECT", False: "buffered (page cache may flatter it)", None: "none"}[stats.direct_io]
     lines = [
-        f"model: {cfg.name} ({cfg.dtype}{_computed_in(cfg)}, {format_bytes(cfg.model_bytes())})",
+        f"model: {cfg.name} ({cfg.dtype}{computed_in(cfg)}, {format_bytes(cfg.model_bytes())})",
         f"placement: {placement.describe()}",
         f"sequences: {stats.sequences} in {stats.blocks} block(s)",
         f"prefill latency: {stats.prefill_s:.3f} s  prefill throughput: {t['prefill_tok_s']:.2f} token/s",

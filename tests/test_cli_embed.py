@@ -158,6 +158,18 @@ def test_embed_dummy_weights_with_input_ids(bert, tmp_path: Path) -> None:
     assert len(row["embedding"]) == 48 and all(abs(v) <= 1 for v in row["embedding"])  # tanh pooler
 
 
+def test_embed_summary_names_the_compute_dtype(bert, tmp_path: Path) -> None:
+    ckpt, _, _ = bert
+    args = ["--dummy-weights", "--dtype", "bfloat16", "--input", "-"]
+    line = '{"input_ids": [2, 7, 8, 3]}\n'
+    result = embed(ckpt, tmp_path, *args, "--compute-dtype", "float32", input=line)
+    assert result.exit_code == 0, result.output
+    assert "bfloat16 computed in float32" in result.stderr
+    same = embed(ckpt, tmp_path, *args, "--compute-dtype", "bfloat16", input=line)
+    assert same.exit_code == 0, same.output
+    assert "bfloat16, " in same.stderr and "computed in" not in same.stderr
+
+
 def ids_records(lengths: list[int]) -> str:
     """One {"id", "input_ids"} line per length: [CLS] n n ... [SEP] with distinct ids per record."""
     return "".join(
