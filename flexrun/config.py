@@ -279,7 +279,10 @@ class OptConfig:
         upcast = 0
         if self.run_dtype != self.dtype:  # one weight chunk in the compute dtype and its output rows
             upcast = UPCAST_CHUNK_BYTES + b * s * UPCAST_CHUNK_BYTES // min(self.hidden_size, self.word_embed_proj_dim)
-        return act + scores + logits + upcast
+        # Attention over the cache converts a 16-bit cache (or computes a 16-bit model) in float32 scratch
+        # buffers on a CPU (kernels.reference.cached_attention): K and V of the micro-batch, float32.
+        attn_scratch = 2 * b * s * self.kv_dim * 4 if min(self.dtype_bytes, self.run_dtype_bytes) < 4 else 0
+        return act + scores + logits + upcast + attn_scratch
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -43,6 +43,29 @@ def test_linear_takes_the_weight_chunk_by_chunk_and_matches_one_matmul(monkeypat
     torch.testing.assert_close(K.linear(batched, w.bfloat16(), None), F.linear(batched, w.bfloat16().float()))
 
 
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])  # (query heads, kv heads): plain and grouped
+def test_attention_over_a_16_bit_cache_runs_in_float32_and_matches_the_reference(q_dtype, heads) -> None:
+    torch.manual_seed(0)
+    (nh, nkv), b, s, t, d = heads, 3, 2, 9, 8
+    q = torch.randn(b, nh, s, d).to(q_dtype)
+    keys, values = torch.randn(t, b, nkv, d).bfloat16(), torch.randn(t, b, nkv, d).bfloat16()  # position-major
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[0, :4] = False  # a left-padded row
+    mask = K.additive_mask(valid, s, q_dtype)
+    got = K.cached_attention(q, keys, values, mask, 0.3)
+    assert got.dtype == q_dtype and got.shape == (b, nh, s, d)
+    # The reference: float32 attention on the same (rounded) inputs, in the (b, nkv, t, d) layout. Both
+    # compute in float32; the only rounding is the output's cast back to q's dtype.
+    ref = K.attention(
+        q.float(), keys.float().permute(1, 2, 0, 3), values.float().permute(1, 2, 0, 3), mask.float(), 0.3
+    )
+    torch.testing.assert_close(got, ref.to(q_dtype), rtol=0, atol=1e-6 if q_dtype == torch.float32 else 1e-2)
+    # A float32 cache with float32 queries takes the reference path itself.
+    f32 = K.cached_attention(q.float(), keys.float(), values.float(), mask.float(), 0.3)
+    torch.testing.assert_close(f32, ref, rtol=0, atol=1e-6)
+
+
 def test_auto_computes_16_bit_weights_in_float32_on_a_cpu_without_16_bit_matmuls(monkeypatch) -> None:
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))

@@ -33,11 +33,14 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
+# The activations, writing into their input where torch can (callers pass a fresh matmul output): a new
+# (tokens, ffn) tensor per layer costs more than the activation itself on a CPU, the kernel zeroing its
+# pages (OPT-1.3B fc1 over 2048 tokens in bfloat16: relu 11.3 ms, relu_ 1.5 ms).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu,
+    "relu": F.relu_,
     "gelu": F.gelu,
     "gelu_new": gelu_new,
-    "silu": F.silu,
+    "silu": lambda x: F.silu(x, inplace=True),
 }
 
 
@@ -53,12 +56,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     converted chunk by chunk, so the converted chunk is still in cache when the matmul reads it, and even
     in one dtype the chunked product runs 1.2-2x faster at decode shapes (a few rows of x) than one
     ``F.linear`` over the whole weight (measured on the 2-core AVX2 machine: OPT-1.3B's fc1 at batch 16,
-    22-25 ms whole, 12 ms chunked; its LM head 190 ms and 80 ms). At prefill shapes (thousands of rows)
-    one ``F.linear`` is as fast or faster, so a weight already in x's dtype is then not chunked.
+    22-25 ms whole, 12 ms chunked; its LM head 190 ms and 80 ms; on the AVX-512 machine 12.3 and 7.8 ms for
+    fc1 at batch 8). At prefill shapes (thousands of rows) one ``F.linear`` is as fast or faster, and so it
+    is at every shape for a 16-bit x and weight (oneDNN's native bf16 kernels on AVX-512 BF16: fc1 at batch
+    8, 1.6 ms whole, 1.9 ms chunked; the LM head 11.2 and 13.7 ms), so those are not chunked.
     """
     k_in, n_out = w.shape[1], w.shape[0]
     rows = max(1, UPCAST_CHUNK_BYTES // (k_in * x.element_size()))
-    if w.dtype == x.dtype and (x.device.type != "cpu" or n_out <= 2 * rows or x.numel() > _CHUNKED_ROWS * k_in):
+    if w.dtype == x.dtype and (
+        x.device.type != "cpu" or x.dtype != torch.float32 or n_out <= 2 * rows or x.numel() > _CHUNKED_ROWS * k_in
+    ):
         return F.linear(x, w, b)
     x2 = x.reshape(-1, k_in)  # (m, in)
     m = x2.shape[0]
@@ -67,8 +74,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
         n = min(rows, n_out - r)
         wc = w[r : r + n]  # (n, in)
         if wc.dtype != x.dtype:
-            wc = _scratch("weight", n * k_in, x).view(n, k_in).copy_(wc)
-        part = _scratch("out", m * n, x).view(m, n)  # (m, n)
+            wc = _scratch("weight", n * k_in, x.dtype, x.device).view(n, k_in).copy_(wc)
+        part = _scratch("out", m * n, x.dtype, x.device).view(m, n)  # (m, n)
         if b is None:
             torch.mm(x2, wc.t(), out=part)
         else:
@@ -80,16 +87,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
 _scratches = threading.local()
 
 
-def _scratch(slot: str, numel: int, like: torch.Tensor) -> torch.Tensor:
-    """A reused buffer of ``numel`` elements in ``like``'s dtype and device, per thread: the chunked
-    matmul's converted weights and output rows. Fresh multi-MiB temporaries at every chunk would make
+def _scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused buffer of ``numel`` elements, per thread: the chunked matmul's converted weights and
+    output rows, attention's float32 keys and values. Fresh multi-MiB temporaries at every call would make
     glibc's malloc either page-fault on each (mmap'd) or keep hundreds of MiB resident (heap), depending
     on its adaptive threshold; measured on OPT-1.3B, the latter took peak RSS 0.75 GiB over the plan."""
     bufs: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = _scratches.__dict__.setdefault("bufs", {})
-    key = (slot, like.dtype, like.device)
+    key = (slot, dtype, device)
     buf = bufs.get(key)
     if buf is None or buf.numel() < numel:
-        buf = bufs[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
@@ -109,6 +116,27 @@ def attention(
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def cached_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``attention`` of q (b, nh, s, d) over a position-major cache: keys, values (t, b, nkv, d).
+
+    On a CPU, when q or the cache is 16-bit, keys and values are first converted into float32 scratch
+    buffers in their own layout (one contiguous pass each) and attention runs in float32, the result
+    cast back to q's dtype. PyTorch's CPU attention over these strided 16-bit views is several times
+    slower than the conversion plus a float32 one: OPT-1.3B decode, 16 sequences over 140 positions,
+    16.3 ms per layer in bfloat16 against 5.3 ms converted, on the AVX-512 BF16 machine.
+    """
+    if q.device.type != "cpu" or (q.dtype == torch.float32 and keys.dtype == torch.float32):
+        k, v = keys.permute(1, 2, 0, 3).to(q.dtype), values.permute(1, 2, 0, 3).to(q.dtype)  # (b, nkv, t, d)
+        return attention(q, k, v, mask, scale)
+    f32 = torch.float32
+    kf = _scratch("attn_k", keys.numel(), f32, q.device).view(keys.shape).copy_(keys)  # (t, b, nkv, d)
+    vf = _scratch("attn_v", values.numel(), f32, q.device).view(values.shape).copy_(values)
+    out = attention(q.float(), kf.permute(1, 2, 0, 3), vf.permute(1, 2, 0, 3), mask.float(), scale)
+    return out.to(q.dtype)  # (b, nh, s, d)
 
 
 def additive_mask(valid: torch.Tensor, query_len: int, dtype: torch.dtype, window: int = 0) -> torch.Tensor:

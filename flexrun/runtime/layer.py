@@ -102,7 +102,7 @@ class FusedLayer:
     def __init__(self, spec: LayerSpec) -> None:
         self.spec = spec
         self._norm = K.NORMS[spec.norm]
-        self._act = K.ACTIVATIONS[spec.activation]
+        self._act_ = K.ACTIVATIONS[spec.activation]
 
     def __call__(
         self, w: LayerWeights, x: torch.Tensor, core: AttentionCore, rotary: Rotary | None = None
@@ -131,9 +131,9 @@ class FusedLayer:
             k_buf[past:t].copy_(k.transpose(0, 1))  # (s, b, kv_dim)
             v_buf[past:t].copy_(v.transpose(0, 1))
             # The cache may be kept in the stored dtype while attention runs in the compute dtype.
-            keys = k_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim).permute(1, 2, 0, 3).to(q.dtype)  # (b, nkv, t, d)
-            values = v_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim).permute(1, 2, 0, 3).to(q.dtype)
-            return K.attention(q, keys, values, mask, sp.scale)
+            keys = k_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim)  # (t, b, nkv, d)
+            values = v_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim)
+            return K.cached_attention(q, keys, values, mask, sp.scale)
 
         return core
 
@@ -161,7 +161,7 @@ class FusedLayer:
         up = K.linear(hs, w.fc1_w, w.fc1_b)  # (b, s, ffn)
         if self.spec.gated_mlp:
             assert w.gate_w is not None
-            up = self._act(K.linear(hs, w.gate_w, w.gate_b)) * up
+            up = self._act_(K.linear(hs, w.gate_w, w.gate_b)).mul_(up)
         else:
-            up = self._act(up)
+            up = self._act_(up)
         return K.linear(up, w.fc2_w, w.fc2_b)  # (b, s, h)
