@@ -12,7 +12,10 @@
 # DISK_PLACEMENT (manual: flexrun at DISK_BATCH with DISK_CACHE; auto: weights disk=100 held and the
 # planner chooses flexrun's batch, cache and activations within HOST_MEM, accelerate stays at DISK_BATCH;
 # DISK_FLAGS adds flexrun options there, e.g. "--num-gpu-batches 4" to cap the block the planner picks),
-# CASES ("in-memory disk-offload").
+# ACC_BATCHES (the batches accelerate runs at in the disk case, each its own row; default DISK_BATCH),
+# CASES ("in-memory disk-offload"). With CALIBRATE=1 (default) `flexrun calibrate` runs before every
+# disk-offload run, so the roofline's disk bound uses the bandwidth of that moment (a virtual disk's
+# varies by 2x within the hour).
 # The memory cgroup of every run: the disk case's is the host budget plus the processes' own ~0.5-1 GiB
 # (torch, transformers); the in-memory case holds the whole model.
 MEM_LIMIT=${MEM_LIMIT:-2G}
@@ -27,6 +30,7 @@ GEN=${GEN:-32}
 DISK_BATCH=${DISK_BATCH:-$BATCH}
 DISK_CACHE=${DISK_CACHE:-host=100}
 DISK_PLACEMENT=${DISK_PLACEMENT:-manual}
+ACC_BATCHES=${ACC_BATCHES:-$DISK_BATCH}
 CASES=${CASES:-in-memory disk-offload}
 RUNS="$OUT/compare-$MODEL-$(date +%Y%m%d-%H%M%S).jsonl"
 OFF=/tmp/flexrun-bench/offload
@@ -57,6 +61,7 @@ for ((r = 1; r <= REPEAT; r++)); do
         hf hf_generate.py --batch "$BATCH" | tag "$c" hf-generate || failed hf-generate "$c" $? ;;
       disk-offload)
         LIMIT=$MEM_LIMIT
+        [[ ${CALIBRATE:-1} == 1 ]] && flexrun calibrate >/dev/null 2>&1
         if [[ $DISK_PLACEMENT == auto ]]; then
           c="$case host=$HOST_MEM"
           # shellcheck disable=SC2086  # DISK_FLAGS holds several words
@@ -67,9 +72,13 @@ for ((r = 1; r <= REPEAT; r++)); do
           fr --weights disk=100 --cache "$DISK_CACHE" --activations host=100 --gpu-batch-size "$DISK_BATCH" \
             --host-mem "$HOST_MEM" | tag "$c" flexrun || failed flexrun "$c" $?
         fi
-        hf accelerate_offload.py --batch "$DISK_BATCH" --host-mem "$HOST_MEM" \
-          --ckpt-dir /tmp/flexrun-bench/hf-ckpt --offload-dir /tmp/flexrun-bench/accelerate-offload |
-          tag "$c" accelerate || failed accelerate "$c" $? ;;
+        for ab in $ACC_BATCHES; do
+          side=accelerate
+          [[ $ACC_BATCHES == "$DISK_BATCH" ]] || side="accelerate b=$ab"
+          hf accelerate_offload.py --batch "$ab" --host-mem "$HOST_MEM" \
+            --ckpt-dir /tmp/flexrun-bench/hf-ckpt --offload-dir /tmp/flexrun-bench/accelerate-offload |
+            tag "$c" "$side" || failed accelerate "$c" $?
+        done ;;
     esac
   done
 done

@@ -54,6 +54,8 @@ machine() {
   cores=$(nproc)
   ram=$(free -g | awk '/Mem:/ {print $2 " GiB"}')
   echo "machine: $cpu, $cores cores, $ram RAM, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  # What decides a 16-bit matmul's speed on a CPU (README "Dtypes"): native bf16/fp16 instructions or not.
+  echo "cpu matmul flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_bf16|avx512_fp16|amx_bf16|amx_fp16)$' | xargs)"
   [[ -f $FLEXRUN_CACHE_DIR/hardware.json ]] || flexrun calibrate >/dev/null 2>&1
   "$PYTHON" - "$FLEXRUN_CACHE_DIR/hardware.json" <<'PY'
 import json, sys
