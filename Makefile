@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# A real chat model answering real prompts, half its weights streamed from disk every step (float32: this
-# kind of CPU has no fast bf16). The first run converts the GGUF file into a tensor store (~1 minute).
+# A real chat model answering real prompts, half its weights streamed from disk every step (float32: fast
+# on every CPU, with or without bf16 matmul hardware). The first run converts the GGUF file into a tensor
+# store (~1 minute).
 run: install
 	$(BIN)/flexrun generate --model smollm2-135m-instruct --chat --dtype float32 \
 		--weights host=50,disk=50 --cache host=100 --activations host=100 --gpu-batch-size 1 --num-gpu-batches 2 \

@@ -2,9 +2,9 @@
 
 Each figure is measured on the operation the engine runs: disk reads with O_DIRECT into page-aligned
 buffers (``flexrun.diskio``), disk writes ending in fsync, pinned host<->device copies, the fused layer's
-``linear`` at prefill-like (many tokens) and decode-like (one token per sequence) shapes, and the
-reference attention kernel over a prompt and over a cache. A full run takes well under a minute;
-``quick=True`` shrinks every size for tests (figures then understate the machine).
+``linear`` at prefill-like (many tokens) and decode-like (one token per sequence) shapes, and its
+``cached_attention`` over a prompt and over a position-major cache. A full run takes well under a
+minute; ``quick=True`` shrinks every size for tests (figures then understate the machine).
 
 Everything CUDA is created inside the functions, so this module imports on a machine without a GPU.
 """
@@ -147,16 +147,17 @@ def measure_matmul(device: torch.device, dtype: torch.dtype, tokens: int, sizes:
 def measure_attention(
     device: torch.device, dtype: torch.dtype, batch: int, query_len: int, context: int, sizes: Sizes
 ) -> float:
-    """FLOP/s of the reference attention kernel: ``query_len`` queries over ``context`` keys."""
-    from flexrun.kernels.reference import additive_mask, attention
+    """FLOP/s of the engine's attention kernel: ``query_len`` queries over ``context`` keys held, as the
+    engine holds its KV cache, position-major."""
+    from flexrun.kernels.reference import additive_mask, cached_attention
 
     nh, d = sizes.heads, 64
     q = torch.randn(batch, nh, query_len, d, device=device).to(dtype)  # (b, nh, q, d)
-    k = torch.randn(batch, nh, context, d, device=device).to(dtype)  # (b, nh, t, d)
-    v = torch.randn(batch, nh, context, d, device=device).to(dtype)
+    k = torch.randn(context, batch, nh, d, device=device).to(dtype)  # (t, b, nh, d)
+    v = torch.randn(context, batch, nh, d, device=device).to(dtype)
     valid = torch.ones(batch, context, dtype=torch.bool, device=device)
     mask = additive_mask(valid, query_len, dtype)  # (b, 1, q, t)
-    seconds = _best_time(lambda: attention(q, k, v, mask, d**-0.5), device, sizes.min_seconds)
+    seconds = _best_time(lambda: cached_attention(q, k, v, mask, d**-0.5), device, sizes.min_seconds)
     return 4 * batch * query_len * context * nh * d / seconds  # Q K^T and P V
 
 
