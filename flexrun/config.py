@@ -266,9 +266,9 @@ class OptConfig:
         """Bytes of the hidden state (the activations passed from layer to layer)."""
         return batch_size * seq_len * self.hidden_size * self.run_dtype_bytes
 
-    def working_bytes(self, batch_size: int, seq_len: int) -> int:
+    def working_bytes(self, batch_size: int, seq_len: int, cpu: bool) -> int:
         """Intermediates of one micro-batch's prefill (the largest step) on the compute device: what the
-        engine reserves and the planner counts."""
+        engine reserves and the planner counts. ``cpu``: the compute device is a CPU."""
         b, s = batch_size, seq_len
         ffn_buffers = 3 if self.gated_mlp else 2  # up (and gate), activated
         act = b * s * (6 * self.hidden_size + ffn_buffers * self.ffn_embed_dim) * self.run_dtype_bytes
@@ -279,9 +279,10 @@ class OptConfig:
         upcast = 0
         if self.run_dtype != self.dtype:  # one weight chunk in the compute dtype and its output rows
             upcast = UPCAST_CHUNK_BYTES + b * s * UPCAST_CHUNK_BYTES // min(self.hidden_size, self.word_embed_proj_dim)
-        # Attention over the cache converts a 16-bit cache (or computes a 16-bit model) in float32 scratch
-        # buffers on a CPU (kernels.reference.cached_attention): K and V of the micro-batch, float32.
-        attn_scratch = 2 * b * s * self.kv_dim * 4 if min(self.dtype_bytes, self.run_dtype_bytes) < 4 else 0
+        # On a CPU, attention over a 16-bit cache (or in a 16-bit compute dtype) runs on float32 copies of
+        # the micro-batch's K and V, kept as scratch buffers (kernels.reference.cached_attention).
+        sixteen_bit = min(self.dtype_bytes, self.run_dtype_bytes) < 4
+        attn_scratch = 2 * b * s * self.kv_dim * 4 if cpu and sixteen_bit else 0
         return act + scores + logits + upcast + attn_scratch
 
     def to_dict(self) -> dict[str, Any]:

@@ -148,9 +148,9 @@ def _max_group_bytes(cfg: OptConfig) -> int:
     return max(cfg.layer_bytes(), max(inp, out) * cfg.dtype_bytes)
 
 
-def working_bytes(cfg: OptConfig, gpu_batch_size: int, max_len: int) -> int:
+def working_bytes(cfg: OptConfig, gpu_batch_size: int, max_len: int, cpu: bool) -> int:
     """Intermediates of one micro-batch's prefill on the compute device, as the engine reserves them."""
-    return cfg.working_bytes(gpu_batch_size, max_len)
+    return cfg.working_bytes(gpu_batch_size, max_len, cpu)
 
 
 def cost_terms(
@@ -288,7 +288,7 @@ def cost_terms(
         + Affine.share("weights", off_device, 2 * group)  # double-buffered arena for streamed weights
         + Affine.share("cache", ["device"], cache_total)
         + Affine.share("activations", ["device"], acts_total)
-        + working_bytes(cfg, b, S)
+        + working_bytes(cfg, b, S, hw.device_is_host)
         + (cfg.layer_bytes() if compress_weight else 0)  # one dequantized layer
     )
     if not cpu_cache_compute:

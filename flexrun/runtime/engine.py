@@ -150,7 +150,11 @@ class Engine:
 
     def _plan_working_memory(self, ledger: Ledger) -> None:
         """Intermediates of one micro-batch in prefill (the largest step), on the compute device."""
-        ledger.add("device", "working memory", self.cfg.working_bytes(self.placement.gpu_batch_size, self.max_len))
+        ledger.add(
+            "device",
+            "working memory",
+            self.cfg.working_bytes(self.placement.gpu_batch_size, self.max_len, self.device.type == "cpu"),
+        )
 
     # ---- compute of the non-layer groups ---------------------------------------------------------
     def _embed(self, w: dict[str, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
