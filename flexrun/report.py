@@ -70,12 +70,14 @@ def roofline(
     ``bound_s``: the cost model's decode step (the slowest of the read path, the write path and compute,
     or their sum without overlap). ``disk_bound_s``: the bytes this run read from disk per pass over the
     stack (measured) over the disk's read bandwidth: what weights and cache on disk cost at the very least.
+    ``disk_read_bw``: the rate this run read them at over a decode step (bytes/s), to set beside the
+    calibrated ``disk_to_host_bw`` the bound uses (a virtual disk's rate moves between the two).
     """
     from flexrun.costmodel.equations import predict
 
     pred = predict(cfg, hw, placement, prompt_len, gen_len)
     passes = stats.decode_steps + stats.blocks  # each block's prefill reads the stack once too
-    disk_step = stats.disk_bytes_read / passes if passes else 0.0
+    disk_step = stats.disk_bytes_read // passes if passes else 0
     disk_bound = disk_step / hw.disk_to_host_bw
     bound = max(pred.decode.seconds * cfg.num_hidden_layers, disk_bound)
     measured = stats.decode_s / stats.decode_steps if stats.decode_steps else 0.0
@@ -84,17 +86,25 @@ def roofline(
         "bound_s": bound,
         "bottleneck": pred.decode.bottleneck if bound > disk_bound else "disk->host",
         "compute_s": (pred.decode.compute + pred.decode.host_compute) * cfg.num_hidden_layers,
-        "disk_bytes_per_step": int(disk_step),
+        "disk_bytes_per_step": disk_step,
         "disk_bound_s": disk_bound,
+        "disk_read_bw": disk_step / measured if measured > 0 else 0.0,
+        "calibrated_disk_bw": hw.disk_to_host_bw,
         "measured_s": measured,
         "measured_over_bound": measured / bound if bound > 0 else 0.0,
     }
 
 
 def roofline_text(r: dict[str, Any]) -> str:
-    return (
+    text = (
         f"roofline ({r['hardware']}): decode step >= {r['bound_s']:.3f} s, bound by {r['bottleneck']} "
         f"(disk {format_bytes(r['disk_bytes_per_step'])}/step -> {r['disk_bound_s']:.3f} s; "
         f"compute {r['compute_s']:.3f} s); measured {r['measured_s']:.3f} s/step = "
         f"{r['measured_over_bound']:.2f}x the bound"
     )
+    if r["disk_bytes_per_step"] and r["disk_read_bw"]:
+        text += (
+            f"; disk read at {format_bytes(int(r['disk_read_bw']))}/s in decode "
+            f"(calibrated: {format_bytes(int(r['calibrated_disk_bw']))}/s)"
+        )
+    return text

@@ -88,8 +88,11 @@ def test_bench_roofline_counts_the_disk_bytes_of_each_step(ckpt, tmp_path: Path)
     roof = data["roofline"]
     assert roof["disk_bytes_per_step"] >= data["model_bytes"]
     assert roof["bound_s"] >= roof["disk_bound_s"] > 0
+    # The rate achieved in decode: a step's disk bytes over its measured time.
+    assert roof["disk_read_bw"] == pytest.approx(roof["disk_bytes_per_step"] / roof["measured_s"])
     result = run(*args)
     assert result.exit_code == 0 and "roofline (" in result.output and "x the bound" in result.output
+    assert "/s in decode (calibrated: " in result.output
 
 
 def test_auto_placement_plans_what_is_not_given(ckpt, tmp_path: Path) -> None:
