@@ -4,7 +4,7 @@ A job is planned once, for its longest prompt, and then run block by block: each
 written (and, to a file, fsync'd) as soon as the block finishes, so a job that dies keeps everything it
 finished. Rerunning the same command with the same ``--output`` resumes: records already there are
 skipped, a partial last line is cut off. Every prompt problem is found before anything is generated.
-A job is identified by its fingerprint (the model's weights and every setting that changes the records),
+A job is identified by its fingerprint (the model's weights and tokenizer, and every setting that changes the records),
 kept next to the output; resuming with another model or other settings is refused.
 
 Order: ``length`` (the default) runs the longest prompts first, so blocks hold prompts of similar length
@@ -149,15 +149,33 @@ def weights_digest(store: TensorStore) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def tokenizer_digest(store: TensorStore) -> str | None:
+    """A short digest of the tokenizer files the store holds (names and contents), None without any: the
+    tokenizer decides the prompts' ids and the records' text as much as the weights decide the tokens."""
+    tok_dir = store.tokenizer_dir()
+    if tok_dir is None:
+        return None
+    h = hashlib.sha256()
+    for f in sorted(p for p in tok_dir.rglob("*") if p.is_file()):
+        name = f.relative_to(tok_dir).as_posix().encode()
+        data = f.read_bytes()
+        h.update(b"%d:%s%d:" % (len(name), name, len(data)))
+        h.update(data)
+    return h.hexdigest()[:16]
+
+
 def job_fingerprint(store: TensorStore, job: JobOptions, compute_dtype: str | None = None) -> dict[str, Any]:
     """Everything apart from the prompts (checked record by record) that decides a job's records. The
     placement and ``--order`` are left out: they change how fast the records come, not what they hold; so
     are the sampling options of a greedy job, which only the repetition penalty affects. The compute dtype
-    is recorded only when it differs from the weights' (so jobs that never had one still resume)."""
+    is recorded only when it differs from the weights' (so jobs that never had one still resume), the
+    tokenizer only when the store has one."""
     p = job.params
-    fp: dict[str, Any] = {
-        "model": store.config.name,
-        "weights": weights_digest(store),
+    fp: dict[str, Any] = {"model": store.config.name, "weights": weights_digest(store)}
+    tokenizer = tokenizer_digest(store)
+    if tokenizer is not None:
+        fp["tokenizer"] = tokenizer
+    fp |= {
         "dtype": store.config.dtype,
         "max_new_tokens": p.max_new_tokens,
         "temperature": p.temperature,
@@ -198,16 +216,22 @@ def job_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[s
     """What differs between the job that wrote a file and this one, e.g. ``--max-new-tokens 3 there, 8 here``.
 
     A setting that only one side has (the sampling options of a greedy job) follows from one that both
-    have, which is the one named."""
+    have, which is the one named. A description without a tokenizer (from a store without one, or written
+    before flexrun recorded them) is not held to one."""
+    if "tokenizer" not in recorded:
+        current = {k: v for k, v in current.items() if k != "tokenizer"}
     diffs = []
     if recorded.get("weights") != current["weights"]:
         there = f"{recorded.get('model')} (weights {str(recorded.get('weights'))[:8]})"
         diffs.append(f"model {there} there, {current['model']} (weights {current['weights'][:8]}) here")
+    elif recorded.get("tokenizer") != current.get("tokenizer"):  # another model's tokenizer goes without saying
+        there, here = (str(f.get("tokenizer") or "none")[:8] for f in (recorded, current))
+        diffs.append(f"tokenizer {there} there, {here} here")
     computed = [f.get("compute_dtype", f.get("dtype")) for f in (recorded, current)]
     if computed[0] != computed[1] and recorded.get("dtype") == current.get("dtype"):
         diffs.append(f"--compute-dtype {computed[0]} there, {computed[1]} here")
     for key, value in current.items():
-        if key in ("model", "weights", "compute_dtype") or key not in recorded or recorded[key] == value:
+        if key in ("model", "weights", "tokenizer", "compute_dtype") or key not in recorded or recorded[key] == value:
             continue
         diffs.append(f"{_OPTION.get(key, key)} {_show(recorded[key])} there, {_show(value)} here")
     if not diffs and _settings(recorded) != _settings(current):

@@ -241,6 +241,32 @@ def test_fingerprint_names_the_weights_and_ignores_what_greedy_decoding_does_not
     assert diffs[0].startswith("model ckpt (weights ") and diffs[1:] == ["--dtype float32 there, bfloat16 here"]
 
 
+def test_fingerprint_names_the_tokenizer(ckpt, stores, tmp_path) -> None:
+    import shutil
+
+    from flexrun.generation import JobOptions, job_differences, job_fingerprint
+    from flexrun.runtime.sampling import SamplingParams
+    from flexrun.weights.convert import ensure_store
+    from flexrun.weights.store import TensorStore
+
+    store = ensure_store(str(ckpt[0]), store_root=stores, progress=False)
+    job = JobOptions(params=SamplingParams(max_new_tokens=4))
+    recorded = json.loads(json.dumps(job_fingerprint(store, job)))
+    assert len(recorded["tokenizer"]) == 16
+    # The same weights with an edited tokenizer file: the prompts' ids and the records' text may differ.
+    copy = tmp_path / "copy"
+    shutil.copytree(store.path, copy)
+    config = copy / "tokenizer" / "tokenizer_config.json"
+    config.write_text(config.read_text() + "\n")
+    edited = job_fingerprint(TensorStore(copy), job)
+    assert edited["weights"] == recorded["weights"] and edited["tokenizer"] != recorded["tokenizer"]
+    there, here = recorded["tokenizer"][:8], edited["tokenizer"][:8]
+    assert job_differences(recorded, edited) == [f"tokenizer {there} there, {here} here"]
+    # A description written before tokenizers were recorded still resumes.
+    older = {k: v for k, v in recorded.items() if k != "tokenizer"}
+    assert job_differences(older, job_fingerprint(store, job)) == []
+
+
 def test_json_summary_is_one_line_on_stderr_and_the_records_stay_alone_on_stdout(ckpt, stores, tmp_path) -> None:
     inp = write_input(tmp_path / "in.jsonl", 3)
     for output in ([], ["-o", str(tmp_path / "out.jsonl")]):
