@@ -77,7 +77,7 @@ for ((r = 1; r <= REPEAT; r++)); do
           [[ $ACC_BATCHES == "$DISK_BATCH" ]] || side="accelerate b=$ab"
           hf accelerate_offload.py --batch "$ab" --host-mem "$HOST_MEM" \
             --ckpt-dir /tmp/flexrun-bench/hf-ckpt --offload-dir /tmp/flexrun-bench/accelerate-offload |
-            tag "$c" "$side" || failed accelerate "$c" $?
+            tag "$c" "$side" || failed "$side" "$c" $?
         done ;;
     esac
   done

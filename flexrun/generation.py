@@ -4,8 +4,8 @@ A job is planned once, for its longest prompt, and then run block by block: each
 written (and, to a file, fsync'd) as soon as the block finishes, so a job that dies keeps everything it
 finished. Rerunning the same command with the same ``--output`` resumes: records already there are
 skipped, a partial last line is cut off. Every prompt problem is found before anything is generated.
-A job is identified by its fingerprint (the model's weights and tokenizer, and every setting that changes the records),
-kept next to the output; resuming with another model or other settings is refused.
+A job is identified by its fingerprint (the model's weights and tokenizer, and every setting that changes
+the records), kept next to the output; resuming with another model or other settings is refused.
 
 Order: ``length`` (the default) runs the longest prompts first, so blocks hold prompts of similar length
 and waste little padding; records come out in that order. ``input`` keeps the input's order. Either way
