@@ -34,6 +34,7 @@ lint: install
 	$(BIN)/ruff check flexrun tests benchmarks
 	$(BIN)/ruff format --check flexrun tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/pytest -q

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's flexrun
-from flexrun.config import resolve  # noqa: E402
-from flexrun.costmodel.equations import predict  # noqa: E402
 from flexrun.costmodel.hardware import load_hardware  # noqa: E402
+from flexrun.costmodel.prediction import predict  # noqa: E402
 from flexrun.placement import Placement, Shares  # noqa: E402
+from flexrun.resolver import resolve  # noqa: E402
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import OPTConfig
 
-from flexrun.config import resolve
+from flexrun.resolver import resolve
 from flexrun.units import format_bytes, parse_size
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")

@@ -15,7 +15,7 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's flexrun
-from flexrun.config import resolve  # noqa: E402
+from flexrun.resolver import resolve  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -11,9 +11,8 @@ from typing import Any
 
 import click
 
-from flexrun.cli_options import byte_size, hardware_spec, non_negative_int, positive_int, tier_shares
+from flexrun.cli_options import DTYPES, engine_options, non_negative_int, positive_int
 from flexrun.errors import FlexrunError
-from flexrun.runtime.precision import CHOICES as COMPUTE_CHOICES
 
 try:
     __version__ = version("flexrun")
@@ -60,7 +59,7 @@ def cli(verbose: int) -> None:
 @click.option("--batch-size", default=1, show_default=True, callback=positive_int, help="Sequences in the batch.")
 @click.option("--prompt-len", default=512, show_default=True, callback=positive_int, help="Prompt tokens.")
 @click.option("--gen-len", default=32, show_default=True, callback=non_negative_int, help="Generated tokens.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Override the dtype.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Override the dtype.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output with exact byte counts.")
 def config_cmd(name: str, batch_size: int, prompt_len: int, gen_len: int, dtype: str | None, as_json: bool) -> None:
     """Print the resolved config of NAME (a model name or checkpoint directory) and its memory sizes.
@@ -68,7 +67,7 @@ def config_cmd(name: str, batch_size: int, prompt_len: int, gen_len: int, dtype:
     The KV cache is sized for BATCH_SIZE sequences of PROMPT_LEN + GEN_LEN tokens; the hidden state for
     one prefill step (BATCH_SIZE x PROMPT_LEN).
     """
-    from flexrun.config import resolve
+    from flexrun.resolver import resolve
     from flexrun.units import format_bytes
 
     cfg = resolve(name, **({"dtype": dtype} if dtype else {}))
@@ -92,105 +91,16 @@ def config_cmd(name: str, batch_size: int, prompt_len: int, gen_len: int, dtype:
     )
 
 
-# ---- shared options for commands that run the engine ----------------------------------------------
-def engine_options(fn: Any) -> Any:
-    """Model, weights and placement options shared by generate and bench (each adds its own --json)."""
-    options = [
-        click.option("--model", "-m", required=True, help="Model name, checkpoint directory or tensor store."),
-        click.option(
-            "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Weight and KV cache dtype."
-        ),
-        click.option(
-            "--compute-dtype",
-            type=click.Choice(COMPUTE_CHOICES),
-            default="auto",
-            show_default=True,
-            help="Dtype of the arithmetic. auto: the weights' dtype on a GPU or on a CPU with matmul hardware "
-            "for it, else float32 (16-bit weights are converted chunk by chunk inside each matmul).",
-        ),
-        click.option("--dummy-weights", is_flag=True, help="Random weights of the right shapes (no download)."),
-        click.option("--store-dir", type=click.Path(file_okay=False), help="Where converted stores are cached."),
-        click.option(
-            "--placement",
-            type=click.Choice(["auto", "manual"]),
-            default="auto",
-            show_default=True,
-            help="auto: the planner chooses what the options below leave open; manual: unset shares are host=100.",
-        ),
-        click.option(
-            "--hardware",
-            callback=hardware_spec,
-            help="Hardware figures for the planner: a preset or a `flexrun calibrate` JSON (default: this machine's).",
-        ),
-        click.option("--weights", callback=tier_shares, help="Weight shares, e.g. host=40,disk=60."),
-        click.option("--cache", callback=tier_shares, help="KV cache shares, e.g. host=100."),
-        click.option("--activations", callback=tier_shares, help="Activation shares, e.g. host=100."),
-        click.option("--gpu-batch-size", type=int, callback=positive_int, help="Sequences per micro-batch."),
-        click.option("--num-gpu-batches", type=int, callback=positive_int, help="Micro-batches per block."),
-        click.option("--overlap/--no-overlap", default=True, show_default=True, help="Overlap I/O with compute."),
-        click.option(
-            "--offload-dir", type=click.Path(file_okay=False), help="Directory for disk-resident cache and activations."
-        ),
-        click.option("--device-mem", callback=byte_size, help="Device memory budget, e.g. 14GiB."),
-        click.option("--host-mem", callback=byte_size, help="Host memory budget, e.g. 8GiB."),
-        click.option("--disk-mem", callback=byte_size, help="Disk budget in the offload dir."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _engine(
-    kw: dict[str, Any], prompt_len: int, gen_len: int, num_prompts: int | None = None, store: Any = None
-) -> Any:
-    """The tensor store (``store``, or the one ``--model`` names) and an engine sized for ``prompt_len +
-    gen_len`` tokens, with the placement given on the command line or, with ``--placement auto``, chosen by
-    the planner for this job."""
-    from flexrun.autoplace import build_engine
-    from flexrun.runtime.tiers import Budgets
-    from flexrun.weights.convert import ensure_store
-
-    if store is None:
-        store = ensure_store(
-            kw["model"],
-            dtype=kw["dtype"],
-            dummy=kw["dummy_weights"],
-            store_root=kw["store_dir"],
-            progress=not kw.get("quiet"),
-        )
-    budgets = Budgets(device=kw["device_mem"], host=kw["host_mem"], disk=kw["disk_mem"])
-    report = None if kw.get("quiet") else lambda line: click.echo(line, err=True)
-    engine = build_engine(store, kw, budgets, prompt_len, gen_len, num_prompts, report=report)
-    return store, engine
-
-
-def _print_summary(store: Any, engine: Any, stats: Any, as_json: bool, json_err: bool = False) -> None:
-    """The run's summary: text on stderr, or with --json one JSON line on stdout (on stderr with ``json_err``,
-    for generate, whose records may be on stdout)."""
-    from flexrun.report import summary_dict, summary_text
-
-    if as_json:
-        click.echo(json.dumps(summary_dict(engine.cfg, engine.placement, stats)), err=json_err)
-    else:
-        click.echo(summary_text(engine.cfg, engine.placement, stats), err=True)
-
-
-def _print_generate_summary(store: Any, engine: Any, stats: Any, as_json: bool) -> None:
-    _print_summary(store, engine, stats, as_json, json_err=True)
-
-
 @cli.command("convert")
 @click.option("--model", "-m", required=True, help="Checkpoint directory, GGUF file, packaged model or hub name.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output store directory.")
-@click.option(
-    "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Store dtype (default: the checkpoint's)."
-)
+@click.option("--dtype", type=click.Choice(DTYPES), help="Store dtype (default: the checkpoint's).")
 def convert_cmd(model: str, out: str, dtype: str | None) -> None:
     """Convert a Hugging Face checkpoint (or a GGUF file, dequantized) into flexrun's tensor store, one
     tensor at a time."""
-    from flexrun.config import resolve
-    from flexrun.weights.convert import convert_checkpoint, hub_download
-    from flexrun.weights.packaged import local_source
+    from flexrun.resolver import local_source, resolve
+    from flexrun.weights.convert import convert_checkpoint
+    from flexrun.weights.hub import hub_download
 
     src = local_source(model)
     if src is None:
@@ -201,7 +111,7 @@ def convert_cmd(model: str, out: str, dtype: str | None) -> None:
 
 
 @cli.command("generate")
-@engine_options
+@engine_options()
 @click.option("--prompt", "-p", "prompts", multiple=True, help="A prompt text (repeatable).")
 @click.option(
     "--input", "-i", "input_file", help='JSONL file of {"prompt": ...} or {"input_ids": [...]} records (- for stdin).'
@@ -269,7 +179,8 @@ def generate_cmd(
     stream: bool,
     quiet: bool,
     chat: bool,
-    **kw: Any,
+    as_json: bool,
+    engine: Any,
 ) -> None:
     """Generate completions for prompts with an offloaded placement; JSONL results, summary on stderr.
 
@@ -277,7 +188,8 @@ def generate_cmd(
     the job where it stopped (another model or other settings are refused: OUTPUT.job.json records them);
     Ctrl-C (or SIGTERM) stops it after the block in flight.
     """
-    from flexrun.generation import JobOptions, run_generate
+    from flexrun.jobs.generate import run_generate
+    from flexrun.jobs.options import JobOptions
     from flexrun.runtime.sampling import SamplingParams
 
     if num_return_sequences > 1 and temperature == 0:
@@ -306,41 +218,46 @@ def generate_cmd(
         quiet=quiet,
         chat=chat,
     )
-    kw["quiet"] = quiet
-    run_generate(kw, job, make_engine=_engine, print_summary=_print_generate_summary, echo=click.echo)
+    result = run_generate(engine, job)
+    if result.stats is not None and not stream:
+        # --json: one line on stderr, since the records may be on stdout.
+        _summary(result.cfg, result.placement, result.stats, as_json, err=True)
+    if result.interrupted is not None:
+        raise result.interrupted
+
+
+def _summary(
+    cfg: Any, placement: Any, stats: Any, as_json: bool, err: bool, extra: dict[str, Any] | None = None
+) -> None:
+    """A run's summary: text on stderr, or with --json one JSON line (on stderr with ``err``)."""
+    from flexrun.jobs.report import summary_dict, summary_text
+
+    if as_json:
+        click.echo(json.dumps({**summary_dict(cfg, placement, stats), **(extra or {})}), err=err)
+    else:
+        click.echo(summary_text(cfg, placement, stats), err=True)
 
 
 @cli.command("bench")
-@engine_options
+@engine_options()
 @click.option("--prompt-len", default=512, show_default=True, callback=positive_int)
 @click.option("--gen-len", default=32, show_default=True, callback=positive_int)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def bench_cmd(prompt_len: int, gen_len: int, **kw: Any) -> None:
+def bench_cmd(prompt_len: int, gen_len: int, as_json: bool, engine: Any) -> None:
     """Generate from synthetic prompts (one block) and report throughput, like FlexGen's benchmark."""
-    import torch
+    from flexrun.jobs.bench import run_bench
+    from flexrun.jobs.report import roofline_text
 
-    from flexrun.runtime.sampling import SamplingParams
-
-    store, engine = _engine(kw, prompt_len, gen_len)
-    with engine:
-        gen = torch.Generator().manual_seed(0)
-        n = engine.placement.block_size
-        vocab = store.config.vocab_size
-        prompts = torch.randint(4, vocab, (n, prompt_len), generator=gen).tolist()
-        _, stats, _ = engine.generate(prompts, SamplingParams(max_new_tokens=gen_len, stop_at_eos=False))
-    from flexrun.costmodel.hardware import load_hardware
-    from flexrun.report import roofline, roofline_text, summary_dict, summary_text
-
-    hw = kw["hardware"] or load_hardware(None)
-    roof = roofline(engine.cfg, engine.placement, stats, hw, prompt_len, gen_len)
-    if kw["as_json"]:
-        click.echo(json.dumps({**summary_dict(engine.cfg, engine.placement, stats), "roofline": roof}))
+    result = run_bench(engine, prompt_len, gen_len)
+    if as_json:
+        _summary(result.cfg, result.placement, result.stats, True, err=False, extra={"roofline": result.roofline})
     else:
-        click.echo(summary_text(engine.cfg, engine.placement, stats) + "\n" + roofline_text(roof), err=True)
+        _summary(result.cfg, result.placement, result.stats, False, err=True)
+        click.echo(roofline_text(result.roofline), err=True)
 
 
 @cli.command("embed")
-@click.option("--model", "-m", required=True, help="Encoder checkpoint directory or tensor store (BERT, RoBERTa).")
+@engine_options(encoder=True)
 @click.option("--text", "-t", "texts", multiple=True, help="A text to embed (repeatable).")
 @click.option(
     "--input",
@@ -358,27 +275,6 @@ def bench_cmd(prompt_len: int, gen_len: int, **kw: Any) -> None:
 @click.option("--all-tokens", is_flag=True, help="Write every token's last hidden state instead of one vector.")
 @click.option("--normalize", is_flag=True, help="Scale each vector to unit length (L2).")
 @click.option("--truncate", is_flag=True, help="Cut inputs longer than the model's positions instead of failing.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Weight dtype.")
-@click.option(
-    "--compute-dtype",
-    type=click.Choice(COMPUTE_CHOICES),
-    default="auto",
-    show_default=True,
-    help="Dtype of the arithmetic (as for generate).",
-)
-@click.option("--dummy-weights", is_flag=True, help="Random weights of the right shapes (no download).")
-@click.option("--store-dir", type=click.Path(file_okay=False), help="Where converted stores are cached.")
-@click.option("--weights", callback=tier_shares, help="Weight shares, e.g. host=40,disk=60 (default host=100).")
-@click.option("--activations", callback=tier_shares, help="Activation shares, e.g. disk=100 (default host=100).")
-@click.option(
-    "--gpu-batch-size", default=8, show_default=True, callback=positive_int, help="Sequences per micro-batch."
-)
-@click.option("--num-gpu-batches", default=1, show_default=True, callback=positive_int, help="Micro-batches per block.")
-@click.option("--overlap/--no-overlap", default=True, show_default=True, help="Overlap I/O with compute.")
-@click.option("--offload-dir", type=click.Path(file_okay=False), help="Directory for disk-resident activations.")
-@click.option("--device-mem", callback=byte_size, help="Device memory budget, e.g. 14GiB.")
-@click.option("--host-mem", callback=byte_size, help="Host memory budget, e.g. 8GiB.")
-@click.option("--disk-mem", callback=byte_size, help="Disk budget in the offload dir.")
 def embed_cmd(
     texts: tuple[str, ...],
     input_file: str | None,
@@ -387,7 +283,7 @@ def embed_cmd(
     all_tokens: bool,
     normalize: bool,
     truncate: bool,
-    **kw: Any,
+    engine: Any,
 ) -> None:
     """Embed texts with an encoder model (BERT, RoBERTa), streaming its weights by the placement given.
 
@@ -401,11 +297,12 @@ def embed_cmd(
     window of results. --output is written to a temporary file beside it that replaces it only when the
     job succeeds: a failed job leaves an existing file as it was. The summary goes to stderr.
     """
-    from flexrun.embed import EmbedOptions, run_embed, summary_text
+    from flexrun.jobs.embed import EmbedOptions, run_embed
+    from flexrun.jobs.report import summary_text
 
-    opts = EmbedOptions(pooling=pooling, all_tokens=all_tokens, normalize=normalize, truncate=truncate)
-    cfg, placement, stats, used = run_embed(kw, texts, input_file, output, opts, stdin=sys.stdin, stdout=sys.stdout)
-    click.echo(summary_text(cfg, placement, stats, used), err=True)
+    job = EmbedOptions(texts, input_file, output, pooling, all_tokens, normalize, truncate)
+    result = run_embed(engine, job)
+    click.echo(summary_text(result.cfg, result.placement, result.stats, result.pooling), err=True)
 
 
 def _register_costmodel_commands() -> None:

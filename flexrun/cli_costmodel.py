@@ -10,11 +10,10 @@ from typing import Any
 
 import click
 
-from flexrun.cli_options import byte_size, hardware_spec, positive_int
+from flexrun.cli_options import DTYPES, byte_size, hardware_spec, positive_int
 from flexrun.errors import FlexrunError
-from flexrun.runtime.precision import CHOICES as COMPUTE_CHOICES
+from flexrun.kernels.precision import CHOICES as COMPUTE_CHOICES
 
-DTYPES = ["float32", "float16", "bfloat16"]
 _TRI = {"auto": None, "on": True, "off": False}
 
 
@@ -143,10 +142,13 @@ def plan_cmd(
     the block shape, the predicted prefill / decode / total throughput, the bottleneck link and the peak
     memory per tier.
     """
-    from flexrun.config import resolve
-    from flexrun.costmodel.equations import kind_bytes
+    import torch
+
     from flexrun.costmodel.hardware import load_hardware
+    from flexrun.costmodel.prediction import kind_bytes
     from flexrun.costmodel.search import plan
+    from flexrun.kernels.precision import with_compute_dtype
+    from flexrun.resolver import resolve
 
     cfg = resolve(model, **({"dtype": dtype} if dtype else {}))
     if cfg.encoder:
@@ -157,8 +159,6 @@ def plan_cmd(
         )
     if hardware is None:
         # This machine: the budgets `generate` would get (90% of free RAM, the offload dir's free disk).
-        import torch
-
         from flexrun.paths import offload_root
         from flexrun.runtime.tiers import Budgets
 
@@ -169,10 +169,6 @@ def plan_cmd(
         )
     else:
         hw = hardware.with_memory(device=device_mem, host=host_mem, disk=disk_mem)
-    import torch
-
-    from flexrun.runtime.precision import with_compute_dtype
-
     # The CPU the spec describes is taken to be this one: its flags say whether 16-bit matmuls are native.
     cfg = with_compute_dtype(cfg, compute_dtype, torch.device("cpu" if hw.device_is_host else "cuda"))
     result = plan(

@@ -1,7 +1,10 @@
-"""Click option callbacks shared by the commands: validated values, or a usage error (exit 2)."""
+"""Click options shared by the commands: validating callbacks (a bad value is a usage error, exit 2) and
+the engine options, typed once here into the library's option dataclasses."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -52,3 +55,132 @@ def hardware_spec(ctx: click.Context, param: click.Parameter, value: str | None)
         return load_hardware(value)
     except FlexrunError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+# ---- the engine options generate, bench and embed share ------------------------------------------------
+DTYPES = ["float32", "float16", "bfloat16"]
+_ENGINE_KEYS = (
+    "model",
+    "dtype",
+    "compute_dtype",
+    "dummy_weights",
+    "store_dir",
+    "placement",
+    "hardware",
+    "weights",
+    "cache",
+    "activations",
+    "gpu_batch_size",
+    "num_gpu_batches",
+    "overlap",
+    "offload_dir",
+    "device_mem",
+    "host_mem",
+    "disk_mem",
+)
+
+
+def engine_options(encoder: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The model, weights and placement options of the commands that run the engine, collected into one
+    ``EngineOptions`` passed to the command as ``engine``. ``encoder``: for ``embed``, whose model is never
+    planned and keeps no KV cache (no --placement, --hardware, --cache; micro-batches of 8 by default)."""
+    from flexrun.kernels.precision import CHOICES as COMPUTE_CHOICES
+
+    model_help = (
+        "Encoder checkpoint directory or tensor store (BERT, RoBERTa)."
+        if encoder
+        else "Model name, checkpoint directory or tensor store."
+    )
+    options = [
+        click.option("--model", "-m", required=True, help=model_help),
+        click.option(
+            "--dtype", type=click.Choice(DTYPES), help="Weight dtype." if encoder else "Weight and KV cache dtype."
+        ),
+        click.option(
+            "--compute-dtype",
+            type=click.Choice(COMPUTE_CHOICES),
+            default="auto",
+            show_default=True,
+            help="Dtype of the arithmetic. auto: the weights' dtype on a GPU or on a CPU with matmul hardware "
+            "for it, else float32 (16-bit weights are converted chunk by chunk inside each matmul).",
+        ),
+        click.option("--dummy-weights", is_flag=True, help="Random weights of the right shapes (no download)."),
+        click.option("--store-dir", type=click.Path(file_okay=False), help="Where converted stores are cached."),
+    ]
+    if not encoder:
+        options += [
+            click.option(
+                "--placement",
+                type=click.Choice(["auto", "manual"]),
+                default="auto",
+                show_default=True,
+                help="auto: the planner chooses what the options below leave open; manual: unset shares are host=100.",
+            ),
+            click.option(
+                "--hardware",
+                callback=hardware_spec,
+                help="Hardware figures for the planner: a preset or a `flexrun calibrate` JSON (default: this "
+                "machine's).",
+            ),
+        ]
+    options.append(click.option("--weights", callback=tier_shares, help="Weight shares, e.g. host=40,disk=60."))
+    if not encoder:
+        options.append(click.option("--cache", callback=tier_shares, help="KV cache shares, e.g. host=100."))
+    batch_defaults: dict[str, Any] = {"default": 8, "show_default": True} if encoder else {"type": int}
+    count_defaults: dict[str, Any] = {"default": 1, "show_default": True} if encoder else {"type": int}
+    options += [
+        click.option("--activations", callback=tier_shares, help="Activation shares, e.g. host=100."),
+        click.option("--gpu-batch-size", callback=positive_int, help="Sequences per micro-batch.", **batch_defaults),
+        click.option("--num-gpu-batches", callback=positive_int, help="Micro-batches per block.", **count_defaults),
+        click.option("--overlap/--no-overlap", default=True, show_default=True, help="Overlap I/O with compute."),
+        click.option(
+            "--offload-dir",
+            type=click.Path(file_okay=False),
+            help="Directory for disk-resident activations."
+            if encoder
+            else "Directory for disk-resident cache and activations.",
+        ),
+        click.option("--device-mem", callback=byte_size, help="Device memory budget, e.g. 14GiB."),
+        click.option("--host-mem", callback=byte_size, help="Host memory budget, e.g. 8GiB."),
+        click.option("--disk-mem", callback=byte_size, help="Disk budget in the offload dir."),
+    ]
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def command(**values: Any) -> Any:
+            given = {k: values.pop(k) for k in _ENGINE_KEYS if k in values}
+            return fn(engine=_engine_options(given, encoder), **values)
+
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _engine_options(v: dict[str, Any], encoder: bool) -> Any:
+    """The typed ``EngineOptions`` from the engine options' parsed values."""
+    from flexrun.jobs.options import EngineOptions, ModelOptions, PlacementRequest
+    from flexrun.runtime.tiers import Budgets
+
+    return EngineOptions(
+        model=ModelOptions(
+            model=v["model"],
+            dtype=v["dtype"],
+            compute_dtype=v["compute_dtype"],
+            dummy_weights=v["dummy_weights"],
+            store_dir=v["store_dir"],
+        ),
+        placement=PlacementRequest(
+            mode="manual" if encoder else v["placement"],
+            weights=v["weights"],
+            cache=v.get("cache"),
+            activations=v["activations"],
+            gpu_batch_size=v["gpu_batch_size"],
+            num_gpu_batches=v["num_gpu_batches"],
+            overlap=v["overlap"],
+            hardware=v.get("hardware"),
+        ),
+        budgets=Budgets(device=v["device_mem"], host=v["host_mem"], disk=v["disk_mem"]),
+        offload_dir=v["offload_dir"],
+    )

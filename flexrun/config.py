@@ -1,28 +1,28 @@
-"""Model configs: a frozen ``OptConfig``, the table of known models, and ``resolve()``.
+"""Model configs: a frozen ``OptConfig``, its validation and its byte formulas.
 
 The tensor shapes the runtime holds are listed once, in ``OptConfig.layer_shapes()`` and
 ``OptConfig.global_shapes()``; the byte counts, dummy weights and the tensor store all follow from them.
+Which config a model name, checkpoint or store has is ``flexrun.resolver``'s job; this module imports
+nothing of flexrun but its errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from flexrun.errors import ConfigError, UnknownModelError
-from flexrun.runtime.precision import UPCAST_CHUNK_BYTES
+from flexrun.errors import ConfigError
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 POSITIONS = ("learned", "rotary", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
-# The global tensors the input group (embedding) uses; the others belong to the output head.
-INPUT_GLOBALS = ("embed_tokens", "embed_ln_w", "embed_ln_b", "embed_positions", "embed_token_types", "project_in")
+# A weight stored in another dtype than the activations is converted this many bytes (in the compute
+# dtype) at a time inside each matmul (``kernels.cpu.linear``): small enough to stay in the CPU's cache
+# between the conversion and the matmul, big enough for an efficient matmul. Counted in working memory.
+UPCAST_CHUNK_BYTES = 4 << 20
 
 Shape = tuple[int, ...]
 
@@ -47,7 +47,7 @@ class OptConfig:
     eos_token_id: int = 2
     dtype: str = "float16"
     # The dtype activations are computed in when it differs from the stored weights' dtype ("" = the same):
-    # a CPU without bf16/fp16 matmul hardware computes a 16-bit model in float32 (``runtime/precision.py``).
+    # a CPU without bf16/fp16 matmul hardware computes a 16-bit model in float32 (``kernels/precision.py``).
     compute_dtype: str = ""
     do_layer_norm_before: bool = True
     # OPT-350m embeds tokens in 512 dims and projects in/out of the 1024-dim stack; 0 means hidden_size.
@@ -275,12 +275,12 @@ class OptConfig:
         scores = b * self.n_head * s * s * 4  # (b, nh, s, s) in float32
         if self.position == "alibi":  # the per-head bias is added to the mask: one more scores-sized tensor
             scores *= 2
-        logits = 2 * b * self.vocab_size * 4  # (b, vocab) float32, twice for sampling
+        logits = 0 if self.encoder else 2 * b * self.vocab_size * 4  # (b, vocab) float32, twice for sampling
         upcast = 0
         if self.run_dtype != self.dtype:  # one weight chunk in the compute dtype and its output rows
             upcast = UPCAST_CHUNK_BYTES + b * s * UPCAST_CHUNK_BYTES // min(self.hidden_size, self.word_embed_proj_dim)
         # On a CPU, attention over a 16-bit cache (or in a 16-bit compute dtype) runs on float32 copies of
-        # the micro-batch's K and V, kept as scratch buffers (kernels.reference.cached_attention).
+        # the micro-batch's K and V, kept as scratch buffers (kernels.cpu.cached_attention).
         sixteen_bit = min(self.dtype_bytes, self.run_dtype_bytes) < 4
         attn_scratch = 2 * b * s * self.kv_dim * 4 if cpu and sixteen_bit else 0
         return act + scores + logits + upcast + attn_scratch
@@ -291,131 +291,3 @@ class OptConfig:
             if not d[key]:
                 d.pop(key)
         return d
-
-
-# ---- the name table --------------------------------------------------------------------------------
-# (layers, hidden, heads, ffn) from the OPT paper (Zhang et al. 2022, table 1) and the published
-# facebook/opt-* config.json files; Galactica from Taylor et al. 2022, table 1, and facebook/galactica-*.
-_OPT = {
-    "opt-125m": (12, 768, 12, 3072),
-    "opt-350m": (24, 1024, 16, 4096),
-    "opt-1.3b": (24, 2048, 32, 8192),
-    "opt-2.7b": (32, 2560, 32, 10240),
-    "opt-6.7b": (32, 4096, 32, 16384),
-    "opt-13b": (40, 5120, 40, 20480),
-    "opt-30b": (48, 7168, 56, 28672),
-    "opt-66b": (64, 9216, 72, 36864),
-    "opt-175b": (96, 12288, 96, 49152),
-}
-_GALACTICA = {
-    "galactica-125m": (12, 768, 12, 3072),
-    "galactica-1.3b": (24, 2048, 32, 8192),
-    "galactica-6.7b": (32, 4096, 32, 16384),
-    "galactica-30b": (48, 7168, 56, 28672),
-    "galactica-120b": (96, 10240, 80, 40960),
-}
-# Per-model field changes from the family defaults.
-_SPECIAL: dict[str, dict[str, Any]] = {
-    "opt-350m": {"do_layer_norm_before": False, "word_embed_proj_dim": 512, "final_layer_norm": False},
-}
-_GALACTICA_FIELDS: dict[str, Any] = {"vocab_size": 50000, "activation": "gelu", "bos_token_id": 0}
-# Instruction-tuned variants share their base model's architecture.
-_ALIASES = {
-    "opt-iml-1.3b": "opt-1.3b",
-    "opt-iml-30b": "opt-30b",
-    "opt-iml-max-1.3b": "opt-1.3b",
-    "opt-iml-max-30b": "opt-30b",
-}
-
-
-def _table() -> dict[str, dict[str, Any]]:
-    table: dict[str, dict[str, Any]] = {}
-    for family, extra in ((_OPT, {}), (_GALACTICA, _GALACTICA_FIELDS)):
-        for key, (layers, hidden, heads, ffn) in family.items():
-            table[key] = {
-                "num_hidden_layers": layers,
-                "hidden_size": hidden,
-                "n_head": heads,
-                "ffn_embed_dim": ffn,
-                **extra,
-                **_SPECIAL.get(key, {}),
-            }
-    for alias, base in _ALIASES.items():
-        table[alias] = table[base]
-    return table
-
-
-MODEL_TABLE: dict[str, dict[str, Any]] = _table()
-
-
-def known_models() -> list[str]:
-    """Every short name in the table, e.g. ``opt-30b``, ``galactica-120b``, ``opt-iml-max-30b``."""
-    return sorted(MODEL_TABLE)
-
-
-def _short_name(name: str) -> str:
-    return name.strip().rstrip("/").split("/")[-1].lower()
-
-
-def _apply_overrides(config: OptConfig, overrides: dict[str, Any]) -> OptConfig:
-    if not overrides:
-        return config
-    fields = {f.name for f in dataclasses.fields(OptConfig)} - {"extra"}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}")
-    return dataclasses.replace(config, **overrides)
-
-
-def resolve(name: str, **overrides: Any) -> OptConfig:
-    """The config for ``name``: a table name (any ``org/`` prefix, any case) or a checkpoint directory.
-
-    ``overrides`` replace fields (e.g. ``dtype="bfloat16"``); an unknown field raises ConfigError.
-    """
-    from flexrun.weights.packaged import PACKAGED_MODELS, local_source
-
-    path = local_source(name)
-    if path is not None:
-        return _apply_overrides(config_from_path(path), overrides)
-    key = _short_name(name)
-    if key not in MODEL_TABLE:
-        names = known_models() + sorted(PACKAGED_MODELS)
-        close = difflib.get_close_matches(key, names, n=4, cutoff=0.6)
-        hint = f"; close matches: {', '.join(close)}" if close else f"; known: {', '.join(names)}"
-        raise UnknownModelError(f"unknown model {name!r}{hint} (or pass a local checkpoint directory)")
-    return _apply_overrides(OptConfig(name=key, **MODEL_TABLE[key]), overrides)
-
-
-def config_from_path(path: Path) -> OptConfig:
-    """Read a checkpoint directory's (or a tensor store's) config.json, or a GGUF file's metadata."""
-    from flexrun.weights.gguf import gguf_hf_config, is_gguf
-
-    if is_gguf(path):
-        return config_from_hf(gguf_hf_config(path), name=path.stem)
-    if path.is_dir():
-        if (path / "index.json").exists() and not (path / "config.json").exists():
-            meta = json.loads((path / "index.json").read_text())
-            return OptConfig(**meta["config"])
-        cfg_file = path / "config.json"
-        if not cfg_file.exists():
-            raise UnknownModelError(f"{path} is a directory but has no config.json")
-        try:
-            hf = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{cfg_file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        return config_from_hf(hf, name=path.name)
-    raise UnknownModelError(
-        f"{path} is not a checkpoint (expected a folder with config.json, a tensor store or a .gguf file)"
-    )
-
-
-def _hf_dtype(hf: dict[str, Any]) -> str:
-    dtype = hf.get("torch_dtype") or hf.get("dtype") or "float16"
-    return dtype if dtype in DTYPE_BYTES else "float16"
-
-
-def config_from_hf(hf: dict[str, Any], name: str) -> OptConfig:
-    """An ``OptConfig`` from a Hugging Face config.json dict, through the architecture's policy."""
-    from flexrun.policies import policy_for_hf_config
-
-    return policy_for_hf_config(hf).config_from_hf(hf, name=name, dtype=_hf_dtype(hf))

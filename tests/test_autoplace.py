@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from flexrun.jobs.autoplace import build_engine, choose_placement
+from flexrun.jobs.options import EngineOptions, ModelOptions, PlacementRequest
 
-from flexrun.autoplace import build_engine, choose_placement
 from flexrun.config import OptConfig
 from flexrun.errors import BudgetError
 from flexrun.runtime.engine import Engine
@@ -33,18 +34,18 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> TensorStore:
 def test_planned_placement_is_replanned_until_the_engine_accepts_it(store: TensorStore, tmp_path: Path) -> None:
     # At 350 KiB the planner's linear model (staging buffers prorated by share) picks a weight split whose
     # whole double-buffered arena does not fit; the engine's exact accounting refuses it.
-    opts = {"placement": "auto", "offload_dir": str(tmp_path)}
     budgets = Budgets(host=350 * 1024)
-    first = choose_placement(store.config, opts, budgets, 8, 8, 4)
+    opts = EngineOptions(ModelOptions("t"), PlacementRequest(mode="auto"), budgets, offload_dir=str(tmp_path))
+    first = choose_placement(store.config, opts.placement, budgets, 8, 8, 4, opts.offload_dir).placement
     with pytest.raises(BudgetError):
         Engine(store, first, 16, budgets=budgets, offload_dir=tmp_path)
-    lines: list[str] = []
-    with build_engine(store, opts, budgets, 8, 8, 4, report=lines.append) as engine:
+    engine, line = build_engine(store, store.config, opts, 8, 8, 4)
+    with engine:
         assert engine.ledger.total("host") <= budgets.host
-        assert len(lines) == 1 and lines[0].startswith("plan (")  # only the plan that runs is reported
+        assert line is not None and line.startswith("plan (")  # only the plan that runs is reported
 
 
 def test_when_nothing_fits_the_error_is_the_runtimes(store: TensorStore, tmp_path: Path) -> None:
-    opts = {"placement": "auto", "offload_dir": str(tmp_path)}
+    opts = EngineOptions(ModelOptions("t"), PlacementRequest(mode="auto"), Budgets(host=250 * 1024), str(tmp_path))
     with pytest.raises(BudgetError, match=r"the host tier needs .* but its budget is 250.0 KiB"):
-        build_engine(store, opts, Budgets(host=250 * 1024), 8, 8, 4)
+        build_engine(store, store.config, opts, 8, 8, 4)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
-from flexrun.config import config_from_hf, resolve
 from flexrun.errors import ConfigError
+from flexrun.policies import config_from_hf
+from flexrun.resolver import resolve
 from tests.hf_encoders import TINY
 
 # The published bert-base-uncased / roberta-base / bert-large config.json fields that size the model.

@@ -12,8 +12,9 @@ from flexrun.errors import CheckpointError, InputError
 from flexrun.placement import Placement, Shares
 from flexrun.policies import policy_for_hf_config, policy_for_layer
 from flexrun.policies.bert import BertPolicy, RobertaPolicy
+from flexrun.resolver import ensure_store
 from flexrun.runtime.encoder import Encoder
-from flexrun.weights.convert import convert_checkpoint, ensure_store
+from flexrun.weights.convert import convert_checkpoint
 from flexrun.weights.store import TensorStore
 from tests.hf_encoders import TINY, tiny_encoder
 
@@ -74,7 +75,7 @@ def test_last_hidden_state_and_pooler_match_hf(encoder_and_store, placement: str
         assert hidden[n].shape == want.shape
         torch.testing.assert_close(hidden[n], want, atol=ATOL, rtol=0)
     torch.testing.assert_close(torch.stack(pooled), ref.pooler_output, atol=ATOL, rtol=0)
-    assert stats.tokens == sum(map(len, SEQS)) and stats.sequences == len(SEQS)
+    assert stats.input_tokens == sum(map(len, SEQS)) and stats.sequences == len(SEQS)
     if "disk" in PLACEMENTS[placement].weights.spec():
         assert stats.disk_bytes_read > 0
 

@@ -283,20 +283,20 @@ def test_run_embed_uses_the_streams_it_is_given(bert, tmp_path: Path) -> None:
     """Library code does not own the terminal: stdin and stdout are passed in."""
     import io
 
-    from flexrun.embed import EmbedOptions, run_embed
+    from flexrun.jobs.embed import EmbedOptions, run_embed
+    from flexrun.jobs.options import EngineOptions, ModelOptions, PlacementRequest
 
     ckpt, _, _ = bert
-    kw = dict(
-        model=str(ckpt), dtype=None, dummy_weights=False, store_dir=str(tmp_path / "stores"), weights=None,
-        activations=None, gpu_batch_size=2, num_gpu_batches=1, overlap=True, offload_dir=str(tmp_path / "off"),
-        device_mem=None, host_mem=None, disk_mem=None,
-    )  # fmt: skip
-    stdout = io.StringIO()
-    _, _, stats, pooling = run_embed(
-        kw, (), "-", None, EmbedOptions(pooling="mean"), stdin=io.StringIO(ids_records([4, 5, 6])), stdout=stdout
+    opts = EngineOptions(
+        ModelOptions(str(ckpt), store_dir=str(tmp_path / "stores")),
+        PlacementRequest(mode="manual", gpu_batch_size=2, num_gpu_batches=1),
+        offload_dir=str(tmp_path / "off"),
     )
+    stdout = io.StringIO()
+    job = EmbedOptions(input_file="-", pooling="mean")
+    result = run_embed(opts, job, stdin=io.StringIO(ids_records([4, 5, 6])), stdout=stdout)
     assert [r["id"] for r in rows_of(stdout.getvalue())] == ["r0", "r1", "r2"]
-    assert stats.sequences == 3 and pooling == "mean"
+    assert result.stats.sequences == 3 and result.pooling == "mean"
 
 
 def test_embed_output_through_a_symlink_replaces_the_file_it_points_to(bert, tmp_path: Path) -> None:

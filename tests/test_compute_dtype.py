@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-import flexrun.kernels.reference as K
+import flexrun.kernels.cpu as C
+import flexrun.kernels.positions as P
+import flexrun.kernels.reference as R
 from flexrun.cli import cli
+from flexrun.kernels import precision
+from flexrun.kernels.precision import resolve_compute_dtype
 from flexrun.placement import Placement, Shares
-from flexrun.runtime import precision
 from flexrun.runtime.engine import Engine
-from flexrun.runtime.precision import resolve_compute_dtype
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.weights.convert import convert_checkpoint
 from flexrun.weights.store import TensorStore
@@ -32,15 +34,15 @@ def test_linear_takes_the_weight_chunk_by_chunk_and_matches_one_matmul(monkeypat
     x = torch.randn(rows, 24)  # (b, in)
     w = torch.randn(70, 24)  # (out, in): 70 rows in chunks of 8, the last one short
     b = torch.randn(70)
-    monkeypatch.setattr(K, "UPCAST_CHUNK_BYTES", 8 * 24 * 4)
+    monkeypatch.setattr(C, "UPCAST_CHUNK_BYTES", 8 * 24 * 4)
     # bfloat16 weights, float32 activations: the same as converting the whole weight first. The BLAS may
     # sum a 24-term dot product in another order for another shape: ~1e-7 relative on values of ~5.
     expected = F.linear(x, w.bfloat16().float(), b)
-    torch.testing.assert_close(K.linear(x, w.bfloat16(), b), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(C.linear(x, w.bfloat16(), b), expected, rtol=1e-5, atol=1e-5)
     # One dtype at decode shapes is chunked too (faster on a CPU), with the same result.
-    torch.testing.assert_close(K.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(C.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     batched = x.view(1, rows, 24)  # (b, s, in)
-    torch.testing.assert_close(K.linear(batched, w.bfloat16(), None), F.linear(batched, w.bfloat16().float()))
+    torch.testing.assert_close(C.linear(batched, w.bfloat16(), None), F.linear(batched, w.bfloat16().float()))
 
 
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
@@ -52,17 +54,17 @@ def test_attention_over_a_16_bit_cache_runs_in_float32_and_matches_the_reference
     keys, values = torch.randn(t, b, nkv, d).bfloat16(), torch.randn(t, b, nkv, d).bfloat16()  # position-major
     valid = torch.ones(b, t, dtype=torch.bool)
     valid[0, :4] = False  # a left-padded row
-    mask = K.additive_mask(valid, s, q_dtype)
-    got = K.cached_attention(q, keys, values, mask, 0.3)
+    mask = P.additive_mask(valid, s, q_dtype)
+    got = C.cached_attention(q, keys, values, mask, 0.3)
     assert got.dtype == q_dtype and got.shape == (b, nh, s, d)
     # The reference: float32 attention on the same (rounded) inputs, in the (b, nkv, t, d) layout. Both
     # compute in float32; the only rounding is the output's cast back to q's dtype.
-    ref = K.attention(
+    ref = R.attention(
         q.float(), keys.float().permute(1, 2, 0, 3), values.float().permute(1, 2, 0, 3), mask.float(), 0.3
     )
     torch.testing.assert_close(got, ref.to(q_dtype), rtol=0, atol=1e-6 if q_dtype == torch.float32 else 1e-2)
     # A float32 cache with float32 queries takes the reference path itself.
-    f32 = K.cached_attention(q.float(), keys.float(), values.float(), mask.float(), 0.3)
+    f32 = C.cached_attention(q.float(), keys.float(), values.float(), mask.float(), 0.3)
     torch.testing.assert_close(f32, ref, rtol=0, atol=1e-6)
 
 

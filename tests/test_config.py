@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import OPTForCausalLM
 
-from flexrun.config import OptConfig, known_models, resolve
+from flexrun.config import OptConfig
 from flexrun.errors import ConfigError, UnknownModelError
+from flexrun.resolver import known_models, resolve
 from tests.hf_reference import hf_opt_config, tiny_opt
 
 # (layers, hidden, heads, ffn, vocab) as published in the facebook/* config.json files.

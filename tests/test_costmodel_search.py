@@ -7,11 +7,13 @@ import dataclasses
 
 import pytest
 
-from flexrun.config import OptConfig, resolve
-from flexrun.costmodel.equations import cost_terms, predict
+from flexrun.config import OptConfig
+from flexrun.costmodel.equations import cost_terms
 from flexrun.costmodel.hardware import PRESETS, HardwareSpec
+from flexrun.costmodel.prediction import predict
 from flexrun.costmodel.search import RELAXATION, InfeasibleError, plan, solve_lp
 from flexrun.errors import PlacementError
+from flexrun.resolver import resolve
 
 GiB = 1 << 30
 T4 = PRESETS["t4"]

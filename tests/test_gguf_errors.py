@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from flexrun.cli import cli
 from flexrun.errors import UnknownModelError
-from flexrun.weights import packaged
-from flexrun.weights.packaged import PackagedModel, packaged_model_path
+from flexrun.resolver import packaged
+from flexrun.resolver.packaged import PackagedModel, packaged_model_path
 
 
 @pytest.mark.parametrize("content", [b"not a gguf file", b"GGUF\x03\x00\x00\x00"])

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from flexrun.config import resolve
-from flexrun.generation import load_tokenizer
+from flexrun.jobs.prompts import load_tokenizer
 from flexrun.placement import Placement, Shares
+from flexrun.resolver import resolve
+from flexrun.resolver.packaged import packaged_model_path
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.weights.convert import convert_checkpoint
-from flexrun.weights.packaged import packaged_model_path
 from flexrun.weights.store import TensorStore
 
 pytestmark = pytest.mark.skipif(

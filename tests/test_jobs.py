@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from flexrun.cli import cli
-from flexrun.results import job_path
+from flexrun.jobs.results import job_path
 from tests.hf_reference import tiny_opt
 from tests.tiny_tokenizer import save_tiny_tokenizer
 
@@ -208,9 +208,10 @@ def test_records_without_a_job_description_are_refused(ckpt, stores, tmp_path: P
 def test_every_setting_that_changes_the_records_is_in_the_fingerprint(ckpt, stores, change, named) -> None:
     from dataclasses import replace
 
-    from flexrun.generation import JobOptions, job_differences, job_fingerprint
+    from flexrun.jobs.fingerprint import job_differences, job_fingerprint
+    from flexrun.jobs.options import JobOptions
+    from flexrun.resolver import ensure_store
     from flexrun.runtime.sampling import SamplingParams
-    from flexrun.weights.convert import ensure_store
 
     store = ensure_store(str(ckpt[0]), store_root=stores, progress=False)
     job = JobOptions(params=SamplingParams(max_new_tokens=4, temperature=0.5))
@@ -225,9 +226,10 @@ def test_every_setting_that_changes_the_records_is_in_the_fingerprint(ckpt, stor
 def test_fingerprint_names_the_weights_and_ignores_what_greedy_decoding_does_not_use(ckpt, stores, tmp_path) -> None:
     from dataclasses import replace
 
-    from flexrun.generation import JobOptions, job_differences, job_fingerprint
+    from flexrun.jobs.fingerprint import job_differences, job_fingerprint
+    from flexrun.jobs.options import JobOptions
+    from flexrun.resolver import ensure_store
     from flexrun.runtime.sampling import SamplingParams
-    from flexrun.weights.convert import ensure_store
 
     store = ensure_store(str(ckpt[0]), store_root=stores, progress=False)
     greedy = JobOptions(params=SamplingParams(max_new_tokens=4))
@@ -244,9 +246,10 @@ def test_fingerprint_names_the_weights_and_ignores_what_greedy_decoding_does_not
 def test_fingerprint_names_the_tokenizer(ckpt, stores, tmp_path) -> None:
     import shutil
 
-    from flexrun.generation import JobOptions, job_differences, job_fingerprint
+    from flexrun.jobs.fingerprint import job_differences, job_fingerprint
+    from flexrun.jobs.options import JobOptions
+    from flexrun.resolver import ensure_store
     from flexrun.runtime.sampling import SamplingParams
-    from flexrun.weights.convert import ensure_store
     from flexrun.weights.store import TensorStore
 
     store = ensure_store(str(ckpt[0]), store_root=stores, progress=False)

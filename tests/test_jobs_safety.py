@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from flexrun.cli import cli
 from flexrun.errors import CheckpointError
-from flexrun.streaming import TextStream, cut_at_stop
+from flexrun.jobs.streaming import TextStream, cut_at_stop
 from flexrun.weights.checkpoint import Checkpoint
 from tests.hf_reference import tiny_opt
 from tests.tiny_tokenizer import save_tiny_tokenizer

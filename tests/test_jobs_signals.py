@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from flexrun.cli import cli
-from flexrun.interrupt import StopRequest
+from flexrun.jobs.interrupt import StopRequest
 from tests.hf_reference import tiny_opt
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from flexrun.config import config_from_path
 from flexrun.placement import Placement, Shares
+from flexrun.resolver import config_from_path
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.weights.convert import convert_checkpoint

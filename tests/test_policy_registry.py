@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flexrun.config import OptConfig, config_from_path
+from flexrun.config import OptConfig
 from flexrun.errors import CheckpointError
 from flexrun.placement import Placement, Shares
 from flexrun.policies import Policy, TensorGetter, policy_for_hf_config, policy_for_layer, register, unregister
+from flexrun.resolver import config_from_path
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.weights.convert import convert_checkpoint

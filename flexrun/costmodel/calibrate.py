@@ -26,6 +26,8 @@ import torch
 from flexrun import diskio
 from flexrun.costmodel.hardware import HardwareSpec, default_path
 from flexrun.errors import ConfigError
+from flexrun.kernels import select_kernels
+from flexrun.kernels.positions import additive_mask
 from flexrun.paths import offload_root
 from flexrun.weights.store import TORCH_DTYPES
 
@@ -135,8 +137,7 @@ def measure_links(device: torch.device, sizes: Sizes) -> tuple[float, float]:
 # ---- compute ---------------------------------------------------------------------------------------
 def measure_matmul(device: torch.device, dtype: torch.dtype, tokens: int, sizes: Sizes) -> float:
     """FLOP/s of the engine's ``linear`` over ``tokens`` rows against an MLP-shaped (4h, h) weight."""
-    from flexrun.kernels.reference import linear
-
+    linear = select_kernels(device).linear
     h = sizes.hidden
     x = torch.randn(tokens, h, device=device).to(dtype)  # (tokens, h)
     w = torch.randn(4 * h, h, device=device).to(dtype) / h**0.5  # (4h, h)
@@ -149,8 +150,7 @@ def measure_attention(
 ) -> float:
     """FLOP/s of the engine's attention kernel: ``query_len`` queries over ``context`` keys held, as the
     engine holds its KV cache, position-major."""
-    from flexrun.kernels.reference import additive_mask, cached_attention
-
+    cached_attention = select_kernels(device).cached_attention
     nh, d = sizes.heads, 64
     q = torch.randn(batch, nh, query_len, d, device=device).to(dtype)  # (b, nh, q, d)
     k = torch.randn(context, batch, nh, d, device=device).to(dtype)  # (t, b, nh, d)

@@ -27,8 +27,9 @@ from typing import Any
 import pulp
 
 from flexrun.config import OptConfig
-from flexrun.costmodel.equations import KINDS, SHARE_KEYS, Affine, CostTerms, Key, Prediction, cost_terms, evaluate
+from flexrun.costmodel.equations import KINDS, SHARE_KEYS, Affine, CostTerms, Key, cost_terms
 from flexrun.costmodel.hardware import HardwareSpec
+from flexrun.costmodel.prediction import Prediction, evaluate
 from flexrun.errors import PlacementError
 from flexrun.placement import TIERS, Placement, Shares
 from flexrun.units import format_bytes

@@ -1,1 +1,81 @@
-"""kernels"""
+"""Kernel sets: the operations the fused layer computes with, chosen once per engine.
+
+``select_kernels(device)`` returns the tuned CPU set on a CPU and the plain-torch reference elsewhere
+(Triton kernels join as a set of their own). A set's ``linear`` dispatches on the weight's type: a dense
+tensor runs the set's matmul; another weight type (a compressed format, say) plugs in with
+``register_linear`` and the layer code does not change, as gpt-fast's int4 Linear or vLLM's
+``quant_method.apply`` do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flexrun.errors import FlexrunError
+from flexrun.kernels import cpu, reference
+from flexrun.kernels.reference import NormFn
+
+#: A matrix slot's value: a dense tensor, or an object of a type registered with ``register_linear``.
+Weight = Any
+#: x (..., in), a weight of some registered type, an optional bias (out,) -> (..., out)
+LinearFn = Callable[[torch.Tensor, Any, "torch.Tensor | None"], torch.Tensor]
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+# Linear implementations for weight types other than a dense tensor, by (type, device type); None: any.
+_LINEARS: dict[tuple[type, str | None], LinearFn] = {}
+
+
+def register_linear(weight_type: type, fn: LinearFn, device_type: str | None = None) -> None:
+    """Make ``KernelSet.linear`` compute ``fn(x, w, b)`` for weights of ``weight_type`` (on ``device_type``
+    devices only, or on all). Kernel sets selected afterwards pick it up."""
+    _LINEARS[(weight_type, device_type)] = fn
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """The operations one engine computes with; every set gives the reference's results."""
+
+    name: str
+    dense_linear: LinearFn
+    norms: Mapping[str, NormFn]
+    activations: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
+    cached_attention: AttentionFn
+    apply_rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor] = reference.apply_rotary
+    linears: Mapping[type, LinearFn] = field(default_factory=dict)
+
+    def linear(self, x: torch.Tensor, w: Any, b: torch.Tensor | None) -> torch.Tensor:
+        """x @ w.T + b for a dense weight, else the implementation registered for ``type(w)``."""
+        impl = self.linears.get(type(w))
+        if impl is not None:
+            return impl(x, w, b)
+        if isinstance(w, torch.Tensor):
+            return self.dense_linear(x, w, b)
+        raise FlexrunError(f"no {self.name} linear kernel for {type(w).__name__} weights")
+
+
+REFERENCE = KernelSet(
+    name="reference",
+    dense_linear=reference.linear,
+    norms=reference.NORMS,
+    activations=reference.ACTIVATIONS,
+    cached_attention=reference.cached_attention,
+)
+CPU = KernelSet(
+    name="cpu",
+    dense_linear=cpu.linear,
+    norms=reference.NORMS,
+    activations=cpu.ACTIVATIONS,
+    cached_attention=cpu.cached_attention,
+)
+
+
+def select_kernels(device: torch.device) -> KernelSet:
+    """The kernel set for ``device``, with the weight types registered for it."""
+    base = CPU if device.type == "cpu" else REFERENCE
+    linears = {t: fn for (t, dev), fn in _LINEARS.items() if dev in (None, device.type)}
+    return dataclasses.replace(base, linears=linears)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flexrun.config import DTYPE_BYTES, OptConfig
 from flexrun.errors import CheckpointError
 from flexrun.policies.base import Policy, TensorGetter
 
@@ -56,6 +57,16 @@ def policy_for_hf_config(hf: dict[str, Any]) -> Policy:
     raise CheckpointError(f"unsupported architecture {found}; {_supported_line()}")
 
 
+def _hf_dtype(hf: dict[str, Any]) -> str:
+    dtype = hf.get("torch_dtype") or hf.get("dtype") or "float16"
+    return dtype if dtype in DTYPE_BYTES else "float16"
+
+
+def config_from_hf(hf: dict[str, Any], name: str) -> OptConfig:
+    """An ``OptConfig`` from a Hugging Face config.json dict, through the architecture's policy."""
+    return policy_for_hf_config(hf).config_from_hf(hf, name=name, dtype=_hf_dtype(hf))
+
+
 def policy_for_layer(layer: object) -> Policy:
     """The policy whose layer class is exactly ``type(layer)`` (subclasses do not match)."""
     cls = type(layer).__name__
@@ -94,6 +105,7 @@ _register_builtin()
 __all__ = [
     "Policy",
     "TensorGetter",
+    "config_from_hf",
     "policy_by_name",
     "policy_for_hf_config",
     "policy_for_layer",

@@ -10,28 +10,20 @@ first token, as in Hugging Face) and padding keys are masked out of every query'
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from flexrun.errors import InputError
-from flexrun.kernels import reference as K
-from flexrun.paths import offload_root
-from flexrun.placement import Placement
+from flexrun.kernels.positions import bidirectional_mask
 from flexrun.runtime.activations import ActivationStore
-from flexrun.runtime.iopool import IOPool
+from flexrun.runtime.kvformat import PlainKV
 from flexrun.runtime.layer import FusedLayer, LayerSpec, LayerWeights
-from flexrun.runtime.malloc import release_large_frees
-from flexrun.runtime.precision import vectors_in, with_compute_dtype
-from flexrun.runtime.stats import peak_rss, reset_peak_rss
-from flexrun.runtime.tiers import Budgets, Ledger, compute_device, make_workdir
-from flexrun.runtime.weights import WeightManager
-from flexrun.weights.store import TORCH_DTYPES, TensorStore
+from flexrun.runtime.stack import StackRunner, token_problem
+from flexrun.runtime.stats import RunStats
+from flexrun.runtime.tiers import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -39,92 +31,25 @@ log = logging.getLogger(__name__)
 POOLINGS = ("pooler", "cls", "mean", "none")
 
 
-@dataclass
-class EncodeStats:
-    """What one ``encode`` measured."""
-
-    sequences: int = 0
-    blocks: int = 0
-    tokens: int = 0  # real tokens
-    padded_tokens: int = 0  # tokens computed, padding included
-    seconds: float = 0.0
-    disk_bytes_read: int = 0
-    peak_rss: int = 0
-    planned: dict[str, dict[str, int]] = field(default_factory=dict)
-    direct_io: bool | None = None
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-def bidirectional_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """valid: bool (b, s). Returns an additive (b, 1, s, s) mask letting every query see every real key."""
-    b, s = valid.shape
-    mask = torch.zeros(b, 1, s, s, dtype=dtype, device=valid.device)
-    return mask.masked_fill_(~valid.view(b, 1, 1, s), torch.finfo(dtype).min)
-
-
-class Encoder:
+class Encoder(StackRunner):
     """Encodes token sequences with a placement over device / host / disk. Use as a context manager."""
 
-    def __init__(
-        self,
-        store: TensorStore,
-        placement: Placement,
-        max_seq_len: int,
-        budgets: Budgets | None = None,
-        offload_dir: str | Path | None = None,
-        device: torch.device | None = None,
-        compute_dtype: str | None = None,
-    ) -> None:
-        """``compute_dtype``: as for ``Engine``."""
-        self.store = store
-        release_large_frees()
-        self.device = device or compute_device()
-        self.cfg = cfg = with_compute_dtype(store.config, compute_dtype, self.device)
-        self.placement = placement
-        if max_seq_len > cfg.max_seq_len:
-            raise InputError(f"{max_seq_len} tokens exceed the model's {cfg.max_seq_len} positions")
-        self.max_len = max_seq_len
-        self.dtype = TORCH_DTYPES[cfg.run_dtype]
-        root = offload_root(offload_dir)
-        self.workdir = make_workdir(root, "enc-")
-        self.pool = IOPool(placement.overlap)
-        gbs, ngb = placement.gpu_batch_size, placement.num_gpu_batches
-        ledger = Ledger()
-        try:
-            kv_elems = max_seq_len * gbs * cfg.kv_dim
-            ledger.add("device", "k/v scratch", 2 * kv_elems * cfg.run_dtype_bytes)
-            act = gbs * max_seq_len * (6 * cfg.hidden_size + 2 * cfg.ffn_embed_dim) * cfg.run_dtype_bytes
-            ledger.add("device", "working memory", act + gbs * cfg.n_head * max_seq_len * max_seq_len * 4)
-            self.acts = ActivationStore(
-                cfg, placement.activations, self.device, self.pool, ledger, self.workdir, gbs * max_seq_len, ngb
-            )
-            self.weights = WeightManager(store, placement.weights, self.device, self.pool, ledger)
-            if self.device.type == "cpu":
-                ledger.fold_device_into_host()
-            self.budgets = (budgets or Budgets()).resolved(root, self.device.type == "cuda")
-            ledger.check(self.budgets)
-            self.weights.load()
-            self._kv = torch.empty(2, kv_elems, dtype=self.dtype, device=self.device)
-        except BaseException:
-            self.close()
-            raise
-        self.ledger = ledger
-        self.layer = FusedLayer(LayerSpec.from_config(cfg))
-        self.slots = [[(name, name.rsplit(".", 1)[-1]) for name in group] for group in self.weights.groups]
-        log.info("placement: %s", placement.describe())
+    workdir_prefix = "enc-"
 
-    def close(self) -> None:
-        self.pool.shutdown()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+    def _plan(self, ledger: Ledger) -> None:
+        cfg, pl = self.cfg, self.placement
+        gbs = pl.gpu_batch_size
+        # Keys and values live one layer long, in the compute dtype: one scratch slot the next layer overwrites.
+        self._scratch_kv = PlainKV(self.dtype, cfg.n_kv_head, cfg.head_dim)
+        self._kv_elems = self.max_len * self._scratch_kv.row_elems(gbs)
+        ledger.add("device", "k/v scratch", 2 * self.max_len * self._scratch_kv.row_bytes(gbs))
+        self.acts = ActivationStore(
+            cfg, pl.activations, self.device, self.pool, ledger, self.workdir, gbs * self.max_len, pl.num_gpu_batches
+        )
+        self.layer = FusedLayer(LayerSpec.from_config(cfg), self.kernels, self._scratch_kv)
 
-    def __enter__(self) -> Encoder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _allocate(self) -> None:
+        self._kv = torch.empty(2, self._kv_elems, dtype=self.dtype, device=self.device)
 
     # ---- compute of the non-layer groups ---------------------------------------------------------
     def _embed(self, w: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
@@ -140,14 +65,13 @@ class Encoder:
         if "embed_token_types" in w:
             x = x + w["embed_token_types"][0].to(self.dtype)  # every token in segment 0, like HF without token_type_ids
         if "embed_ln_w" in w:
-            x = K.NORMS[cfg.norm](x, w["embed_ln_w"], w.get("embed_ln_b"), cfg.layer_norm_eps)
+            x = self.kernels.norms[cfg.norm](x, w["embed_ln_w"], w.get("embed_ln_b"), cfg.layer_norm_eps)
         return x
 
-    @staticmethod
-    def _pool(w: dict[str, torch.Tensor], x: torch.Tensor, valid: torch.Tensor, pooling: str) -> torch.Tensor:
+    def _pool(self, w: dict[str, torch.Tensor], x: torch.Tensor, valid: torch.Tensor, pooling: str) -> torch.Tensor:
         """x: (b, s, h), valid: (b, s). Returns (b, h) float32, or (b, s, h) for "none"."""
         if pooling == "pooler":
-            return torch.tanh(K.linear(x[:, 0], w["pooler_w"], w["pooler_b"])).float()
+            return torch.tanh(self.kernels.linear(x[:, 0], w["pooler_w"], w["pooler_b"])).float()
         if pooling == "cls":
             return x[:, 0].float()
         if pooling == "mean":
@@ -162,28 +86,22 @@ class Encoder:
         sizes = ids.split(self.placement.gpu_batch_size)
         valids = [v.to(self.device) for v in valid.split(self.placement.gpu_batch_size)]
         masks = [bidirectional_mask(v, self.dtype) for v in valids]
-        n_groups, n_layers = len(self.slots), self.cfg.num_hidden_layers
-        weights = self.weights
-        fut = weights.prefetch(0)
+        n_layers = self.cfg.num_hidden_layers
         out: list[torch.Tensor] = []
-        for g in range(n_groups):
-            w = vectors_in(weights.wait(fut), self.dtype)
-            if g + 1 < n_groups:
-                fut = weights.prefetch(g + 1)
-            if g == 0:
+        for group, w in self.walk():
+            if group.kind == "input":
                 for j, mb in enumerate(sizes):
                     self.acts.put(0, j, self._embed(w, mb.to(self.device)))
                 continue
-            if g == n_groups - 1:
+            if group.kind == "output":
                 out = [self._pool(w, self.acts.take(j), valids[j], pooling).cpu() for j in range(len(sizes))]
                 continue
-            lw = LayerWeights.from_slots({slot: w[name] for name, slot in self.slots[g]})
+            lw = LayerWeights.from_slots({slot: w[name] for name, slot in group.slots})
             for j, mb in enumerate(sizes):
                 b = mb.shape[0]
-                k = self._kv[0, : s * b * self.cfg.kv_dim].view(s, b, self.cfg.kv_dim)
-                v = self._kv[1, : s * b * self.cfg.kv_dim].view(s, b, self.cfg.kv_dim)
+                k, v = (self._scratch_kv.slot(buf, s, b) for buf in self._kv)  # (s, b, kv_dim) each
                 x = self.layer(lw, self.acts.take(j), self.layer.cached_core(k, v, 0, masks[j]))  # (b, s, h)
-                self.acts.put(min(g, n_layers - 1), j, x)
+                self.acts.put(min(group.layer + 1, n_layers - 1), j, x)
         return out
 
     def _check(self, seqs: list[list[int]], pooling: str) -> None:
@@ -192,10 +110,9 @@ class Encoder:
         if pooling == "pooler" and not self.cfg.pooler:
             raise InputError(f"{self.cfg.name} has no pooler layer; use cls or mean pooling")
         for n, seq in enumerate(seqs):
-            if not seq:
-                raise InputError(f"sequence {n} is empty")
-            if min(seq) < 0 or max(seq) >= self.cfg.vocab_size:
-                raise InputError(f"sequence {n} has token ids outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+            problem = token_problem(seq, self.cfg.vocab_size)
+            if problem:
+                raise InputError(f"sequence {n}: {problem}")
             if len(seq) > self.max_len:
                 raise InputError(f"sequence {n} has {len(seq)} tokens, over the {self.max_len} this run was sized for")
 
@@ -205,7 +122,7 @@ class Encoder:
         pooling: str,
         on_block: Callable[[list[int], list[torch.Tensor]], None],
         sort_window: int | None = None,
-    ) -> EncodeStats:
+    ) -> RunStats:
         """Encode every sequence, one block (placement.block_size sequences) at a time, handing each block's
         results to ``on_block(members, outputs)`` as soon as the block is done, so nothing accumulates here.
 
@@ -218,9 +135,7 @@ class Encoder:
         is not counted in the stats' seconds.
         """
         self._check(seqs, pooling)
-        stats = EncodeStats(sequences=len(seqs), planned=self.ledger.items)
-        reset_peak_rss()
-        read_before = self.store.bytes_read
+        stats, read_before = self._start_stats(len(seqs))
         bs = self.placement.block_size
         window = len(seqs) if sort_window is None else -(-max(sort_window, 1) // bs) * bs
         window = max(window, 1)
@@ -243,20 +158,17 @@ class Encoder:
             # Each member's (h,), or the (len, h) of its real tokens.
             outputs = [pooled[r, : len(seqs[n])] for r, n in enumerate(members)] if pooling == "none" else [*pooled]
             stats.blocks += 1
-            stats.padded_tokens += ids.numel()
+            stats.prompt_tokens += ids.numel()
             handed = time.perf_counter()
             on_block(members, outputs)
             callback_seconds += time.perf_counter() - handed
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        stats.seconds = time.perf_counter() - start_time - callback_seconds
-        stats.tokens = sum(len(seq) for seq in seqs)
-        stats.disk_bytes_read = self.store.bytes_read - read_before
-        stats.peak_rss = peak_rss()
-        stats.direct_io = self.store.direct
-        return stats
+        stats.prefill_s = time.perf_counter() - start_time - callback_seconds
+        stats.input_tokens = sum(len(seq) for seq in seqs)
+        return self._finish_stats(stats, read_before)
 
-    def encode(self, seqs: list[list[int]], pooling: str = "pooler") -> tuple[list[torch.Tensor], EncodeStats]:
+    def encode(self, seqs: list[list[int]], pooling: str = "pooler") -> tuple[list[torch.Tensor], RunStats]:
         """Every sequence's result (see ``encode_blocks``) in input order, all held in memory, and the stats.
         For small jobs; a large one should stream with ``encode_blocks``."""
         results: list[torch.Tensor] = [torch.empty(0)] * len(seqs)

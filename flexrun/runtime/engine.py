@@ -1,76 +1,33 @@
 """The offloading engine: the block schedule over (layer x micro-batch) for prefill and each decode step.
 
-For each step the stack is walked group by group (input embeddings, each layer, output head). A group's
-weights are loaded once and reused by every micro-batch of the block, while the next group's weights
-and the next micro-batch's KV cache load on I/O threads (``overlap``); with overlap off the same loads
-run in line, in the same order, and give identical tokens.
+For each step the stack is walked group by group (``StackRunner.walk``: input embeddings, each layer,
+output head). A group's weights are loaded once and reused by every micro-batch of the block, while the
+next group's weights and the next micro-batch's KV cache load on I/O threads (``overlap``); with overlap
+off the same loads run in line, in the same order, and give identical tokens.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from flexrun.errors import InputError
-from flexrun.kernels import reference as K
-from flexrun.paths import offload_root
-from flexrun.placement import Placement
+from flexrun.kernels import positions as P
 from flexrun.runtime.activations import ActivationStore
-from flexrun.runtime.iopool import IOPool
 from flexrun.runtime.kvcache import KV, KVCache
 from flexrun.runtime.layer import AttentionCore, FusedLayer, LayerSpec, LayerWeights, Rotary
-from flexrun.runtime.malloc import release_large_frees
-from flexrun.runtime.precision import vectors_in, with_compute_dtype
 from flexrun.runtime.sampling import Sampler, SamplingParams
-from flexrun.runtime.stats import Timers, current_rss, peak_rss, reset_peak_rss
-from flexrun.runtime.tiers import Budgets, Ledger, compute_device, make_workdir
-from flexrun.runtime.weights import WeightManager
-from flexrun.weights.store import TORCH_DTYPES, TensorStore
+from flexrun.runtime.stack import StackRunner, token_problem
+from flexrun.runtime.stats import RunStats, Timers
+from flexrun.runtime.tiers import Ledger
 
 log = logging.getLogger(__name__)
 
 TokenCallback = Callable[[list[int], list[int]], None]
-
-
-@dataclass
-class RunStats:
-    """What one ``generate`` measured."""
-
-    sequences: int = 0
-    blocks: int = 0
-    prompt_tokens: int = 0  # padded prompt tokens processed in prefill
-    generated_tokens: int = 0  # tokens produced (padded across the block: the throughput FlexGen reports)
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    decode_steps: int = 0
-    disk_bytes_read: int = 0
-    peak_rss: int = 0
-    base_rss: int = 0  # resident memory before the engine allocated anything (interpreter, libraries)
-    planned: dict[str, dict[str, int]] = field(default_factory=dict)
-    budgets: dict[str, int] = field(default_factory=dict)
-    direct_io: bool | None = None
-
-    @property
-    def total_s(self) -> float:
-        return self.prefill_s + self.decode_s
-
-    def throughput(self) -> dict[str, float]:
-        def rate(n: float, s: float) -> float:
-            return n / s if s > 0 else 0.0
-
-        return {
-            "prefill_tok_s": rate(self.prompt_tokens, self.prefill_s),
-            "decode_tok_s": rate(self.generated_tokens - self.sequences, self.decode_s),
-            "total_tok_s": rate(self.generated_tokens, self.total_s),
-        }
 
 
 @dataclass
@@ -82,87 +39,43 @@ class _Block:
     sizes: list[int]  # micro-batch sizes
 
 
-class Engine:
+class Engine(StackRunner):
     """Generates with a placement over device / host / disk. Use as a context manager (it owns temp files)."""
 
-    def __init__(
-        self,
-        store: TensorStore,
-        placement: Placement,
-        max_seq_len: int,
-        budgets: Budgets | None = None,
-        offload_dir: str | Path | None = None,
-        device: torch.device | None = None,
-        compute_dtype: str | None = None,
-    ) -> None:
-        """``compute_dtype``: what hidden states are computed in, "auto" or None for ``resolve_compute_dtype``'s
-        choice (float32 for a 16-bit model on a CPU without 16-bit matmul hardware)."""
-        self.store = store
-        release_large_frees()
-        self.base_rss = current_rss()
-        self.device = device or compute_device()
-        self.cfg = cfg = with_compute_dtype(store.config, compute_dtype, self.device)
-        self.placement = placement
-        if cfg.position == "learned" and max_seq_len > cfg.max_seq_len:
-            raise InputError(f"{max_seq_len} tokens exceed the model's {cfg.max_seq_len} positions")
-        self.max_len = max_seq_len
-        self.dtype = TORCH_DTYPES[cfg.run_dtype]
-        root = offload_root(offload_dir)
-        self.workdir = make_workdir(root, "run-")
-        self.pool = IOPool(placement.overlap)
-        ledger = Ledger()
-        gbs, ngb = placement.gpu_batch_size, placement.num_gpu_batches
-        try:
-            self._plan_working_memory(ledger)
-            self.budgets = (budgets or Budgets()).resolved(root, self.device.type == "cuda")
-            args = (cfg, placement.cache, self.device, self.pool, ledger, self.workdir)
-            # Plan everything, check the budgets, and only then allocate.
-            self.cache = KVCache(*args, max_len=self.max_len, max_batch=gbs, num_batches=ngb)
-            acts_args = (cfg, placement.activations, self.device, self.pool, ledger, self.workdir)
-            self.acts = ActivationStore(*acts_args, max_tokens=gbs * self.max_len, num_batches=ngb)
-            self.weights = WeightManager(store, placement.weights, self.device, self.pool, ledger)
-            if self.device.type == "cpu":
-                ledger.fold_device_into_host()
-            ledger.check(self.budgets, offload_dir=root)
-            self.cache.allocate()
-            self.weights.load()
-        except BaseException:
-            self.close()
-            raise
-        self.ledger = ledger
-        self._first: Future[Any] | None = None
-        # One spec per layer: the attention scale and window may vary along the stack.
-        self.layers = [FusedLayer(LayerSpec.from_config(cfg, i)) for i in range(cfg.num_hidden_layers)]
-        self.windows = sorted({layer.spec.window for layer in self.layers})
-        self.slots = [[(name, name.rsplit(".", 1)[-1]) for name in group] for group in self.weights.groups]
-        log.info("placement: %s", placement.describe())
-
-    # ---- lifecycle -------------------------------------------------------------------------------
-    def close(self) -> None:
-        self.pool.shutdown()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _plan_working_memory(self, ledger: Ledger) -> None:
-        """Intermediates of one micro-batch in prefill (the largest step), on the compute device."""
-        ledger.add(
-            "device",
-            "working memory",
-            self.cfg.working_bytes(self.placement.gpu_batch_size, self.max_len, self.device.type == "cpu"),
+    def _plan(self, ledger: Ledger) -> None:
+        cfg, pl = self.cfg, self.placement
+        gbs, ngb = pl.gpu_batch_size, pl.num_gpu_batches
+        common = (self.device, self.pool, ledger, self.workdir)
+        self.cache = KVCache(
+            self.kv_format,
+            cfg.num_hidden_layers,
+            pl.cache,
+            *common,
+            max_len=self.max_len,
+            max_batch=gbs,
+            num_batches=ngb,
         )
+        self.acts = ActivationStore(cfg, pl.activations, *common, max_tokens=gbs * self.max_len, num_batches=ngb)
+        # One layer per index: the attention scale and window may vary along the stack.
+        self.layers = [
+            FusedLayer(LayerSpec.from_config(cfg, i), self.kernels, self.kv_format)
+            for i in range(cfg.num_hidden_layers)
+        ]
+        self.windows = sorted({layer.spec.window for layer in self.layers})
+
+    def _allocate(self) -> None:
+        self.cache.allocate()
+
+    def _bytes_read(self) -> int:
+        return int(self.store.bytes_read + self.cache.bytes_read)
 
     # ---- compute of the non-layer groups ---------------------------------------------------------
     def _embed(self, w: dict[str, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, w["embed_tokens"]).to(self.dtype)  # (b, q, word_embed_proj_dim)
         if "embed_ln_w" in w:
-            x = K.NORMS[self.cfg.norm](x, w["embed_ln_w"], w.get("embed_ln_b"), self.cfg.layer_norm_eps)
+            x = self.kernels.norms[self.cfg.norm](x, w["embed_ln_w"], w.get("embed_ln_b"), self.cfg.layer_norm_eps)
         if "project_in" in w:
-            x = K.linear(x, w["project_in"], None)
+            x = self.kernels.linear(x, w["project_in"], None)
         if "embed_positions" in w:
             # Padding (position -1) may fall before the table when there is no offset; it is never attended to.
             pos = (positions + self.cfg.position_offset).clamp(min=0)
@@ -172,11 +85,11 @@ class Engine:
     def _head(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         x = x[:, -1]  # (b, h): only the last position's logits are needed
         if "final_ln_w" in w:
-            x = K.NORMS[self.cfg.norm](x, w["final_ln_w"], w.get("final_ln_b"), self.cfg.layer_norm_eps)
+            x = self.kernels.norms[self.cfg.norm](x, w["final_ln_w"], w.get("final_ln_b"), self.cfg.layer_norm_eps)
         if "project_out" in w:
-            x = K.linear(x, w["project_out"], None)
+            x = self.kernels.linear(x, w["project_out"], None)
         head = w["lm_head"] if "lm_head" in w else w["embed_tokens"]
-        return K.linear(x, head, w.get("lm_head_b")).float()  # (b, vocab)
+        return self.kernels.linear(x, head, w.get("lm_head_b")).float()  # (b, vocab)
 
     def _attention_inputs(
         self, valid: torch.Tensor, positions: torch.Tensor, query_len: int
@@ -187,14 +100,14 @@ class Engine:
         from its first real token), so a left-padded prompt sees the positions it would see alone.
         """
         cfg = self.cfg
-        masks = {win: K.additive_mask(valid, query_len, self.dtype, win) for win in self.windows}
+        masks = {win: P.additive_mask(valid, query_len, self.dtype, win) for win in self.windows}
         if cfg.position == "alibi":
-            bias = K.alibi_bias(positions, cfg.n_head, self.dtype)  # (b, nh, 1, t)
+            bias = P.alibi_bias(positions, cfg.n_head, self.dtype)  # (b, nh, 1, t)
             masks = {win: m + bias for win, m in masks.items()}  # (b, nh, q, t)
         rotary = None
         if cfg.position == "rotary":
             new = positions[:, -query_len:]  # (b, q)
-            rotary = K.rotary_cos_sin(new, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_interleaved, self.dtype)
+            rotary = P.rotary_cos_sin(new, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_interleaved, self.dtype)
         return masks, rotary
 
     # ---- one step of the block schedule ----------------------------------------------------------
@@ -203,9 +116,8 @@ class Engine:
 
         Prefill runs each layer once per micro-batch, its activations kept on their planned tiers. A decode
         step runs each layer once for the whole block, attending micro-batch by micro-batch over each one's
-        cache: the block's hidden states are a few rows, and one matmul over all of them reads each weight
-        once at a higher rate than one per micro-batch (on the 2-core CPU, 114 GFLOP/s at 64 rows against
-        50 at 16, OPT-1.3B's fc1).
+        cache: the block's hidden states are a few rows, and one matmul over all of them runs at a higher
+        rate than one per micro-batch.
         """
         q = ids[0].shape[1]
         valid = block.valid.to(self.device)
@@ -217,21 +129,14 @@ class Engine:
             self._attention_inputs(valid[o : o + b], all_positions[o : o + b], q)
             for o, b in zip(offsets, block.sizes, strict=True)
         ]
-        weights = self.weights
-        # The input group was prefetched at the end of the previous step, overlapping the output head.
-        fut = self._first if self._first is not None else weights.prefetch(0)
-        n_groups, n_layers, n_mb = len(self.slots), self.cfg.num_hidden_layers, len(block.sizes)
+        n_layers, n_mb = self.cfg.num_hidden_layers, len(block.sizes)
         walk = _CacheWalk(self.cache, block.sizes, n_layers, past)
         merged = q == 1
         x = torch.empty(0)  # the block's hidden states in decode
         logits = []
-        for g in range(n_groups):
-            w = vectors_in(weights.wait(fut), self.dtype)
-            if g + 1 < n_groups:
-                fut = weights.prefetch(g + 1)
-            else:
-                self._first = weights.prefetch(0)
-            if g == 0:
+        # The next step's input group loads while this one computes its head.
+        for group, w in self.walk(carry=True):
+            if group.kind == "input":
                 if merged:
                     x = self._embed(w, torch.cat(ids).to(self.device), positions)
                     continue
@@ -239,11 +144,11 @@ class Engine:
                     x = self._embed(w, ids[j].to(self.device), positions[o : o + block.sizes[j]])
                     self.acts.put(0, j, x)
                 continue
-            if g == n_groups - 1:
+            if group.kind == "output":
                 logits = [self._head(w, x)] if merged else [self._head(w, self.acts.take(j)) for j in range(n_mb)]
                 continue
-            i = g - 1
-            lw = LayerWeights.from_slots({slot: w[name] for name, slot in self.slots[g]})
+            i = group.layer
+            lw = LayerWeights.from_slots({slot: w[name] for name, slot in group.slots})
             layer = self.layers[i]
             if merged:
                 rotary = _cat_rotary([r for _, r in inputs])
@@ -254,7 +159,7 @@ class Engine:
                 masks, rotary = inputs[j]
                 x = layer(lw, self.acts.take(j), layer.cached_core(k, v, past, masks[layer.spec.window]), rotary)
                 self.cache.store(i, j, (k, v), turn, past, past + q)
-                self.acts.put(min(g, n_layers - 1), j, x)
+                self.acts.put(min(i + 1, n_layers - 1), j, x)
         return torch.cat(logits).cpu()
 
     def _block_core(
@@ -283,10 +188,9 @@ class Engine:
     # ---- generation --------------------------------------------------------------------------------
     def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         for n, p in enumerate(prompts):
-            if not p:
-                raise InputError(f"prompt {n} is empty")
-            if min(p) < 0 or max(p) >= self.cfg.vocab_size:
-                raise InputError(f"prompt {n} has token ids outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+            problem = token_problem(p, self.cfg.vocab_size)
+            if problem:
+                raise InputError(f"prompt {n}: {problem}")
             if len(p) + max_new_tokens > self.max_len:
                 raise InputError(
                     f"prompt {n} has {len(p)} tokens; with {max_new_tokens} new tokens that exceeds the "
@@ -308,8 +212,7 @@ class Engine:
         the logits of every step per block. ``seq_ids`` seed each sequence's sampler (default: index).
         """
         self._check_prompts(prompts, params.max_new_tokens)
-        stats = RunStats(sequences=len(prompts), planned=self.ledger.items, budgets=self.budgets)
-        reset_peak_rss()
+        stats, read_before = self._start_stats(len(prompts))
         timers = Timers(self.device)
         block_size = self.placement.block_size
         # Similar lengths together waste less padding; results go back in input order.
@@ -317,7 +220,6 @@ class Engine:
         ids = list(range(len(prompts))) if seq_ids is None else seq_ids
         outputs: list[list[int]] = [[] for _ in prompts]
         all_logits: list[torch.Tensor] = []
-        read_before = self.store.bytes_read + self.cache.bytes_read
         for start in range(0, len(order), block_size):
             members = order[start : start + block_size]
             new, logits = self._generate_block(
@@ -336,16 +238,10 @@ class Engine:
             all_logits.extend(logits)
             stats.blocks += 1
         self.cache.flush()
-        if self._first is not None:  # the prefetch for a step that did not come
-            self._first.result()
-            self._first = None
+        self.settle()  # the input group loaded for a step that did not come
         stats.prefill_s = timers.seconds["prefill"]
         stats.decode_s = timers.seconds["decode"]
-        stats.disk_bytes_read = self.store.bytes_read + self.cache.bytes_read - read_before
-        stats.peak_rss = peak_rss()
-        stats.base_rss = self.base_rss
-        stats.direct_io = self.store.direct
-        return outputs, stats, all_logits
+        return outputs, self._finish_stats(stats, read_before), all_logits
 
     def _generate_block(
         self,
@@ -379,6 +275,7 @@ class Engine:
         with timers.time("prefill"):
             logits = self._step(block, list(ids.split(sizes)), past=0)
         stats.prompt_tokens += n * s
+        stats.input_tokens += sum(map(len, prompts))
         for t in range(params.max_new_tokens):
             if return_logits:
                 logits_log.append(logits)

@@ -1,8 +1,10 @@
-"""The KV cache, placed per layer on a tier, stored position-major: (max_len, b, kv_dim) for K and for V.
+"""The KV cache, placed per layer on a tier, stored position-major in its format's rows: (max_len, b, ...)
+for K and for V.
 
 Row ``t`` holds every sequence's key (value) at position ``t``, so appending a token is one contiguous
 write and reading positions [0, t) is one contiguous read, in memory and on disk alike. Each (layer,
 micro-batch) has one slot sized for the largest micro-batch; a smaller micro-batch uses a prefix of it.
+What a row holds is the format's business (``runtime.kvformat``): the cache moves rows as bytes.
 Disk slots are files in the offload dir, read with O_DIRECT into two reusable staging buffers so that
 the next micro-batch's cache loads while this one computes.
 """
@@ -16,12 +18,11 @@ from pathlib import Path
 import torch
 
 from flexrun import diskio
-from flexrun.config import OptConfig
 from flexrun.errors import PlacementError
 from flexrun.placement import Shares
 from flexrun.runtime.iopool import IOPool, done
+from flexrun.runtime.kvformat import PlainKV
 from flexrun.runtime.tiers import Ledger
-from flexrun.weights.store import TORCH_DTYPES
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -29,7 +30,8 @@ KV = tuple[torch.Tensor, torch.Tensor]
 class KVCache:
     def __init__(
         self,
-        cfg: OptConfig,
+        fmt: PlainKV,
+        num_layers: int,
         shares: Shares,
         device: torch.device,
         pool: IOPool,
@@ -39,16 +41,15 @@ class KVCache:
         max_batch: int,
         num_batches: int,
     ) -> None:
-        self.cfg = cfg
+        self.fmt = fmt
         self.device = device
         self.pool = pool
         self.max_len = max_len
-        self.dtype = TORCH_DTYPES[cfg.dtype]
-        self.kv_dim = cfg.kv_dim
+        self.dtype = fmt.dtype
         on_cuda = device.type == "cuda"
-        self.tiers = [t if on_cuda or t != "device" else "host" for t in shares.split(cfg.num_hidden_layers)]
-        self.slot_elems = max_len * max_batch * cfg.kv_dim
-        self.slot_bytes = self.slot_elems * cfg.dtype_bytes
+        self.tiers = [t if on_cuda or t != "device" else "host" for t in shares.split(num_layers)]
+        self.slot_elems = max_len * fmt.row_elems(max_batch)
+        self.slot_bytes = max_len * fmt.row_bytes(max_batch)
         self._resident: dict[tuple[int, int], KV] = {}
         self._files: dict[tuple[int, int], Path] = {}
         self._file_pending: dict[tuple[int, int], Future[None]] = {}
@@ -103,14 +104,14 @@ class KVCache:
             ]
 
     def _shape(self, flat: torch.Tensor, b: int) -> torch.Tensor:
-        return flat[: self.max_len * b * self.kv_dim].view(self.max_len, b, self.kv_dim)
+        return self.fmt.slot(flat, self.max_len, b)
 
     def _host_view(self, buf: torch.Tensor, b: int) -> torch.Tensor:
         return self._shape(buf[: self.slot_bytes].view(self.dtype), b)
 
     def fetch(self, i: int, j: int, b: int, length: int) -> Future[tuple[KV, int]]:
         """Start making layer ``i``/micro-batch ``j``'s cache available on the compute device, with rows
-        [0, length) valid. The result is ((k, v), staging turn), each (max_len, b, kv_dim)."""
+        [0, length) valid. The result is ((k, v), staging turn), each a slot of the format's (max_len, b, ...)."""
         tier = self.tiers[i]
         if tier == "device" or (tier == "host" and self.device.type == "cpu"):
             k, v = self._resident[(i, j)]
@@ -128,7 +129,7 @@ class KVCache:
             if file_pending is not None:
                 file_pending.result()
             hk, hv = self._host_stage[turn]
-            nbytes = diskio.padded(length * b * self.kv_dim * self.cfg.dtype_bytes)
+            nbytes = diskio.padded(length * self.fmt.row_bytes(b))
             if length:
                 fd, _ = diskio.open_for_read(self._files[(i, j)])
                 try:
@@ -171,7 +172,7 @@ class KVCache:
         self._stage_pending[turn] = fut
 
     def _write(self, i: int, j: int, rows: KV, start: int) -> None:
-        row_bytes = rows[0].shape[1] * self.kv_dim * self.cfg.dtype_bytes
+        row_bytes = self.fmt.row_bytes(rows[0].shape[1])
         fd = os.open(self._files[(i, j)], os.O_WRONLY)
         try:
             for region, t in enumerate(rows):

@@ -1,10 +1,13 @@
-"""The fused decoder layer: attention + MLP computed from named weight slots.
+"""The fused decoder layer: attention + MLP computed from named weight slots, with a chosen kernel set.
 
 Every architecture's policy maps its Hugging Face layer onto these slots; the flags in ``LayerSpec``
 (derived from the config for one layer index) select the variant: pre/post layer norm, sequential or
 parallel attention and MLP, activation and gate, norm type, rotary embeddings, attention scale. The
 attention mask (causal, padding, local window, ALiBi bias) and the rotary angles come from the engine,
-which alone knows the positions.
+which alone knows the positions. The layer never names a kernel or a weight format: matmuls go through
+the kernel set's ``linear`` (which dispatches on the weight's type), cached keys and values through the
+KV format, and each row-parallel projection's partial sum through ``reduce`` (tensor parallelism's
+all-reduce), before its bias and the residual add.
 """
 
 from __future__ import annotations
@@ -16,18 +19,23 @@ from dataclasses import dataclass
 import torch
 
 from flexrun.config import OptConfig
-from flexrun.kernels import reference as K
+from flexrun.errors import CheckpointError
+from flexrun.kernels import KernelSet, Weight
+from flexrun.runtime.kvformat import PlainKV
 
 
 @dataclass
 class LayerWeights:
-    """One decoder layer's tensors by slot (Linear weights are [out, in]; qkv is [Q | K | V])."""
+    """One decoder layer's weights by slot (Linear weights are [out, in]; qkv is [Q | K | V]).
+
+    Matrices are dense tensors or any weight type the kernel set's ``linear`` knows; vectors (norms,
+    biases) are tensors in the compute dtype."""
 
     ln1_w: torch.Tensor
-    qkv_w: torch.Tensor
-    out_w: torch.Tensor
-    fc1_w: torch.Tensor
-    fc2_w: torch.Tensor
+    qkv_w: Weight
+    out_w: Weight
+    fc1_w: Weight
+    fc2_w: Weight
     ln2_w: torch.Tensor | None = None  # absent when one norm feeds attention and MLP (GPT-J)
     ln1_b: torch.Tensor | None = None
     qkv_b: torch.Tensor | None = None
@@ -35,13 +43,19 @@ class LayerWeights:
     ln2_b: torch.Tensor | None = None
     fc1_b: torch.Tensor | None = None
     fc2_b: torch.Tensor | None = None
-    gate_w: torch.Tensor | None = None
+    gate_w: Weight | None = None
     gate_b: torch.Tensor | None = None
 
     @classmethod
-    def from_slots(cls, slots: dict[str, torch.Tensor]) -> LayerWeights:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in slots.items() if k in names})
+    def from_slots(cls, slots: dict[str, Weight]) -> LayerWeights:
+        """The layer's weights from its slots; a slot the fused layer has no place for is an error, not dropped."""
+        unknown = sorted(set(slots) - _SLOTS)
+        if unknown:
+            raise CheckpointError(f"the fused layer has no slot {', '.join(unknown)}; the store does not match it")
+        return cls(**slots)
+
+
+_SLOTS = frozenset(f.name for f in dataclasses.fields(LayerWeights))
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,8 @@ class LayerSpec:
 
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
+# Sums a row-parallel projection's partial results across tensor-parallel ranks (None: one rank).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 # Attention over the cache, given the new tokens' queries (b, nh, s, d) and their keys and values
 # (b, s, kv_dim), keys already rotated: caches the new keys and values and returns (b, nh, s, d). The
@@ -92,17 +108,20 @@ AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 
 
 class FusedLayer:
-    """Computes one decoder layer, appending to position-major KV buffers through an ``AttentionCore``.
+    """Computes one decoder layer, appending to position-major KV slots through an ``AttentionCore``.
 
-    The KV buffers are (max_len, b, kv_dim): row t holds every sequence's key (value) at position t, so
-    appending a token is one contiguous write, in memory and on disk alike. Keys are cached after the
-    rotary rotation, so cached keys never need their positions again.
+    A KV slot is (max_len, b, ...) in the KV format's layout: row t holds every sequence's key (value) at
+    position t, so appending a token is one contiguous write, in memory and on disk alike. Keys are cached
+    after the rotary rotation, so cached keys never need their positions again.
     """
 
-    def __init__(self, spec: LayerSpec) -> None:
+    def __init__(self, spec: LayerSpec, kernels: KernelSet, kv_format: PlainKV, reduce: Reduce | None = None) -> None:
         self.spec = spec
-        self._norm = K.NORMS[spec.norm]
-        self._act_ = K.ACTIVATIONS[spec.activation]
+        self.k = kernels
+        self.kv = kv_format
+        self.reduce = reduce
+        self._norm = kernels.norms[spec.norm]
+        self._act_ = kernels.activations[spec.activation]
 
     def __call__(
         self, w: LayerWeights, x: torch.Tensor, core: AttentionCore, rotary: Rotary | None = None
@@ -113,27 +132,28 @@ class FusedLayer:
             # GPT-J: one norm feeds both branches; GPT-NeoX: ln1 feeds attention, ln2 the MLP.
             attn_in = self._norm(x, w.ln1_w, w.ln1_b, sp.eps)
             mlp_in = attn_in if sp.shared_norm else self._norm2(w, x)
-            return x + self._attention(w, attn_in, core, rotary) + self._mlp(w, mlp_in)
+            attn, up = self._attend(w, attn_in, core, rotary), self._up(w, mlp_in)
+            return self._residual(x, [(attn, w.out_w, w.out_b), (up, w.fc2_w, w.fc2_b)])
         if not sp.pre_norm:  # post-LN: normalise after each residual add
-            x = self._norm(x + self._attention(w, x, core, rotary), w.ln1_w, w.ln1_b, sp.eps)
-            return self._norm2(w, x + self._mlp(w, x))
-        x = x + self._attention(w, self._norm(x, w.ln1_w, w.ln1_b, sp.eps), core, rotary)
-        return x + self._mlp(w, self._norm2(w, x))
+            x = self._residual(x, [(self._attend(w, x, core, rotary), w.out_w, w.out_b)])
+            x = self._norm(x, w.ln1_w, w.ln1_b, sp.eps)
+            return self._norm2(w, self._residual(x, [(self._up(w, x), w.fc2_w, w.fc2_b)]))
+        x = self._residual(
+            x, [(self._attend(w, self._norm(x, w.ln1_w, w.ln1_b, sp.eps), core, rotary), w.out_w, w.out_b)]
+        )
+        return self._residual(x, [(self._up(w, self._norm2(w, x)), w.fc2_w, w.fc2_b)])
 
-    def cached_core(self, k_buf: torch.Tensor, v_buf: torch.Tensor, past: int, mask: torch.Tensor) -> AttentionCore:
-        """The core for one micro-batch: k_buf/v_buf (>= past + s, b, kv_dim) with rows [0, past) filled,
-        into whose rows [past, past + s) the new keys and values go; mask: additive, (b, 1 or nh, s, past + s)."""
-        sp = self.spec
+    def cached_core(self, k_slot: torch.Tensor, v_slot: torch.Tensor, past: int, mask: torch.Tensor) -> AttentionCore:
+        """The core for one micro-batch: KV slots with rows [0, past) filled, into whose rows [past, past + s)
+        the new keys and values go; mask: additive, (b, 1 or nh, s, past + s)."""
+        sp, kv = self.spec, self.kv
 
         def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            b, s = k.shape[:2]
-            t = past + s
-            k_buf[past:t].copy_(k.transpose(0, 1))  # (s, b, kv_dim)
-            v_buf[past:t].copy_(v.transpose(0, 1))
+            t = past + k.shape[1]
+            kv.append(k_slot, past, k)
+            kv.append(v_slot, past, v)
             # The cache may be kept in the stored dtype while attention runs in the compute dtype.
-            keys = k_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim)  # (t, b, nkv, d)
-            values = v_buf[:t].view(t, b, sp.n_kv_head, sp.head_dim)
-            return K.cached_attention(q, keys, values, mask, sp.scale)
+            return self.k.cached_attention(q, kv.read(k_slot, t), kv.read(v_slot, t), mask, sp.scale)
 
         return core
 
@@ -141,27 +161,43 @@ class FusedLayer:
         assert w.ln2_w is not None, "this layer has no second norm"
         return self._norm(x, w.ln2_w, w.ln2_b, self.spec.eps)
 
-    def _attention(self, w: LayerWeights, hs: torch.Tensor, core: AttentionCore, rotary: Rotary | None) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor, parts: list[tuple[torch.Tensor, Weight, torch.Tensor | None]]) -> torch.Tensor:
+        """x plus the row-parallel projections of ``parts`` (input, weight, bias), reduced once together with
+        ``reduce``, each bias added after the reduction (once, not once per rank)."""
+        if self.reduce is None:
+            for a, w, b in parts:
+                x = x + self.k.linear(a, w, b)
+            return x
+        total = self.k.linear(parts[0][0], parts[0][1], None)
+        for a, w, _ in parts[1:]:
+            total = total + self.k.linear(a, w, None)
+        total = self.reduce(total)
+        for _, _, b in parts:
+            if b is not None:
+                total = total + b
+        return x + total
+
+    def _attend(self, w: LayerWeights, hs: torch.Tensor, core: AttentionCore, rotary: Rotary | None) -> torch.Tensor:
+        """Attention before its output projection: (b, s, h) from hs (b, s, h)."""
         sp = self.spec
-        b, s, h = hs.shape
-        qkv = K.linear(hs, w.qkv_w, w.qkv_b)  # (b, s, h + 2 * kv_dim)
+        b, s, _ = hs.shape
+        qkv = self.k.linear(hs, w.qkv_w, w.qkv_b)  # (b, s, (nh + 2 * nkv) * d)
         kv_dim = sp.n_kv_head * sp.head_dim
         q, k, v = qkv.split([sp.n_head * sp.head_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(b, s, sp.n_head, sp.head_dim).transpose(1, 2)  # (b, nh, s, d)
         if sp.rotary:
             assert rotary is not None, "a rotary layer needs the rotary angles"
             cos, sin = rotary
-            q = K.apply_rotary(q, cos, sin, sp.rotary_interleaved)
+            q = self.k.apply_rotary(q, cos, sin, sp.rotary_interleaved)
             k4 = k.view(b, s, sp.n_kv_head, sp.head_dim).transpose(1, 2)  # (b, nkv, s, d)
-            k = K.apply_rotary(k4, cos, sin, sp.rotary_interleaved).transpose(1, 2).reshape(b, s, kv_dim)
+            k = self.k.apply_rotary(k4, cos, sin, sp.rotary_interleaved).transpose(1, 2).reshape(b, s, kv_dim)
         attn = core(q, k, v)  # (b, nh, s, d)
-        return K.linear(attn.transpose(1, 2).reshape(b, s, h), w.out_w, w.out_b)  # (b, s, h)
+        return attn.transpose(1, 2).reshape(b, s, sp.n_head * sp.head_dim)  # (b, s, h)
 
-    def _mlp(self, w: LayerWeights, hs: torch.Tensor) -> torch.Tensor:
-        up = K.linear(hs, w.fc1_w, w.fc1_b)  # (b, s, ffn)
+    def _up(self, w: LayerWeights, hs: torch.Tensor) -> torch.Tensor:
+        """The MLP's activated first matrix (and gate): (b, s, ffn)."""
+        up = self.k.linear(hs, w.fc1_w, w.fc1_b)  # (b, s, ffn)
         if self.spec.gated_mlp:
             assert w.gate_w is not None
-            up = self._act_(K.linear(hs, w.gate_w, w.gate_b)).mul_(up)
-        else:
-            up = self._act_(up)
-        return K.linear(up, w.fc2_w, w.fc2_b)  # (b, s, h)
+            return self._act_(self.k.linear(hs, w.gate_w, w.gate_b)).mul_(up)
+        return self._act_(up)

@@ -3,9 +3,7 @@
 glibc serves a request above its mmap threshold with its own mapping, returned to the system on free, and
 anything smaller from its heaps, which keep freed memory. The threshold is adaptive: each freed mapping
 raises it to that size (up to 32 MiB), so after the first prefill the multi-MiB temporaries of every
-later matmul land in the heaps and stay resident. Measured on OPT-1.3B (16 x 4 block, 1 GiB host budget,
-0.89 GB planned): peak RSS 1.34 GB over the process's baseline with the adaptive threshold, 0.82 GB with
-it fixed at 4 MiB, and prefill no slower (131 vs 133 s).
+later matmul land in the heaps and stay resident, over the plan (benchmarks/README.md has the figures).
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ import ctypes.util
 import logging
 import os
 
-from flexrun.runtime.precision import UPCAST_CHUNK_BYTES
+from flexrun.config import UPCAST_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
 

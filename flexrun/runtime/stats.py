@@ -1,4 +1,5 @@
-"""Measured figures: wall-clock timers that synchronise the device, and the process's peak resident memory."""
+"""Measured figures: what a run measured (``RunStats``), wall-clock timers that synchronise the device, and
+the process's peak resident memory."""
 
 from __future__ import annotations
 
@@ -7,10 +8,61 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 
 import torch
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunStats:
+    """What one ``Engine.generate`` or ``Encoder.encode_blocks`` measured (an encode is a prefill alone)."""
+
+    sequences: int = 0
+    blocks: int = 0
+    prompt_tokens: int = 0  # prompt tokens processed in prefill, padding included
+    input_tokens: int = 0  # real prompt tokens, padding excluded
+    generated_tokens: int = 0  # tokens produced (padded across the block: the throughput FlexGen reports)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    disk_bytes_read: int = 0
+    peak_rss: int = 0
+    base_rss: int = 0  # resident memory before the engine allocated anything (interpreter, libraries)
+    planned: dict[str, dict[str, int]] = field(default_factory=dict)
+    budgets: dict[str, int] = field(default_factory=dict)
+    direct_io: bool | None = None
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    def throughput(self) -> dict[str, float]:
+        def rate(n: float, s: float) -> float:
+            return n / s if s > 0 else 0.0
+
+        return {
+            "prefill_tok_s": rate(self.prompt_tokens, self.prefill_s),
+            "decode_tok_s": rate(self.generated_tokens - self.sequences, self.decode_s),
+            "total_tok_s": rate(self.generated_tokens, self.total_s),
+        }
+
+    def merge(self, part: RunStats) -> RunStats:
+        """These stats with ``part``'s, a run after this one, added in place: counts and seconds add up, the
+        peaks are the highest, the plan and budgets are the latest, direct I/O holds only if it held in both."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(part, f.name)
+            if f.name in ("peak_rss", "base_rss"):
+                setattr(self, f.name, max(mine, theirs))
+            elif f.name == "direct_io":
+                if theirs is not None:
+                    self.direct_io = theirs if mine is None else mine and theirs
+            elif f.name in ("planned", "budgets"):
+                setattr(self, f.name, theirs)
+            else:
+                setattr(self, f.name, mine + theirs)
+        return self
 
 
 class Timers:

@@ -1,7 +1,7 @@
-"""Weight residency: which tier holds each tensor, and loading a layer's weights for compute.
+"""Weight residency: which tier holds each tensor, and loading a group's weights for compute.
 
-The stack is walked in groups: the input embeddings, each decoder layer, the output head. Weight shares
-are realised per tensor, by bytes, along that order. Device- and host-resident tensors are read once at
+The stack is walked in the groups of ``flexrun.layout`` (input embeddings, each decoder layer, output
+head). Weight shares are realised per tensor, by bytes, along that order. Device- and host-resident tensors are read once at
 start; disk-resident tensors are read from the tensor store in place (never copied to the offload dir),
 every step, into one of two reusable page-aligned arenas, so the next group loads while this one computes.
 On CUDA, host and disk tensors are then copied into one of two device arenas on a side stream.
@@ -17,28 +17,15 @@ from typing import Any
 import torch
 
 from flexrun import diskio
-from flexrun.config import INPUT_GLOBALS, OptConfig
+from flexrun.layout import stack_layout
 from flexrun.placement import Shares
 from flexrun.runtime.iopool import IOPool
 from flexrun.runtime.tiers import Ledger
-from flexrun.weights.convert import store_order
 from flexrun.weights.store import TensorStore
 
 log = logging.getLogger(__name__)
 
 _GPU_ALIGN = 256
-
-
-def stack_groups(cfg: OptConfig) -> list[list[str]]:
-    """Tensor names per compute group: [input embeddings], layer 0 ... layer L-1, [output head]."""
-    glob = list(cfg.global_shapes())
-    groups = [[n for n in glob if n in INPUT_GLOBALS]]
-    groups += [[f"layers.{i}.{slot}" for slot in cfg.layer_shapes()] for i in range(cfg.num_hidden_layers)]
-    out = [n for n in glob if n not in INPUT_GLOBALS]
-    if cfg.tie_word_embeddings and not cfg.encoder:
-        out.append("embed_tokens")
-    groups.append(out)
-    return groups
 
 
 @dataclass
@@ -55,11 +42,12 @@ class WeightManager:
         self.device = device
         self.pool = pool
         self.on_cuda = device.type == "cuda"
-        order = store_order(self.cfg)
+        layout = stack_layout(self.cfg)
+        order = layout.store_order
         tiers = shares.split([store.meta(n).nbytes for n in order])
         # Without CUDA the device tier is host RAM.
         self.tier = {n: (t if self.on_cuda or t != "device" else "host") for n, t in zip(order, tiers, strict=True)}
-        self.groups = stack_groups(self.cfg)
+        self.groups = [list(g.names) for g in layout.groups]
         self._order = order
         self.resident: dict[str, torch.Tensor] = {}
         for name in order:

@@ -1,4 +1,5 @@
-"""Where result records go: a resumable JSONL file (``--output``) or stdout.
+"""Where result records go: a resumable JSONL file (``--output``) or stdout (``ResultWriter``, for
+generate), or a file replaced whole when the job succeeds (``RowWriter``, for embed).
 
 The file is append-only. Each block's records are written with one ``write`` of whole lines and made
 durable with ``fsync`` before the next block starts, so a crash loses at most the block in flight and can
@@ -16,12 +17,13 @@ import errno
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from flexrun.errors import InputError
-from flexrun.textio import id_key
+from flexrun.jobs.textio import id_key
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +202,66 @@ class ResultWriter:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+class RowWriter:
+    """JSONL rows to ``stdout``, or to a temporary file beside ``path`` that replaces it only on ``commit``:
+    until then an existing file is untouched, and ``discard`` leaves things as they were."""
+
+    def __init__(self, path: Path | None, stdout: IO[str], input_file: str | None) -> None:
+        self.path = path
+        self.stdout = stdout
+        self.file: IO[str] | None = None
+        self.tmp: Path | None = None
+        self.committed = False
+        if path is None:
+            self.created = False
+            return
+        self.created = not path.exists()  # then an empty file left by a failed job is removed
+        check_output(path, input_file)  # refuses the input file itself and an unwritable path, early
+        self.target = path.resolve()  # through a symlink: the file it points to is replaced, not the link
+        tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any file
+        except OSError as exc:
+            self.discard()
+            raise InputError(f"cannot write {path}: cannot create {tmp.name} beside it: {exc.strerror}") from None
+        self.tmp = tmp
+        self.file = os.fdopen(fd, "w", encoding="utf-8")
+        if not self.created:
+            shutil.copymode(self.target, tmp)  # the replaced file keeps its permissions
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Write rows and flush them: to stdout they are out; to a file they wait for ``commit``."""
+        if not rows:
+            return
+        out = self.file or self.stdout
+        try:
+            out.write("".join(json.dumps(row) + "\n" for row in rows))
+            out.flush()
+        except OSError as exc:
+            raise InputError(f"cannot write {self.path or 'stdout'}: {exc.strerror}") from None
+
+    def commit(self) -> None:
+        """Put the finished file in place of the output, atomically: a reader sees the old or the new one."""
+        if self.file is None or self.tmp is None:
+            return
+        try:
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.target)
+        except OSError as exc:
+            raise InputError(f"cannot write {self.path}: {exc.strerror}") from None
+        self.tmp = None
+        self.committed = True
+
+    def discard(self) -> None:
+        """Drop an unfinished file (a no-op after ``commit``); an output this job created empty goes too."""
+        if self.file is not None:
+            self.file.close()
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+        path = self.path
+        if self.created and not self.committed and path is not None and path.is_file() and not path.stat().st_size:
+            path.unlink()

@@ -1,4 +1,5 @@
-"""The FlexGen-style summary that ``generate`` and ``bench`` print, as text and as a dict for --json."""
+"""The run summary that ``generate``, ``bench`` and ``embed`` print, as text and as a dict for --json, and
+``bench``'s roofline."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from typing import Any
 
 from flexrun.config import OptConfig
 from flexrun.costmodel.hardware import HardwareSpec
+from flexrun.costmodel.prediction import predict
 from flexrun.placement import Placement
-from flexrun.runtime.engine import RunStats
+from flexrun.runtime.stats import RunStats
 from flexrun.units import format_bytes
 
 
@@ -40,18 +42,36 @@ def computed_in(cfg: OptConfig) -> str:
     return f" computed in {cfg.run_dtype}" if cfg.run_dtype != cfg.dtype else ""
 
 
-def summary_text(cfg: OptConfig, placement: Placement, stats: RunStats) -> str:
-    t = stats.throughput()
-    planned = {tier: sum(v.values()) for tier, v in stats.planned.items()}
-    per_step = stats.decode_s / stats.decode_steps if stats.decode_steps else 0.0
+def summary_text(cfg: OptConfig, placement: Placement, stats: RunStats, pooling: str | None = None) -> str:
+    """The summary as lines of text. With ``pooling``, of an encode (``embed``): one pass, no KV cache."""
     io = {True: "O_DIRECT", False: "buffered (page cache may flatter it)", None: "none"}[stats.direct_io]
-    lines = [
-        f"model: {cfg.name} ({cfg.dtype}{computed_in(cfg)}, {format_bytes(cfg.model_bytes())})",
-        f"placement: {placement.describe()}",
-        f"sequences: {stats.sequences} in {stats.blocks} block(s)",
-        f"prefill latency: {stats.prefill_s:.3f} s  prefill throughput: {t['prefill_tok_s']:.2f} token/s",
-        f"decode latency: {stats.decode_s:.3f} s ({per_step:.3f} s/step)  decode throughput: {t['decode_tok_s']:.2f} token/s",
-        f"total latency: {stats.total_s:.3f} s  total throughput: {t['total_tok_s']:.2f} token/s",
+    planned = {tier: sum(v.values()) for tier, v in stats.planned.items()}
+    size = format_bytes(cfg.model_bytes())
+    if pooling is None:
+        t = stats.throughput()
+        per_step = stats.decode_s / stats.decode_steps if stats.decode_steps else 0.0
+        lines = [
+            f"model: {cfg.name} ({cfg.dtype}{computed_in(cfg)}, {size})",
+            f"placement: {placement.describe()}",
+            f"sequences: {stats.sequences} in {stats.blocks} block(s)",
+            f"prefill latency: {stats.prefill_s:.3f} s  prefill throughput: {t['prefill_tok_s']:.2f} token/s",
+            f"decode latency: {stats.decode_s:.3f} s ({per_step:.3f} s/step)  decode throughput: "
+            f"{t['decode_tok_s']:.2f} token/s",
+            f"total latency: {stats.total_s:.3f} s  total throughput: {t['total_tok_s']:.2f} token/s",
+        ]
+    else:
+        rate = stats.input_tokens / stats.prefill_s if stats.prefill_s > 0 else 0.0
+        lines = [
+            f"model: {cfg.name} ({cfg.arch}, {cfg.dtype}{computed_in(cfg)}, {size}); pooling: {pooling}",
+            # An encoder keeps no KV cache: its placement is the weights, the activations and the batching.
+            f"placement: weights {placement.weights.spec()} | activations {placement.activations.spec()} | "
+            f"batch {placement.gpu_batch_size} x {placement.num_gpu_batches}"
+            + ("" if placement.overlap else " | no-overlap"),
+            f"sequences: {stats.sequences} in {stats.blocks} block(s), {stats.input_tokens} tokens "
+            f"({stats.prompt_tokens} with padding)",
+            f"latency: {stats.prefill_s:.3f} s  throughput: {rate:.2f} token/s",
+        ]
+    lines += [
         f"disk read: {format_bytes(stats.disk_bytes_read)} ({io})",
         "planned memory: " + ", ".join(f"{tier} {format_bytes(b)}" for tier, b in planned.items() if b),
         f"peak resident memory (measured): {format_bytes(stats.peak_rss)}, "
@@ -73,8 +93,6 @@ def roofline(
     ``disk_read_bw``: the rate this run read them at over a decode step (bytes/s), to set beside the
     calibrated ``disk_to_host_bw`` the bound uses (a virtual disk's rate moves between the two).
     """
-    from flexrun.costmodel.equations import predict
-
     pred = predict(cfg, hw, placement, prompt_len, gen_len)
     passes = stats.decode_steps + stats.blocks  # each block's prefill reads the stack once too
     disk_step = stats.disk_bytes_read // passes if passes else 0

@@ -2,7 +2,7 @@
 
 Weights and the KV cache keep the stored dtype (the bytes that cross the memory hierarchy); hidden states
 and intermediates use the compute dtype, and a 16-bit weight is converted a cache-sized chunk at a time
-inside each matmul (``kernels.reference.linear``). On a CPU without bfloat16 or float16 matmul hardware
+inside each matmul (``kernels.cpu.linear``). On a CPU without bfloat16 or float16 matmul hardware
 (AVX2, or AVX-512 without the BF16/FP16 extensions) PyTorch emulates the 16-bit matmul several times
 slower than float32, so there ``auto`` computes a 16-bit model in float32: half the weight bytes of a
 float32 model at float32's arithmetic rate. GPUs compute in the stored dtype.
@@ -27,11 +27,6 @@ _NATIVE_FLAGS = {
     "float16": {"avx512_fp16", "amx_fp16"},
 }
 CHOICES = ("auto", "float32", "float16", "bfloat16")
-# A weight stored in another dtype than the activations is converted this many bytes (in the compute
-# dtype) at a time: small enough to stay in the CPU's cache between the conversion and the matmul, big
-# enough for an efficient matmul (a few hundred rows of a 2048-wide matrix). Measured on the 2-core AVX2
-# machine: chunks of 2-4 MiB run bfloat16 weights at float32's matmul rate from batch 16 up.
-UPCAST_CHUNK_BYTES = 4 << 20
 
 
 @functools.cache
@@ -67,9 +62,3 @@ def with_compute_dtype(cfg: OptConfig, requested: str | None, device: torch.devi
     """``cfg`` with the compute dtype ``resolve_compute_dtype`` chooses (left unset when it is the stored one)."""
     compute = resolve_compute_dtype(requested, cfg.dtype, device)
     return dataclasses.replace(cfg, compute_dtype="" if compute == cfg.dtype else compute)
-
-
-def vectors_in(w: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A weight group with its vectors (norms, biases) in the compute dtype; the matrices stay as stored
-    (``kernels.reference.linear`` converts them chunk by chunk, embedding lookups the rows they take)."""
-    return {n: t.to(dtype) if t.dim() == 1 else t for n, t in w.items()}

@@ -1,0 +1,47 @@
+"""The ``bench`` job: one block of synthetic prompts through the engine, like FlexGen's benchmark, and how
+far its decode step is from the roofline of this placement."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import IO, Any
+
+import torch
+
+from flexrun.config import OptConfig
+from flexrun.costmodel.hardware import load_hardware
+from flexrun.jobs.autoplace import build_engine
+from flexrun.jobs.options import EngineOptions
+from flexrun.jobs.report import roofline
+from flexrun.placement import Placement
+from flexrun.runtime.sampling import SamplingParams
+from flexrun.runtime.stats import RunStats
+from flexrun.runtime.tiers import compute_device
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    cfg: OptConfig  # as run: its compute dtype resolved
+    placement: Placement
+    stats: RunStats
+    roofline: dict[str, Any]
+    plan_line: str | None  # the planner's line, when it chose the placement
+
+
+def run_bench(opts: EngineOptions, prompt_len: int, gen_len: int, stderr: IO[str] | None = None) -> BenchResult:
+    """Generate ``gen_len`` tokens after random ``prompt_len``-token prompts for one block (seeded, so
+    every run times the same work), never stopping early at an EOS. The plan goes to ``stderr`` first."""
+    store = opts.model.open_store("generate")
+    cfg = opts.model.run_config(store, compute_device())
+    engine, plan_line = build_engine(store, cfg, opts, prompt_len, gen_len)
+    if plan_line:
+        print(plan_line, file=stderr or sys.stderr, flush=True)
+    with engine:
+        gen = torch.Generator().manual_seed(0)
+        n = engine.placement.block_size
+        prompts = torch.randint(4, cfg.vocab_size, (n, prompt_len), generator=gen).tolist()
+        _, stats, _ = engine.generate(prompts, SamplingParams(max_new_tokens=gen_len, stop_at_eos=False))
+    hw = opts.placement.hardware or load_hardware(None)
+    roof = roofline(engine.cfg, engine.placement, stats, hw, prompt_len, gen_len)
+    return BenchResult(engine.cfg, engine.placement, stats, roof, plan_line)

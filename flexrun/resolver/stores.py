@@ -1,0 +1,83 @@
+"""The store cache: the tensor store for a model name, checkpoint or store, converted once on first use."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from flexrun.config import OptConfig
+from flexrun.errors import CheckpointError
+from flexrun.paths import cache_dir
+from flexrun.policies import policy_by_name
+from flexrun.resolver.configs import resolve
+from flexrun.resolver.packaged import local_source
+from flexrun.weights.convert import convert_checkpoint, write_dummy_store
+from flexrun.weights.hub import hub_download
+from flexrun.weights.store import TensorStore
+
+log = logging.getLogger(__name__)
+
+
+def _store_key(cfg: OptConfig, source: str) -> str:
+    digest = hashlib.sha256(f"{source}|{sorted(cfg.to_dict().items())}".encode()).hexdigest()[:10]
+    return f"{cfg.name}-{cfg.dtype}-{digest}"
+
+
+def check_task(cfg: OptConfig, task: str, model: str) -> None:
+    """Refuse to generate with an encoder, or to embed with a decoder, naming the command that fits."""
+    policy = policy_by_name(cfg.arch)
+    if task == "generate" and not policy.generative:
+        raise CheckpointError(
+            f"{model} is an encoder model ({policy.name}) and cannot generate text; "
+            f"use `flexrun embed --model {model} --input FILE.jsonl` for its embeddings"
+        )
+    if task == "embed" and policy.generative:
+        raise CheckpointError(
+            f"{model} is a decoder model ({policy.name}); `flexrun embed` runs encoder models (BERT, RoBERTa), "
+            "use `flexrun generate` for this one"
+        )
+
+
+def ensure_store(
+    model: str,
+    dtype: str | None = None,
+    dummy: bool = False,
+    store_root: str | Path | None = None,
+    progress: bool = True,
+    task: str = "generate",
+) -> TensorStore:
+    """The tensor store for ``model`` (a name, checkpoint directory or existing store), converting on first use.
+
+    ``task`` ("generate" or "embed") is checked against the architecture before anything is converted.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "index.json").exists() and not (path / "config.json").exists():
+        store = TensorStore(path)
+        check_task(store.config, task, model)
+        if dtype and store.config.dtype != dtype:
+            raise CheckpointError(f"{path} holds {store.config.dtype} weights; convert again with --dtype {dtype}")
+        return store
+    overrides = {"dtype": dtype} if dtype else {}
+    root = Path(store_root) if store_root else cache_dir() / "stores"
+    if dummy:
+        cfg = resolve(model, **overrides)
+        check_task(cfg, task, model)
+        out = root / (_store_key(cfg, "dummy") + "-dummy")
+        if not (out / "index.json").exists():
+            log.info("writing dummy weights for %s to %s", cfg.name, out)
+            write_dummy_store(cfg, out, progress=progress)
+        return TensorStore(out)
+    local = local_source(model)
+    if local is not None:
+        src = local
+    else:
+        resolve(model)  # an unknown name fails here, with close matches, before any download
+        src = hub_download(model)
+    cfg = resolve(str(src), **overrides)
+    check_task(cfg, task, model)
+    out = root / _store_key(cfg, str(src.resolve()))
+    if not (out / "index.json").exists():
+        log.info("converting %s to a tensor store at %s", src, out)
+        convert_checkpoint(src, out, dtype=cfg.dtype, progress=progress)
+    return TensorStore(out)

@@ -1,0 +1,175 @@
+"""What the engine and the encoder share: setting up a run over the layer stack, and walking it.
+
+Setting up plans every buffer on a ledger (working memory, the runner's own cache or scratch, the
+activations, the weights on their tiers), checks the ledger against the tier budgets, and only then
+allocates. Walking goes group by group (input embeddings, each layer, output head): a group's weights
+are loaded once and handed to the caller, who reuses them for every micro-batch of the block, while
+the next group's weights load on the I/O threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexrun.errors import InputError, PlacementError
+from flexrun.kernels import select_kernels
+from flexrun.kernels.precision import with_compute_dtype
+from flexrun.layout import Group, stack_layout
+from flexrun.paths import offload_root
+from flexrun.placement import Placement
+from flexrun.runtime.iopool import IOPool
+from flexrun.runtime.kvformat import PlainKV
+from flexrun.runtime.malloc import release_large_frees
+from flexrun.runtime.stats import RunStats, current_rss, peak_rss, reset_peak_rss
+from flexrun.runtime.tiers import Budgets, Ledger, compute_device, make_workdir
+from flexrun.runtime.weights import WeightManager
+from flexrun.weights.store import TORCH_DTYPES, TensorStore
+
+log = logging.getLogger(__name__)
+
+
+def check_supported(placement: Placement, device: torch.device) -> None:
+    """Refuse the placement options this runtime does not carry out, rather than ignore them."""
+    if placement.compress_weight or placement.compress_cache:
+        raise PlacementError(
+            "compressed weights and KV cache (compress_weight, compress_cache) are not implemented by the "
+            "runtime; run the placement without compression"
+        )
+    if placement.cpu_cache_compute and device.type != "cpu":  # on a CPU the host computes attention anyway
+        raise PlacementError(
+            "attention on the host over a host-resident cache (cpu_cache_compute) is not implemented on a GPU; "
+            "run the placement without it"
+        )
+
+
+def token_problem(ids: list[int], vocab_size: int) -> str | None:
+    """What makes ``ids`` unfit to run (no tokens, or one outside the vocabulary), or None."""
+    if not ids:
+        return "empty prompt"
+    bad = next((t for t in ids if t < 0 or t >= vocab_size), None)
+    if bad is not None:
+        return f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})"
+    return None
+
+
+class StackRunner:
+    """A run over the layer stack with a placement over device / host / disk; a context manager (it owns
+    temporary files). Subclasses plan and allocate their own buffers and compute the groups."""
+
+    #: Prefix of the run's temporary directory under the offload root.
+    workdir_prefix = "run-"
+
+    def __init__(
+        self,
+        store: TensorStore,
+        placement: Placement,
+        max_seq_len: int,
+        budgets: Budgets | None = None,
+        offload_dir: str | Path | None = None,
+        device: torch.device | None = None,
+        compute_dtype: str | None = None,
+    ) -> None:
+        """``compute_dtype``: what hidden states are computed in; "auto" or None for ``resolve_compute_dtype``'s
+        choice (float32 for a 16-bit model on a CPU without 16-bit matmul hardware)."""
+        self.store = store
+        release_large_frees()
+        self.base_rss = current_rss()
+        self.device = device or compute_device()
+        self.cfg = cfg = with_compute_dtype(store.config, compute_dtype, self.device)
+        self.placement = placement
+        check_supported(placement, self.device)
+        if cfg.position == "learned" and max_seq_len > cfg.max_seq_len:
+            raise InputError(f"{max_seq_len} tokens exceed the model's {cfg.max_seq_len} positions")
+        self.max_len = max_seq_len
+        self.dtype = TORCH_DTYPES[cfg.run_dtype]
+        self.layout = stack_layout(cfg)
+        self.kernels = select_kernels(self.device)
+        self.kv_format = PlainKV(TORCH_DTYPES[cfg.dtype], cfg.n_kv_head, cfg.head_dim)
+        root = offload_root(offload_dir)
+        self.workdir = make_workdir(root, self.workdir_prefix)
+        self.pool = IOPool(placement.overlap)
+        ledger = Ledger()
+        try:
+            cpu = self.device.type == "cpu"
+            ledger.add("device", "working memory", cfg.working_bytes(placement.gpu_batch_size, self.max_len, cpu))
+            self._plan(ledger)
+            self.weights = WeightManager(store, placement.weights, self.device, self.pool, ledger)
+            if cpu:
+                ledger.fold_device_into_host()
+            self.budgets = (budgets or Budgets()).resolved(root, self.device.type == "cuda")
+            ledger.check(self.budgets, offload_dir=root)
+            self._allocate()
+            self.weights.load()
+        except BaseException:
+            self.close()
+            raise
+        self.ledger = ledger
+        self._carried: Future[Any] | None = None
+        # The vectors (norms, biases) of each group, computed in the compute dtype; matrices stay as stored.
+        self._vectors = [frozenset(n for n in g.names if len(self.layout.shapes[n]) == 1) for g in self.layout.groups]
+        log.info("placement: %s", placement.describe())
+
+    # ---- what subclasses add ------------------------------------------------------------------------
+    def _plan(self, ledger: Ledger) -> None:
+        """Record the runner's own buffers (cache, scratch, activations) on the ledger; allocate nothing."""
+
+    def _allocate(self) -> None:
+        """Allocate what ``_plan`` recorded, once the budgets are known to hold it."""
+
+    def _bytes_read(self) -> int:
+        """Bytes read from disk so far (weights, and whatever else the runner reads)."""
+        return int(self.store.bytes_read)
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.pool.shutdown()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> StackRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the walk ------------------------------------------------------------------------------------
+    def walk(self, carry: bool = False) -> Iterator[tuple[Group, dict[str, Any]]]:
+        """Every group of the stack in order with its weights by store name, the next group's load started
+        before this one is handed out. With ``carry`` the last group starts loading the input group for the
+        next walk (a decode step's embeddings load while the step before it computes its head)."""
+        weights, groups = self.weights, self.layout.groups
+        fut = self._carried if self._carried is not None else weights.prefetch(0)
+        self._carried = None
+        for group in groups:
+            loaded = weights.wait(fut)
+            if group.index + 1 < len(groups):
+                fut = weights.prefetch(group.index + 1)
+            elif carry:
+                self._carried = weights.prefetch(0)
+            vectors = self._vectors[group.index]
+            yield group, {n: t.to(self.dtype) if n in vectors else t for n, t in loaded.items()}
+
+    def settle(self) -> None:
+        """Wait for a load carried over to a walk that will not come."""
+        if self._carried is not None:
+            self._carried.result()
+            self._carried = None
+
+    # ---- measurement ---------------------------------------------------------------------------------
+    def _start_stats(self, sequences: int) -> tuple[RunStats, int]:
+        """Fresh stats for a run of ``sequences``, and the disk bytes read before it."""
+        reset_peak_rss()
+        return RunStats(sequences=sequences, planned=self.ledger.items, budgets=self.budgets), self._bytes_read()
+
+    def _finish_stats(self, stats: RunStats, read_before: int) -> RunStats:
+        stats.disk_bytes_read = self._bytes_read() - read_before
+        stats.peak_rss = peak_rss()
+        stats.base_rss = self.base_rss
+        stats.direct_io = self.store.direct
+        return stats
