@@ -74,8 +74,7 @@ class HardwareSpec:
     rates_by_dtype: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     # Decode matmul FLOP/s per block size (rows: a decode step's matmul spans the block), per dtype:
     # {dtype: {"4": FLOP/s, ...}}. On a CPU a one-token-per-sequence matmul falls off the BLAS fast paths
-    # at small batches (measured here in float32: 5.8 GFLOP/s with 1 row, 6.8 with 4, 41 with 16, 89 with
-    # 64), so one rate misleads the model.
+    # at small batches (several times slower at 1 row than at 64), so one rate misleads the model.
     # ``mm_decode_rate`` interpolates; empty: ``mm_flops_decode`` at every size.
     decode_by_batch: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
