@@ -12,7 +12,7 @@ import click
 
 from flexrun.cli_options import DTYPES, byte_size, hardware_spec, positive_int
 from flexrun.errors import FlexrunError
-from flexrun.kernels.precision import CHOICES as COMPUTE_CHOICES
+from flexrun.precision import CHOICES as COMPUTE_CHOICES
 
 _TRI = {"auto": None, "on": True, "off": False}
 
@@ -147,7 +147,7 @@ def plan_cmd(
     from flexrun.costmodel.hardware import load_hardware
     from flexrun.costmodel.prediction import kind_bytes
     from flexrun.costmodel.search import plan
-    from flexrun.kernels.precision import with_compute_dtype
+    from flexrun.precision import with_compute_dtype
     from flexrun.resolver import resolve
 
     cfg = resolve(model, **({"dtype": dtype} if dtype else {}))

@@ -84,7 +84,7 @@ def engine_options(encoder: bool = False) -> Callable[[Callable[..., Any]], Call
     """The model, weights and placement options of the commands that run the engine, collected into one
     ``EngineOptions`` passed to the command as ``engine``. ``encoder``: for ``embed``, whose model is never
     planned and keeps no KV cache (no --placement, --hardware, --cache; micro-batches of 8 by default)."""
-    from flexrun.kernels.precision import CHOICES as COMPUTE_CHOICES
+    from flexrun.precision import CHOICES as COMPUTE_CHOICES
 
     model_help = (
         "Encoder checkpoint directory or tensor store (BERT, RoBERTa)."

@@ -47,7 +47,7 @@ class OptConfig:
     eos_token_id: int = 2
     dtype: str = "float16"
     # The dtype activations are computed in when it differs from the stored weights' dtype ("" = the same):
-    # a CPU without bf16/fp16 matmul hardware computes a 16-bit model in float32 (``kernels/precision.py``).
+    # a CPU without bf16/fp16 matmul hardware computes a 16-bit model in float32 (``precision.py``).
     compute_dtype: str = ""
     do_layer_norm_before: bool = True
     # OPT-350m embeds tokens in 512 dims and projects in/out of the 1024-dim stack; 0 means hidden_size.

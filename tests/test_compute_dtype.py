@@ -14,10 +14,10 @@ from click.testing import CliRunner
 import flexrun.kernels.cpu as C
 import flexrun.kernels.positions as P
 import flexrun.kernels.reference as R
+from flexrun import precision
 from flexrun.cli import cli
-from flexrun.kernels import precision
-from flexrun.kernels.precision import resolve_compute_dtype
 from flexrun.placement import Placement, Shares
+from flexrun.precision import resolve_compute_dtype
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.weights.convert import convert_checkpoint

@@ -9,8 +9,8 @@ import torch
 
 from flexrun.config import OptConfig
 from flexrun.costmodel.hardware import HardwareSpec
-from flexrun.kernels.precision import with_compute_dtype
 from flexrun.placement import Placement, Shares
+from flexrun.precision import with_compute_dtype
 from flexrun.resolver import ensure_store
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.runtime.tiers import Budgets
@@ -23,7 +23,7 @@ class ModelOptions:
 
     model: str  # a model name, checkpoint directory, GGUF file or tensor store
     dtype: str | None = None  # what weights and the KV cache are stored in (None: the checkpoint's)
-    compute_dtype: str = "auto"  # what the arithmetic runs in ("auto": see kernels.precision)
+    compute_dtype: str = "auto"  # what the arithmetic runs in ("auto": see precision)
     dummy_weights: bool = False  # random weights of the right shapes
     store_dir: str | None = None  # where converted stores are cached (None: the cache dir)
 

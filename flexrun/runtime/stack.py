@@ -20,10 +20,10 @@ import torch
 
 from flexrun.errors import InputError, PlacementError
 from flexrun.kernels import select_kernels
-from flexrun.kernels.precision import with_compute_dtype
 from flexrun.layout import Group, stack_layout
 from flexrun.paths import offload_root
 from flexrun.placement import Placement
+from flexrun.precision import with_compute_dtype
 from flexrun.runtime.iopool import IOPool
 from flexrun.runtime.kvformat import PlainKV
 from flexrun.runtime.malloc import release_large_frees
