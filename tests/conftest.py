@@ -9,8 +9,13 @@ import os
 # the subprocesses that tests start inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from tests.helpers import JOB_VOCAB  # noqa: E402
+from tests.hf_reference import OptCheckpoint, save_tiny_opt  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -20,3 +25,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def job_ckpt(tmp_path_factory: pytest.TempPathFactory) -> OptCheckpoint:
+    """A tiny OPT checkpoint with a trained byte-level BPE tokenizer, and its HF model and tokenizer."""
+    return save_tiny_opt(tmp_path_factory.mktemp("jobs") / "ckpt", seed=5, tokenizer=True, vocab_size=JOB_VOCAB)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store directory for the module's conversions (each checkpoint converted once)."""
+    return tmp_path_factory.mktemp("stores")

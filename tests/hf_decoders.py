@@ -84,23 +84,3 @@ def tiny_decoder(family: str, seed: int = 0, **overrides: Any) -> Any:
             elif p.dim() == 1:  # norm weights
                 p.normal_(1.0, 0.1)
     return model
-
-
-def hf_greedy(model: Any, prompts: list[list[int]], new: int) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Each prompt generated alone (no padding) by HF: greedy tokens and per-step logits (new, vocab)."""
-    tokens, logits = [], []
-    with torch.no_grad():
-        for prompt in prompts:
-            out = model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=new,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=IDS["pad_token_id"],
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-            tokens.append(out.sequences[0, len(prompt) :].tolist())
-            logits.append(torch.stack([step[0] for step in out.logits]))
-    return tokens, logits

@@ -5,29 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from flexrun.errors import BudgetError
 from flexrun.jobs.autoplace import build_engine, choose_placement
 from flexrun.jobs.options import EngineOptions, ModelOptions, PlacementRequest
-
-from flexrun.config import OptConfig
-from flexrun.errors import BudgetError
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.tiers import Budgets
 from flexrun.weights.convert import write_dummy_store
 from flexrun.weights.store import TensorStore
+from tests.hf_reference import tiny_opt_config
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> TensorStore:
-    cfg = OptConfig(
-        name="t",
-        num_hidden_layers=3,
-        hidden_size=48,
-        n_head=3,
-        ffn_embed_dim=80,
-        vocab_size=211,
-        max_seq_len=64,
-        dtype="float32",
-    )
+    cfg = tiny_opt_config(name="t")
     return TensorStore(write_dummy_store(cfg, tmp_path_factory.mktemp("auto") / "store", progress=False))
 
 

@@ -13,6 +13,7 @@ from flexrun.errors import ConfigError
 from flexrun.policies import config_from_hf
 from flexrun.resolver import resolve
 from tests.hf_encoders import TINY
+from tests.hf_reference import hf_param_bytes
 
 # The published bert-base-uncased / roberta-base / bert-large config.json fields that size the model.
 BASES = {
@@ -32,10 +33,6 @@ BASES = {
 }
 
 
-def _hf_param_bytes(model: torch.nn.Module, dtype_bytes: int) -> int:
-    return sum(p.numel() for p in model.parameters()) * dtype_bytes
-
-
 @pytest.mark.parametrize("name", sorted(BASES))
 @pytest.mark.parametrize("pooler", [True, False])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -49,7 +46,7 @@ def test_model_bytes_equals_hf_parameters_on_meta(name: str, pooler: bool, dtype
     with torch.device("meta"):
         model = model_cls(hf, add_pooling_layer=pooler)
     assert cfg.pooler is pooler
-    assert cfg.model_bytes() == _hf_param_bytes(model, cfg.dtype_bytes)
+    assert cfg.model_bytes() == hf_param_bytes(model, cfg.dtype_bytes)
 
 
 def test_config_command_resolves_a_bert_directory(tmp_path: Path) -> None:

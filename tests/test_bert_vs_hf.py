@@ -9,13 +9,13 @@ import torch
 from transformers import BertForMaskedLM, BertForPreTraining, RobertaForMaskedLM
 
 from flexrun.errors import CheckpointError, InputError
-from flexrun.placement import Placement, Shares
 from flexrun.policies import policy_for_hf_config, policy_for_layer
 from flexrun.policies.bert import BertPolicy, RobertaPolicy
 from flexrun.resolver import ensure_store
 from flexrun.runtime.encoder import Encoder
 from flexrun.weights.convert import convert_checkpoint
 from flexrun.weights.store import TensorStore
+from tests.helpers import place, save_and_convert
 from tests.hf_encoders import TINY, tiny_encoder
 
 # Mixed lengths, right-padded in one block. The third sequence holds the pad id (0 for BERT, 1 for
@@ -29,17 +29,11 @@ SEQS = [[2, 5, 6, 7, 8, 3], [2, 9, 3], [2, 11, 0, 1, 14, 15, 16, 17, 18, 19, 3],
 ATOL = 1e-4
 
 
-def p(weights: str = "host=100", acts: str = "host=100", b: int = 8, n: int = 1, **kw: object) -> Placement:
-    return Placement(
-        weights=Shares.parse(weights), activations=Shares.parse(acts), gpu_batch_size=b, num_gpu_batches=n, **kw
-    )
-
-
 PLACEMENTS = {
-    "all-host": p(),
-    "weights-disk-microbatches": p(weights="disk=100", b=2, n=3),
-    "split-acts-disk-no-overlap": p(weights="host=40,disk=60", acts="disk=100", b=1, n=3, overlap=False),
-    "device-share": p(weights="device=30,host=30,disk=40", b=3, n=2),
+    "all-host": place(),
+    "weights-disk-microbatches": place(weights="disk=100", b=2, n=3),
+    "split-acts-disk-no-overlap": place(weights="host=40,disk=60", acts="disk=100", b=1, n=3, overlap=False),
+    "device-share": place(weights="device=30,host=30,disk=40", b=3, n=2),
 }
 
 
@@ -47,9 +41,7 @@ PLACEMENTS = {
 def encoder_and_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     model = tiny_encoder(request.param, seed=5)
     d = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(d / "ckpt")
-    convert_checkpoint(d / "ckpt", d / "store", progress=False)
-    return model, TensorStore(d / "store"), d
+    return model, save_and_convert(model, d), d
 
 
 def hf_forward(model, seqs: list[list[int]]):
@@ -83,7 +75,7 @@ def test_last_hidden_state_and_pooler_match_hf(encoder_and_store, placement: str
 def test_cls_and_mean_pooling_match_hf_and_weights_are_read_once_per_block(encoder_and_store) -> None:
     model, store, d = encoder_and_store
     ref = hf_forward(model, SEQS).last_hidden_state
-    with Encoder(store, p(weights="disk=100", b=2, n=3), 12, offload_dir=d / "offload") as enc:
+    with Encoder(store, place(weights="disk=100", b=2, n=3), 12, offload_dir=d / "offload") as enc:
         cls, stats = enc.encode(SEQS, "cls")
         mean, _ = enc.encode(SEQS, "mean")
     for n, seq in enumerate(SEQS):
@@ -112,8 +104,8 @@ def test_roberta_positions_start_after_padding_idx() -> None:
 def test_too_long_and_out_of_vocab_sequences_are_refused(encoder_and_store) -> None:
     _, store, d = encoder_and_store
     with pytest.raises(InputError, match="exceed the model's"):
-        Encoder(store, p(), store.config.max_seq_len + 1, offload_dir=d / "offload")
-    with Encoder(store, p(), 8, offload_dir=d / "offload") as enc:
+        Encoder(store, place(), store.config.max_seq_len + 1, offload_dir=d / "offload")
+    with Encoder(store, place(), 8, offload_dir=d / "offload") as enc:
         with pytest.raises(InputError, match="over the 8"):
             enc.encode([[2] * 9], "cls")
         with pytest.raises(InputError, match="outside the vocabulary"):
@@ -130,11 +122,10 @@ def test_task_checkpoint_without_pooler(tmp_path: Path, task_cls, base: str, fam
     config = tiny_encoder(family).config
     torch.manual_seed(1)
     model = task_cls(config).eval()
-    model.save_pretrained(tmp_path / "ckpt")
-    store = TensorStore(convert_checkpoint(tmp_path / "ckpt", tmp_path / "store", progress=False))
+    store = save_and_convert(model, tmp_path)
     assert not store.config.pooler and store.config.extra["hf_prefix"] == base + "."
     ref = hf_forward(getattr(model, base), SEQS)
-    with Encoder(store, p(b=4), 12, offload_dir=tmp_path / "off") as enc:
+    with Encoder(store, place(b=4), 12, offload_dir=tmp_path / "off") as enc:
         hidden, _ = enc.encode(SEQS, "none")
         with pytest.raises(InputError, match="no pooler"):
             enc.encode(SEQS, "pooler")
@@ -147,11 +138,10 @@ def test_pooler_kept_when_the_checkpoint_has_one(tmp_path: Path) -> None:
     torch.manual_seed(2)
     model = BertForPreTraining(tiny_encoder("bert").config).eval()
     model.config.architectures = ["BertForMaskedLM"]
-    model.save_pretrained(tmp_path / "ckpt")
-    store = TensorStore(convert_checkpoint(tmp_path / "ckpt", tmp_path / "store", progress=False))
+    store = save_and_convert(model, tmp_path)
     assert store.config.pooler
     ref = hf_forward(model.bert, SEQS)
-    with Encoder(store, p(b=2, n=3), 12, offload_dir=tmp_path / "off") as enc:
+    with Encoder(store, place(b=2, n=3), 12, offload_dir=tmp_path / "off") as enc:
         pooled, _ = enc.encode(SEQS, "pooler")
     torch.testing.assert_close(torch.stack(pooled), ref.pooler_output, atol=ATOL, rtol=0)
 
@@ -184,7 +174,7 @@ def test_encode_blocks_streams_each_block_within_its_sort_window(encoder_and_sto
                 torch.testing.assert_close(out, ref[n, : len(seqs[n])], atol=ATOL, rtol=0)
 
         # window 3 rounds up to 4 (two blocks of 2): windows [0, 4) and [4, 7), each sorted longest first.
-        with Encoder(store, p(b=2), 11, offload_dir=d / "offload") as enc:
+        with Encoder(store, place(b=2), 11, offload_dir=d / "offload") as enc:
             stats = enc.encode_blocks(seqs, "none", on_block, sort_window=window)
         assert blocks == want_blocks and stats.blocks == 4, window
 
@@ -199,7 +189,7 @@ def test_bfloat16_weights_computed_in_float32_match_hf_on_the_rounded_weights(en
     rounded = type(model)(model.config).eval()
     rounded.load_state_dict({k: v.bfloat16().float() for k, v in model.state_dict().items()})
     ref = hf_forward(rounded, SEQS)
-    placement = p(weights="host=50,disk=50", b=2, n=2)
+    placement = place(weights="host=50,disk=50", b=2, n=2)
     with Encoder(
         TensorStore(half), placement, max(map(len, SEQS)), offload_dir=d / "off", compute_dtype="float32"
     ) as e:

@@ -2,13 +2,7 @@ from __future__ import annotations
 
 import json
 
-from click.testing import CliRunner
-
-from flexrun.cli import cli
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli, list(args))
+from tests.helpers import run
 
 
 def test_help_and_version() -> None:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
 
 from flexrun.cli import FlexrunGroup
 from flexrun.cli_costmodel import calibrate_cmd, plan_cmd
 from flexrun.costmodel.calibrate import calibrate
 from flexrun.costmodel.hardware import PRESETS, HardwareSpec
+from tests.helpers import run
 
 
 @pytest.fixture
@@ -24,12 +24,8 @@ def group() -> FlexrunGroup:
     return g
 
 
-def _run(group: FlexrunGroup, *args: str) -> Result:
-    return CliRunner().invoke(group, list(args))
-
-
 def test_plan_prints_the_table(group: FlexrunGroup) -> None:
-    result = _run(group, "plan", "-m", "opt-30b", "--hardware", "t4", "--compress", "off")
+    result = run("plan", "-m", "opt-30b", "--hardware", "t4", "--compress", "off", command=group)
     assert result.exit_code == 0, result.output
     out = result.output
     for needle in ("tier", "weights", "cache", "activations", "device", "host", "disk", "block:", "predicted:"):
@@ -39,7 +35,7 @@ def test_plan_prints_the_table(group: FlexrunGroup) -> None:
 
 
 def test_plan_json(group: FlexrunGroup) -> None:
-    result = _run(group, "plan", "-m", "opt-175b", "--hardware", "t4", "--json", "--prompt-len", "256")
+    result = run("plan", "-m", "opt-175b", "--hardware", "t4", "--json", "--prompt-len", "256", command=group)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["model"] == "opt-175b" and data["prompt_len"] == 256 and data["hardware"]["name"] == "t4"
@@ -55,8 +51,8 @@ def test_plan_json(group: FlexrunGroup) -> None:
 
 def test_plan_memory_overrides_change_the_plan(group: FlexrunGroup) -> None:
     args = ["plan", "-m", "opt-30b", "--hardware", "t4", "--compress", "off", "--json"]
-    big = json.loads(_run(group, *args).output)
-    small = json.loads(_run(group, *args, "--host-mem", "48GiB").output)
+    big = json.loads(run(*args, command=group).output)
+    small = json.loads(run(*args, "--host-mem", "48GiB", command=group).output)
     assert small["budgets"]["host"] == 48 << 30
     assert small["prediction"]["peak_bytes"]["host"] <= 0.8 * (48 << 30) * (1 + 1e-5) + 4096
     assert small["placement"]["weights"]["disk"] > 0 and big["placement"]["weights"]["disk"] == 0
@@ -72,13 +68,13 @@ def test_plan_memory_overrides_change_the_plan(group: FlexrunGroup) -> None:
     ],
 )
 def test_plan_bad_option_values_exit_2(group: FlexrunGroup, args: list[str], needle: str) -> None:
-    result = _run(group, "plan", "-m", "opt-1.3b", *args)
+    result = run("plan", "-m", "opt-1.3b", *args, command=group)
     assert result.exit_code == 2
     assert needle in result.output
 
 
 def test_plan_infeasible_is_one_line_exit_1(group: FlexrunGroup) -> None:
-    result = _run(group, "plan", "-m", "opt-175b", "--hardware", "cpu", "--host-mem", "2GiB")
+    result = run("plan", "-m", "opt-175b", "--hardware", "cpu", "--host-mem", "2GiB", command=group)
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: no placement of opt-175b")
@@ -86,12 +82,12 @@ def test_plan_infeasible_is_one_line_exit_1(group: FlexrunGroup) -> None:
 
 
 def test_plan_unknown_model_exit_1(group: FlexrunGroup) -> None:
-    result = _run(group, "plan", "-m", "opt-31b", "--hardware", "t4")
+    result = run("plan", "-m", "opt-31b", "--hardware", "t4", command=group)
     assert result.exit_code == 1 and "opt-30b" in result.output
 
 
 def test_plan_help_is_the_docstring(group: FlexrunGroup) -> None:
-    result = _run(group, "plan", "--help")
+    result = run("plan", "--help", command=group)
     assert result.exit_code == 0 and "linear program" in result.output and "--hardware" in result.output
 
 
@@ -112,17 +108,17 @@ def test_calibrate_quick_function(tmp_path: Path) -> None:
 
 def test_calibrate_cli_then_plan_with_it(group: FlexrunGroup, tmp_path: Path) -> None:
     out = tmp_path / "hw.json"
-    result = _run(group, "calibrate", "--quick", "--offload-dir", str(tmp_path / "off"), "--out", str(out))
+    result = run("calibrate", "--quick", "--offload-dir", str(tmp_path / "off"), "--out", str(out), command=group)
     assert result.exit_code == 0, result.output
     assert str(out) in result.output and "disk->host" in result.output
-    result = _run(group, "plan", "-m", "opt-125m", "--hardware", str(out), "--json")
+    result = run("plan", "-m", "opt-125m", "--hardware", str(out), "--json", command=group)
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["hardware"]["name"] == "calibrated"
 
 
 def test_plan_uses_a_hardware_file(group: FlexrunGroup, tmp_path: Path) -> None:
     path = PRESETS["a100-80gb"].save(tmp_path / "a100.json")
-    result = _run(group, "plan", "-m", "opt-30b", "--hardware", str(path), "--json")
+    result = run("plan", "-m", "opt-30b", "--hardware", str(path), "--json", command=group)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["hardware"]["name"] == "a100-80gb" and data["budgets"]["device"] == 80 << 30
@@ -134,15 +130,15 @@ def test_plan_refuses_encoders_and_overlong_workloads(group: FlexrunGroup, tmp_p
     BertConfig(hidden_size=48, num_attention_heads=3, num_hidden_layers=2, intermediate_size=80).save_pretrained(
         tmp_path / "bert"
     )
-    result = _run(group, "plan", "-m", str(tmp_path / "bert"))
+    result = run("plan", "-m", str(tmp_path / "bert"), command=group)
     assert result.exit_code == 1 and "encoder" in result.output
-    result = _run(group, "plan", "-m", "opt-125m", "--prompt-len", "2040", "--gen-len", "32")
+    result = run("plan", "-m", "opt-125m", "--prompt-len", "2040", "--gen-len", "32", command=group)
     assert result.exit_code == 1 and "2048 positions" in result.output
 
 
 def test_plan_defaults_to_what_the_runtime_runs(group: FlexrunGroup) -> None:
-    result = _run(group, "plan", "-m", "opt-175b", "--hardware", "t4", "--json")
+    result = run("plan", "-m", "opt-175b", "--hardware", "t4", "--json", command=group)
     pl = json.loads(result.stdout)["placement"]
     assert not (pl["compress_weight"] or pl["compress_cache"] or pl["cpu_cache_compute"])
-    result = _run(group, "plan", "-m", "opt-175b", "--hardware", "t4", "--compress", "auto")
+    result = run("plan", "-m", "opt-175b", "--hardware", "t4", "--compress", "auto", command=group)
     assert "what-if" in result.output

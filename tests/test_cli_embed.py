@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from flexrun.cli import cli
+from tests.helpers import run
 from tests.hf_encoders import tiny_bert_tokenizer, tiny_encoder
 
 # See tests/test_bert_vs_hf.py: float32 rounding over 3 layers is ~3e-6; a wrong slot is O(0.1).
@@ -25,10 +24,6 @@ def bert(tmp_path_factory: pytest.TempPathFactory):
     model.save_pretrained(d / "ckpt")
     tokenizer.save_pretrained(d / "ckpt")
     return d / "ckpt", model, tokenizer
-
-
-def run(*args: str, input: str | None = None):
-    return CliRunner().invoke(cli, list(args), input=input)
 
 
 def embed(ckpt: Path, tmp: Path, *args: str, input: str | None = None):

@@ -6,16 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from click.testing import CliRunner
 
-from flexrun.cli import cli
 from flexrun.config import DTYPE_BYTES
-from tests.hf_decoders import FAMILIES, IDS, tiny_decoder
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli, list(args))
+from tests.helpers import run
+from tests.hf_decoders import FAMILIES, tiny_decoder
+from tests.hf_reference import hf_param_bytes, hf_tokens
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -27,8 +22,7 @@ def test_config_and_dummy_bench_need_only_config_json(family: str, tmp_path: Pat
     info = json.loads(result.stdout)
     # Exactly the HF model's parameters at the config's dtype (a config.json alone defaults to float16).
     assert info["config"]["arch"] == family
-    width = DTYPE_BYTES[info["config"]["dtype"]]
-    assert info["model_bytes"] == width * sum(p.numel() for p in model.parameters())
+    assert info["model_bytes"] == hf_param_bytes(model, DTYPE_BYTES[info["config"]["dtype"]])
     result = run(
         "bench",
         "-m",
@@ -93,16 +87,6 @@ def test_generate_from_a_local_checkpoint(family: str, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     for row in rows:
-        ids = row["input_ids"]
-        with torch.no_grad():
-            ref = model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=4,
-                do_sample=False,
-                pad_token_id=IDS["pad_token_id"],
-            )
-        expected = ref[0, len(ids) :].tolist()
         # Generation stops at EOS on both sides.
-        assert row["output_ids"] == expected
+        assert row["output_ids"] == hf_tokens(model, row["input_ids"], 4)
     assert len(rows) == 2

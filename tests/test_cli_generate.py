@@ -7,22 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from flexrun.cli import cli
-from tests.hf_reference import tiny_opt
+from tests.helpers import run
+from tests.hf_reference import hf_tokens, save_tiny_opt
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    _, model = tiny_opt(seed=3)
-    d = tmp_path_factory.mktemp("cli") / "ckpt"
-    model.save_pretrained(d)
-    return d, model
-
-
-def run(*args: str, input: str | None = None):
-    return CliRunner().invoke(cli, list(args), input=input)
+    ckpt = save_tiny_opt(tmp_path_factory.mktemp("cli") / "ckpt", seed=3)
+    return ckpt.path, ckpt.model
 
 
 def test_generate_jsonl_matches_hf(ckpt, tmp_path: Path) -> None:
@@ -46,9 +39,7 @@ def test_generate_jsonl_matches_hf(ckpt, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", 3]
     for r in rows:
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([r["input_ids"]]), max_new_tokens=4, do_sample=False, pad_token_id=1)
-        expected = ref[0, len(r["input_ids"]) :].tolist()
+        expected = hf_tokens(model, r["input_ids"], 4)
         assert r["output_ids"] == expected[: len(r["output_ids"])] and len(r["output_ids"]) >= 1
     assert "total throughput" in result.output
 

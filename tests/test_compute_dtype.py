@@ -9,20 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 
 import flexrun.kernels.cpu as C
 import flexrun.kernels.positions as P
 import flexrun.kernels.reference as R
 from flexrun import precision
-from flexrun.cli import cli
-from flexrun.placement import Placement, Shares
 from flexrun.precision import resolve_compute_dtype
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
-from flexrun.weights.convert import convert_checkpoint
-from flexrun.weights.store import TensorStore
-from tests.hf_reference import hf_generate_each, logits_by_prompt, tiny_opt
+from tests.helpers import place, run, save_and_convert
+from tests.hf_reference import hf_greedy, logits_by_prompt, tiny_opt
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [40, 41]]
 NEW = 6
@@ -87,10 +83,9 @@ def bf16_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     fields = {} if request.param == "pre-ln" else {"do_layer_norm_before": False, "word_embed_proj_dim": 32}
     _, model = tiny_opt(seed=3, **fields)
     d = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(d / "ckpt")
-    convert_checkpoint(d / "ckpt", d / "store", dtype="bfloat16", progress=False)
+    store = save_and_convert(model, d, dtype="bfloat16")
     model = model.to(torch.bfloat16).to(torch.float32)
-    return model, TensorStore(d / "store"), d
+    return model, store, d
 
 
 def hf_with_bf16_cache(model, monkeypatch) -> tuple[list[list[int]], list[torch.Tensor]]:
@@ -104,7 +99,7 @@ def hf_with_bf16_cache(model, monkeypatch) -> tuple[list[list[int]], list[torch.
         return update(self, k.bfloat16().float(), v.bfloat16().float(), *args, **kwargs)
 
     monkeypatch.setattr(DynamicLayer, "update", rounded)
-    return hf_generate_each(model, PROMPTS, NEW)
+    return hf_greedy(model, PROMPTS, NEW)
 
 
 @pytest.mark.parametrize(
@@ -114,7 +109,7 @@ def hf_with_bf16_cache(model, monkeypatch) -> tuple[list[list[int]], list[torch.
 def test_bf16_weights_computed_in_float32_match_hf(bf16_model, monkeypatch, weights, cache, b, n) -> None:
     model, store, d = bf16_model
     ref_tokens, ref_logits = hf_with_bf16_cache(model, monkeypatch)
-    placement = Placement(Shares.parse(weights), Shares.parse(cache), Shares(), gpu_batch_size=b, num_gpu_batches=n)
+    placement = place(weights, cache, b=b, n=n)
     with Engine(store, placement, max_seq_len=16, offload_dir=d / "off", compute_dtype="float32") as engine:
         assert engine.cfg.run_dtype == "float32" and engine.cfg.dtype == "bfloat16"
         out, _, logits = engine.generate(
@@ -131,7 +126,7 @@ def test_bf16_weights_computed_in_float32_match_hf(bf16_model, monkeypatch, weig
 def test_bf16_engine_in_bfloat16_stays_close_to_float32_compute(bf16_model) -> None:
     """--compute-dtype bfloat16 runs the native 16-bit path: the same model within bfloat16's precision."""
     _, store, d = bf16_model
-    placement = Placement(Shares(), Shares(), Shares(), gpu_batch_size=4)
+    placement = place(b=4)
     logits = {}
     for compute in ("float32", "bfloat16"):
         with Engine(store, placement, max_seq_len=16, offload_dir=d / "off", compute_dtype=compute) as engine:
@@ -152,13 +147,13 @@ def test_cli_reports_the_compute_dtype_and_a_resume_with_another_is_refused(bf16
     base += ["--placement", "manual", "--quiet", "-o", str(out), "--json"]
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
-    r = CliRunner().invoke(cli, [*base, "-i", str(inp), "--compute-dtype", "float32"])
+    r = run(*base, "-i", str(inp), "--compute-dtype", "float32")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stderr.strip().splitlines()[-1])
     assert summary["dtype"] == "bfloat16" and summary["compute_dtype"] == "float32"
     before = out.read_bytes()
     inp.write_text(inp.read_text() + json.dumps({"input_ids": [9, 9, 9]}) + "\n")
-    r = CliRunner().invoke(cli, [*base, "-i", str(inp), "--compute-dtype", "bfloat16"])
+    r = run(*base, "-i", str(inp), "--compute-dtype", "bfloat16")
     assert r.exit_code == 1
     assert "--compute-dtype float32 there, bfloat16 here" in r.output
     assert out.read_bytes() == before
@@ -169,7 +164,7 @@ def test_plan_uses_the_compute_dtype(monkeypatch) -> None:
     args = ["plan", "-m", "opt-1.3b", "--dtype", "bfloat16", "--hardware", "cpu", "--host-mem", "4GiB", "--json"]
     plans = {}
     for compute in ("auto", "bfloat16"):
-        r = CliRunner().invoke(cli, [*args, "--compute-dtype", compute])
+        r = run(*args, "--compute-dtype", compute)
         assert r.exit_code == 0, r.output
         plans[compute] = json.loads(r.stdout)
     assert plans["auto"]["compute_dtype"] == "float32" and plans["bfloat16"]["compute_dtype"] == "bfloat16"

@@ -10,7 +10,7 @@ from transformers import OPTForCausalLM
 from flexrun.config import OptConfig
 from flexrun.errors import ConfigError, UnknownModelError
 from flexrun.resolver import known_models, resolve
-from tests.hf_reference import hf_opt_config, tiny_opt
+from tests.hf_reference import hf_opt_config, hf_param_bytes, tiny_opt
 
 # (layers, hidden, heads, ffn, vocab) as published in the facebook/* config.json files.
 PUBLISHED = {
@@ -83,18 +83,13 @@ def test_invalid_dims_are_rejected() -> None:
         OptConfig(name="x", num_hidden_layers=1, hidden_size=10, n_head=3, ffn_embed_dim=4)
 
 
-def _hf_param_bytes(model: torch.nn.Module, dtype_bytes: int) -> int:
-    # parameters() yields a tied LM head once, exactly as the runtime holds it.
-    return sum(p.numel() for p in model.parameters()) * dtype_bytes
-
-
 @pytest.mark.parametrize("name", ["opt-125m", "opt-350m", "galactica-125m"])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_model_bytes_equals_hf_parameters_on_meta(name: str, dtype: str) -> None:
     cfg = resolve(name, dtype=dtype)
     with torch.device("meta"):
         model = OPTForCausalLM(hf_opt_config(cfg))
-    assert cfg.model_bytes() == _hf_param_bytes(model, cfg.dtype_bytes)
+    assert cfg.model_bytes() == hf_param_bytes(model, cfg.dtype_bytes)
 
 
 @pytest.mark.parametrize(
@@ -108,7 +103,7 @@ def test_model_bytes_equals_hf_parameters_on_meta(name: str, dtype: str) -> None
 )
 def test_model_bytes_equals_hf_parameters_tiny(fields: dict) -> None:
     cfg, model = tiny_opt(**fields)
-    assert cfg.model_bytes() == _hf_param_bytes(model, 4)
+    assert cfg.model_bytes() == hf_param_bytes(model, 4)
 
 
 def test_cache_and_hidden_bytes_equal_hf_forward_tensors() -> None:

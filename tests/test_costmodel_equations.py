@@ -20,8 +20,8 @@ import pytest
 
 from flexrun.config import OptConfig
 from flexrun.costmodel.equations import Affine, compressed_fraction, cost_terms
-from flexrun.costmodel.prediction import evaluate, kind_bytes, placement_shares, predict
 from flexrun.costmodel.hardware import PRESETS, HardwareSpec, load_hardware, preset_names
+from flexrun.costmodel.prediction import evaluate, kind_bytes, placement_shares, predict
 from flexrun.errors import ConfigError, FlexrunError
 from flexrun.placement import Placement, Shares
 from flexrun.resolver import resolve

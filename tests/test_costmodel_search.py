@@ -7,13 +7,13 @@ import dataclasses
 
 import pytest
 
-from flexrun.config import OptConfig
 from flexrun.costmodel.equations import cost_terms
 from flexrun.costmodel.hardware import PRESETS, HardwareSpec
 from flexrun.costmodel.prediction import predict
 from flexrun.costmodel.search import RELAXATION, InfeasibleError, plan, solve_lp
 from flexrun.errors import PlacementError
 from flexrun.resolver import resolve
+from tests.hf_reference import tiny_opt_config
 
 GiB = 1 << 30
 T4 = PRESETS["t4"]
@@ -158,9 +158,7 @@ def test_relaxation_is_flexgens() -> None:
 def test_tiny_model_stays_off_disk() -> None:
     # A 300 KiB model's times are ~1e-6 s: unscaled, they fall under the solver's absolute tolerances and
     # the tie-break toward fast tiers is lost (the cache once went to disk for no reason).
-    cfg = OptConfig(
-        name="t", num_hidden_layers=3, hidden_size=48, n_head=3, ffn_embed_dim=80, vocab_size=211, max_seq_len=64
-    )
+    cfg = tiny_opt_config(name="t", dtype="float16")
     hw = PRESETS["cpu"].with_memory(host=20 << 30, disk=50 << 30)
     pl = plan(cfg, hw, 8, 8, compress=False, max_block_size=1).placement
     assert pl.weights.disk == pl.cache.disk == pl.activations.disk == 0

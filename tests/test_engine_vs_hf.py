@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexrun.placement import Placement, Shares
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
-from flexrun.weights.convert import convert_checkpoint
 from flexrun.weights.store import TensorStore
-from tests.hf_reference import hf_generate_each, logits_by_prompt, tiny_opt
+from tests.helpers import place, save_and_convert
+from tests.hf_reference import hf_greedy, logits_by_prompt, tiny_opt
 
 # Mixed lengths, so blocks are left-padded.
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [40, 41], [7, 8, 9, 10, 11, 12]]
@@ -24,44 +23,29 @@ CONFIGS = {
 }
 
 
-def p(
-    weights: str = "host=100", cache: str = "host=100", acts: str = "host=100", b: int = 8, n: int = 1, **kw
-) -> Placement:
-    return Placement(
-        Shares.parse(weights), Shares.parse(cache), Shares.parse(acts), gpu_batch_size=b, num_gpu_batches=n, **kw
-    )
-
-
 PLACEMENTS = {
-    "all-host": p(),
-    "weights-disk": p(weights="disk=100", b=2, n=3),
-    "weights-split": p(weights="host=40,disk=60", b=3, n=2),
-    "cache-disk": p(cache="disk=100", b=2, n=2),
-    "cache-split": p(cache="host=50,disk=50", b=1, n=5),
-    "acts-disk": p(acts="disk=100", b=2, n=2),
-    "all-disk-no-overlap": p("disk=100", "disk=100", "disk=100", b=2, n=2, overlap=False),
-    "device-share": p(weights="device=30,host=30,disk=40", cache="device=50,disk=50"),
+    "all-host": place(),
+    "weights-disk": place(weights="disk=100", b=2, n=3),
+    "weights-split": place(weights="host=40,disk=60", b=3, n=2),
+    "cache-disk": place(cache="disk=100", b=2, n=2),
+    "cache-split": place(cache="host=50,disk=50", b=1, n=5),
+    "acts-disk": place(acts="disk=100", b=2, n=2),
+    "all-disk-no-overlap": place("disk=100", "disk=100", "disk=100", b=2, n=2, overlap=False),
+    "device-share": place(weights="device=30,host=30,disk=40", cache="device=50,disk=50"),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def model_and_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    cfg, model = tiny_opt(seed=1, **CONFIGS[request.param])
+    _, model = tiny_opt(seed=1, **CONFIGS[request.param])
     d = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(d / "ckpt")
-    convert_checkpoint(d / "ckpt", d / "store", progress=False)
-    return model, TensorStore(d / "store"), d
-
-
-def hf_reference(model, prompts: list[list[int]]) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Each prompt generated alone (no padding) by HF: greedy tokens and per-step logits."""
-    return hf_generate_each(model, prompts, NEW)
+    return model, save_and_convert(model, d), d
 
 
 @pytest.mark.parametrize("name", sorted(PLACEMENTS))
 def test_greedy_tokens_and_logits_match_hf(model_and_store, name: str) -> None:
     model, store, d = model_and_store
-    ref_tokens, ref_logits = hf_reference(model, PROMPTS)
+    ref_tokens, ref_logits = hf_greedy(model, PROMPTS, NEW)
     placement = PLACEMENTS[name]
     with Engine(store, placement, max_seq_len=16, offload_dir=d / "offload") as engine:
         out, stats, logits = engine.generate(
@@ -82,7 +66,7 @@ def test_overlap_and_no_overlap_give_identical_tokens(model_and_store) -> None:
     _, store, d = model_and_store
     outs = []
     for overlap in (True, False):
-        pl = p("host=50,disk=50", "host=50,disk=50", b=2, n=2, overlap=overlap)
+        pl = place("host=50,disk=50", "host=50,disk=50", b=2, n=2, overlap=overlap)
         with Engine(store, pl, max_seq_len=16, offload_dir=d / "offload") as engine:
             outs.append(engine.generate(PROMPTS, SamplingParams(max_new_tokens=NEW, stop_at_eos=False))[0])
     assert outs[0] == outs[1]
@@ -90,13 +74,13 @@ def test_overlap_and_no_overlap_give_identical_tokens(model_and_store) -> None:
 
 def test_eos_stops_a_sequence(model_and_store) -> None:
     model, store, d = model_and_store
-    ref, _ = hf_reference(model, PROMPTS[:1])
+    ref, _ = hf_greedy(model, PROMPTS[:1], NEW)
     eos = ref[0][2]  # pretend the third greedy token is EOS
     import dataclasses
 
     store.config = dataclasses.replace(store.config, eos_token_id=eos)
     try:
-        with Engine(store, p(), max_seq_len=16, offload_dir=d / "offload") as engine:
+        with Engine(store, place(), max_seq_len=16, offload_dir=d / "offload") as engine:
             out, _, _ = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=NEW))
     finally:
         store.config = dataclasses.replace(store.config, eos_token_id=2)
@@ -108,10 +92,10 @@ def test_seeded_sampling_is_reproducible_across_batch_shapes(model_and_store) ->
     params = SamplingParams(max_new_tokens=NEW, temperature=0.8, top_p=0.9, top_k=20, seed=7, stop_at_eos=False)
     outs = []
     for b, n in ((1, 1), (2, 3), (8, 1)):
-        with Engine(store, p(b=b, n=n), max_seq_len=16, offload_dir=d / "offload") as engine:
+        with Engine(store, place(b=b, n=n), max_seq_len=16, offload_dir=d / "offload") as engine:
             outs.append(engine.generate(PROMPTS, params)[0])
     assert outs[0] == outs[1] == outs[2]
-    with Engine(store, p(), max_seq_len=16, offload_dir=d / "offload") as engine:
+    with Engine(store, place(), max_seq_len=16, offload_dir=d / "offload") as engine:
         other = engine.generate(PROMPTS, SamplingParams(**{**params.__dict__, "seed": 8}))[0]
     assert other != outs[0]
 
@@ -122,10 +106,10 @@ def test_budget_too_small_is_refused_naming_the_tier(model_and_store, tmp_path: 
 
     _, store, d = model_and_store
     with pytest.raises(PlacementError, match=r"the host tier needs .* short by"):
-        Engine(store, p(), max_seq_len=16, budgets=Budgets(host=10_000), offload_dir=tmp_path)
+        Engine(store, place(), max_seq_len=16, budgets=Budgets(host=10_000), offload_dir=tmp_path)
     # The same budget fits once the weights and cache go to disk.
     with Engine(
-        store, p("disk=100", "disk=100", b=1), max_seq_len=16, budgets=Budgets(host=400_000), offload_dir=tmp_path
+        store, place("disk=100", "disk=100", b=1), max_seq_len=16, budgets=Budgets(host=400_000), offload_dir=tmp_path
     ) as e:
         assert e.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))[0]
 
@@ -143,9 +127,9 @@ def test_corrupted_tensor_file_is_a_checksum_error(model_and_store, tmp_path: Pa
     data[10] ^= 0xFF
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="layers.1.fc1_w.bin: checksum mismatch"):
-        with Engine(TensorStore(copy), p("disk=100"), max_seq_len=16, offload_dir=tmp_path) as engine:
+        with Engine(TensorStore(copy), place("disk=100"), max_seq_len=16, offload_dir=tmp_path) as engine:
             engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
     f.write_bytes(bytes(data[:100]))
     with pytest.raises(CheckpointError, match="truncated"):
-        with Engine(TensorStore(copy), p("disk=100"), max_seq_len=16, offload_dir=tmp_path) as engine:
+        with Engine(TensorStore(copy), place("disk=100"), max_seq_len=16, offload_dir=tmp_path) as engine:
             engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))

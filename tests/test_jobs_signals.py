@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from flexrun.cli import cli
 from flexrun.jobs.interrupt import StopRequest
-from tests.hf_reference import tiny_opt
+from tests.helpers import run
+from tests.hf_reference import save_tiny_opt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,8 +58,7 @@ def _signal_self_at(out: Path, lines: int, sig: int) -> threading.Thread:
 
 
 def test_stopped_and_killed_jobs_resume_to_the_uninterrupted_output(tmp_path: Path) -> None:
-    _, model = tiny_opt(seed=11)
-    model.save_pretrained(tmp_path / "ckpt")
+    save_tiny_opt(tmp_path / "ckpt", seed=11)
     n = 32
     rows = [{"id": k, "input_ids": [4 + (k * 13 + j) % 200 for j in range(3 + k % 5)]} for k in range(n)]
     inp = tmp_path / "in.jsonl"
@@ -70,7 +68,7 @@ def test_stopped_and_killed_jobs_resume_to_the_uninterrupted_output(tmp_path: Pa
     common += ["--seed", "3", "-q", "--offload-dir", str(tmp_path / "off")]
     # The uninterrupted run (it also converts the checkpoint once for the others).
     ref = tmp_path / "ref.jsonl"
-    r = CliRunner().invoke(cli, [*common, "-o", str(ref)])
+    r = run(*common, "-o", str(ref))
     assert r.exit_code == 0, r.output
     assert _complete_lines(ref) == n
     expected = ref.read_text().splitlines(keepends=True)
@@ -84,7 +82,7 @@ def test_stopped_and_killed_jobs_resume_to_the_uninterrupted_output(tmp_path: Pa
     # Ctrl-C: the block in flight is finished and written, then the job stops with 130 and says how to resume.
     at = rng.randrange(1, 8)
     _signal_self_at(out, at, signal.SIGINT)
-    r = CliRunner().invoke(cli, args)
+    r = run(*args)
     assert r.exit_code == 130, f"{why} {r.output}"
     assert "interrupted by SIGINT, after the block in flight" in r.output, f"{why} {r.output}"
     assert "run the same command again" in r.output, f"{why} {r.output}"
@@ -94,7 +92,7 @@ def test_stopped_and_killed_jobs_resume_to_the_uninterrupted_output(tmp_path: Pa
     # SIGTERM: the same, exit 143.
     at = done + rng.randrange(1, 8)
     _signal_self_at(out, at, signal.SIGTERM)
-    r = CliRunner().invoke(cli, args)
+    r = run(*args)
     assert r.exit_code == 143 and "interrupted by SIGTERM" in r.output, f"{why} {r.output}"
     done = _complete_lines(out)
     assert at <= done < n, f"{why} SIGTERM at {at} records left {done}"
@@ -105,7 +103,7 @@ def test_stopped_and_killed_jobs_resume_to_the_uninterrupted_output(tmp_path: Pa
     assert p.returncode == -signal.SIGKILL, f"{why} {p.stderr}"
     assert _complete_lines(out) < n, f"{why} the kill came too late to test anything"
     # Resume to the end: exactly the uninterrupted run's records, in the same order.
-    r = CliRunner().invoke(cli, args)
+    r = run(*args)
     assert r.exit_code == 0, f"{why} {r.output}"
     assert out.read_text() == ref.read_text(), why
 

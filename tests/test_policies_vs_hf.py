@@ -10,26 +10,22 @@ from typing import Any
 import pytest
 import torch
 
-from flexrun.placement import Placement, Shares
 from flexrun.resolver import config_from_path
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
-from flexrun.weights.convert import convert_checkpoint
 from flexrun.weights.store import TensorStore
-from tests.hf_decoders import FAMILIES, hf_greedy, tiny_decoder
+from tests.helpers import place, save_and_convert
+from tests.hf_decoders import FAMILIES, tiny_decoder
+from tests.hf_reference import hf_greedy, hf_param_bytes, logits_by_prompt
 
 # Mixed lengths, so blocks are left-padded; the longest exceeds GPT-Neo's local window of 3.
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24], [40, 41]]
 NEW = 5
 
 
-def p(weights: str, cache: str, b: int, n: int) -> Placement:
-    return Placement(Shares.parse(weights), Shares.parse(cache), Shares.parse("host=100"), b, n)
-
-
 PLACEMENTS = {
-    "all-host": p("host=100", "host=100", b=8, n=1),
-    "weights-disk-microbatches": p("disk=100", "host=50,disk=50", b=1, n=3),
+    "all-host": place("host=100", "host=100", b=8, n=1),
+    "weights-disk-microbatches": place("disk=100", "host=50,disk=50", b=1, n=3),
 }
 
 
@@ -37,8 +33,7 @@ PLACEMENTS = {
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model = tiny_decoder(request.param, seed=3)
     d = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(d / "ckpt")
-    convert_checkpoint(d / "ckpt", d / "store", progress=False)
+    save_and_convert(model, d)
     tokens, logits = hf_greedy(model, PROMPTS, NEW)
     return {"name": request.param, "model": model, "dir": d, "tokens": tokens, "logits": logits}
 
@@ -53,19 +48,11 @@ def test_greedy_tokens_and_logits_match_hf(family: dict[str, Any], placement: st
         )
     assert out == family["tokens"]
     # Per-step logits of each prompt, rebuilt from the blocks (sequences run longest first).
-    order = sorted(range(len(PROMPTS)), key=lambda n: -len(PROMPTS[n]))
-    steps = iter(logits)
-    got: dict[int, list[torch.Tensor]] = {}
-    for start in range(0, len(order), pl.block_size):
-        members = order[start : start + pl.block_size]
-        for _ in range(NEW):
-            step = next(steps)
-            for row, n in enumerate(members):
-                got.setdefault(n, []).append(step[row])
+    got = logits_by_prompt(logits, PROMPTS, pl.block_size, NEW)
     for n in range(len(PROMPTS)):
         # float32 on both sides: only summation order differs (fused QKV, SDPA vs HF's eager kernels,
         # padding columns), about 1e-6 relative on logits of magnitude ~10.
-        torch.testing.assert_close(torch.stack(got[n]), family["logits"][n], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[n], family["logits"][n], rtol=1e-4, atol=1e-4)
     if "disk" in pl.weights.spec():
         assert stats.disk_bytes_read > 0
 
@@ -74,7 +61,7 @@ def test_model_bytes_equal_hf_parameter_count(family: dict[str, Any]) -> None:
     cfg = config_from_path(family["dir"] / "ckpt")
     cfg = dataclasses.replace(cfg, dtype="float32")
     # HF counts a tied LM head once, as model_bytes does.
-    assert cfg.model_bytes() == 4 * sum(t.numel() for t in family["model"].parameters())
+    assert cfg.model_bytes() == hf_param_bytes(family["model"], 4)
     kv_heads = getattr(family["model"].config, "num_key_value_heads", None) or cfg.n_head
     assert cfg.cache_bytes(2, 10) == 2 * cfg.num_hidden_layers * 2 * 10 * kv_heads * cfg.head_dim * 4
 

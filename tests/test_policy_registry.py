@@ -13,14 +13,15 @@ from safetensors.torch import save_file
 
 from flexrun.config import OptConfig
 from flexrun.errors import CheckpointError
-from flexrun.placement import Placement, Shares
 from flexrun.policies import Policy, TensorGetter, policy_for_hf_config, policy_for_layer, register, unregister
 from flexrun.resolver import config_from_path
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.weights.convert import convert_checkpoint
 from flexrun.weights.store import TensorStore
-from tests.hf_decoders import FAMILIES, hf_greedy, tiny_decoder
+from tests.helpers import place
+from tests.hf_decoders import FAMILIES, tiny_decoder
+from tests.hf_reference import hf_greedy
 
 EXPECTED = {
     "gpt2": "GPT2LMHeadModel",
@@ -127,7 +128,7 @@ def test_a_policy_registered_from_a_test_runs_through_the_engine(tmp_path: Path)
     try:
         convert_checkpoint(ckpt, tmp_path / "store", progress=False)
         prompts = [[5, 6, 7, 8], [9, 10]]
-        placement = Placement(Shares.parse("disk=100"), Shares.parse("host=100"), Shares.parse("host=100"), 1, 2)
+        placement = place("disk=100", b=1, n=2)
         with Engine(TensorStore(tmp_path / "store"), placement, max_seq_len=12, offload_dir=tmp_path) as engine:
             out, _, _ = engine.generate(prompts, SamplingParams(max_new_tokens=4, stop_at_eos=False))
     finally:
@@ -143,7 +144,7 @@ def test_a_live_model_converts_by_its_layer_class(family: str, tmp_path: Path) -
     convert_model(model, tmp_path / "store", progress=False)
     store = TensorStore(tmp_path / "store")
     assert store.config.arch == family
-    placement = Placement(Shares.parse("host=100"), Shares.parse("host=100"), Shares.parse("host=100"), 4, 1)
+    placement = place(b=4)
     prompts = [[5, 6, 7, 8], [9, 10]]
     with Engine(store, placement, max_seq_len=12, offload_dir=tmp_path) as engine:
         out, _, _ = engine.generate(prompts, SamplingParams(max_new_tokens=4, stop_at_eos=False))

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -33,6 +33,8 @@ from flexrun.runtime.weights import WeightManager
 from flexrun.weights.store import TORCH_DTYPES, TensorStore
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound="StackRunner")
 
 
 def check_supported(placement: Placement, device: torch.device) -> None:
@@ -118,7 +120,8 @@ class StackRunner:
 
     # ---- what subclasses add ------------------------------------------------------------------------
     def _plan(self, ledger: Ledger) -> None:
-        """Record the runner's own buffers (cache, scratch, activations) on the ledger; allocate nothing."""
+        """Set up the runner's own parts (cache, scratch, activations, layers), recording their buffers on the
+        ledger; allocate nothing yet."""
 
     def _allocate(self) -> None:
         """Allocate what ``_plan`` recorded, once the budgets are known to hold it."""
@@ -132,7 +135,7 @@ class StackRunner:
         self.pool.shutdown()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> StackRunner:
+    def __enter__(self: R) -> R:
         return self
 
     def __exit__(self, *exc: object) -> None:
