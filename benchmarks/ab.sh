@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ab.sh REF [MODEL] [BATCH]: this checkout's flexrun against the flexrun of git ref REF, in memory, on the
-# same rows, runs alternated (this, REF, this, REF, ...) so that a noisy machine treats both alike. The
+# same rows, runs alternated (this, REF, REF, this, this, REF, ...) so that a noisy machine treats both alike. The
 # check a refactor owes: compare.sh's in-memory row (everything in RAM, bfloat16, prompt 128, gen 32,
 # BATCH sequences) for both. REF runs from a temporary `git worktree` with the same interpreter.
 # Settings: REPEAT (runs each, median reported; default 3), DTYPE (bfloat16), PROMPT (128), GEN (32),
@@ -30,9 +30,8 @@ run() {
 machine
 flexrun bench --model "$MODEL" --dummy-weights --dtype "$DTYPE" --placement manual --prompt-len 8 --gen-len 2 \
   --gpu-batch-size 1 >/dev/null 2>&1  # builds the dummy store once, outside the timed runs
-for ((r = 1; r <= REPEAT; r++)); do
-  run "$ROOT" flexrun
-  run "$TREE" "flexrun@$SHA"
+for ((r = 1; r <= REPEAT; r++)); do  # who goes first alternates too
+  if ((r % 2)); then run "$ROOT" flexrun && run "$TREE" "flexrun@$SHA"; else run "$TREE" "flexrun@$SHA" && run "$ROOT" flexrun; fi
 done
 echo "model $MODEL, $DTYPE, prompt $PROMPT, gen $GEN, batch $BATCH, in memory; this checkout ($(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet || echo ', modified')) vs $SHA; medians of $REPEAT; raw runs: $RUNS"
 "$PYTHON" "$BENCH_DIR/table.py" "$RUNS" --compare
