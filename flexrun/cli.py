@@ -11,13 +11,20 @@ from typing import Any
 
 import click
 
-from flexrun.cli_options import DTYPES, engine_options, non_negative_int, positive_int
+from flexrun.cli_options import DTYPES, compress_weight_options, engine_options, non_negative_int, positive_int
 from flexrun.errors import FlexrunError
 
 try:
     __version__ = version("flexrun")
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"
+
+
+def compress_options(fn: Any) -> Any:
+    for option in reversed(compress_weight_options()):
+        fn = option(fn)
+    return fn
+
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -95,18 +102,23 @@ def config_cmd(name: str, batch_size: int, prompt_len: int, gen_len: int, dtype:
 @click.option("--model", "-m", required=True, help="Checkpoint directory, GGUF file, packaged model or hub name.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output store directory.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Store dtype (default: the checkpoint's).")
-def convert_cmd(model: str, out: str, dtype: str | None) -> None:
+@compress_options
+def convert_cmd(model: str, out: str, dtype: str | None, compress_weight: str | None, group_size: int | None) -> None:
     """Convert a Hugging Face checkpoint (or a GGUF file, dequantized) into flexrun's tensor store, one
-    tensor at a time."""
+    tensor at a time, optionally with its layers' matmul weights compressed."""
+    from flexrun.quant.formats import QuantSpec
     from flexrun.resolver import local_source, resolve
     from flexrun.weights.convert import convert_checkpoint
     from flexrun.weights.hub import hub_download
 
+    if group_size and not compress_weight:
+        raise click.BadParameter("a group size needs --compress-weight", param_hint="--group-size")
+    spec = QuantSpec.of(compress_weight, group_size) if compress_weight else None
     src = local_source(model)
     if src is None:
         resolve(model)
         src = hub_download(model)
-    path = convert_checkpoint(src, out, dtype=dtype)
+    path = convert_checkpoint(src, out, dtype=dtype, compress=spec)
     click.echo(str(path))
 
 

@@ -53,7 +53,7 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
         "",
         f"block:      {pl.gpu_batch_size} x {pl.num_gpu_batches} = {pl.block_size} sequences"
         f" (micro-batch size x micro-batches)",
-        f"options:    compress weights {on_off[pl.compress_weight]}, compress cache {on_off[pl.compress_cache]},"
+        f"options:    compress weights {pl.compress_weight or 'off'}, compress cache {pl.compress_cache or 'off'},"
         f" host-side attention {on_off[pl.cpu_cache_compute]}",
         "",
         f"{'tier':<8}" + "".join(f"{k:>19}" for k in ("weights", "cache", "activations")),

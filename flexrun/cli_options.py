@@ -77,7 +77,30 @@ _ENGINE_KEYS = (
     "device_mem",
     "host_mem",
     "disk_mem",
+    "compress_weight",
+    "group_size",
+    "compress_cache",
 )
+COMPRESSIONS = ["int8", "int4"]
+
+
+def compress_weight_options() -> list[Any]:
+    """--compress-weight and --group-size, shared by convert and the engine commands."""
+    return [
+        click.option(
+            "--compress-weight",
+            type=click.Choice(COMPRESSIONS),
+            help="Store the layers' matmul weights compressed: int4 (group-wise min-max, 0.56 bytes a weight at "
+            "group 64) or int8 (one scale per row, or per group with --group-size). A checkpoint converts once "
+            "per compression.",
+        ),
+        click.option(
+            "--group-size",
+            type=click.Choice(["32", "64", "128", "256"]),
+            callback=lambda ctx, param, value: int(value) if value else None,
+            help="Values per scale along each weight row (int4 default 64; int8 default: one per row).",
+        ),
+    ]
 
 
 def engine_options(encoder: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -128,6 +151,15 @@ def engine_options(encoder: bool = False) -> Callable[[Callable[..., Any]], Call
         options.append(click.option("--cache", callback=tier_shares, help="KV cache shares, e.g. host=100."))
     batch_defaults: dict[str, Any] = {"default": 8, "show_default": True} if encoder else {"type": int}
     count_defaults: dict[str, Any] = {"default": 1, "show_default": True} if encoder else {"type": int}
+    options += compress_weight_options()
+    if not encoder:
+        options.append(
+            click.option(
+                "--compress-cache",
+                type=click.Choice(COMPRESSIONS),
+                help="Store the KV cache compressed, per token and KV head: int8 or int4 (FlexGen's scheme).",
+            )
+        )
     options += [
         click.option("--activations", callback=tier_shares, help="Activation shares, e.g. host=100."),
         click.option("--gpu-batch-size", callback=positive_int, help="Sequences per micro-batch.", **batch_defaults),
@@ -170,6 +202,8 @@ def _engine_options(v: dict[str, Any], encoder: bool) -> Any:
             compute_dtype=v["compute_dtype"],
             dummy_weights=v["dummy_weights"],
             store_dir=v["store_dir"],
+            compress_weight=v["compress_weight"] or "",
+            group_size=v["group_size"],
         ),
         placement=PlacementRequest(
             mode="manual" if encoder else v["placement"],
@@ -180,6 +214,7 @@ def _engine_options(v: dict[str, Any], encoder: bool) -> Any:
             num_gpu_batches=v["num_gpu_batches"],
             overlap=v["overlap"],
             hardware=v.get("hardware"),
+            compress_cache=v.get("compress_cache") or "",
         ),
         budgets=Budgets(device=v["device_mem"], host=v["host_mem"], disk=v["disk_mem"]),
         offload_dir=v["offload_dir"],

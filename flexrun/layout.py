@@ -19,6 +19,8 @@ from flexrun.config import OptConfig, Shape
 # The global tensors the input group uses; every other global belongs to the output group.
 INPUT_GLOBALS = ("embed_tokens", "embed_ln_w", "embed_ln_b", "embed_positions", "embed_token_types", "project_in")
 KINDS = ("input", "layer", "output")
+# The layer slots the fused layer multiplies with (``linear``): the ones weight compression applies to.
+MATMUL_SLOTS = ("qkv_w", "out_w", "gate_w", "fc1_w", "fc2_w")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class StackLayout:
     def store_order(self) -> list[str]:
         """Every stored tensor once, in walk order (a tied head's embeddings where the input group has them)."""
         return list(dict.fromkeys(n for g in self.groups for n in g.names))
+
+    def compressible(self) -> list[str]:
+        """The stored tensors weight compression applies to: every layer's matmul weights (embeddings, the
+        head, norms and biases stay in the model's dtype)."""
+        return [n for g in self.groups if g.kind == "layer" for n, slot in g.slots if slot in MATMUL_SLOTS]
 
     def group_elements(self, group: Group) -> int:
         return sum(math.prod(self.shapes[n]) for n in group.names)

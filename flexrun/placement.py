@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from flexrun.errors import PlacementError
 
 TIERS = ("device", "host", "disk")
+COMPRESSIONS = ("", "int8", "int4")
 # FlexGen's spelling, accepted so its users' commands translate directly.
 _TIER_ALIASES = {"gpu": "device", "cpu": "host", "device": "device", "host": "host", "disk": "disk"}
 
@@ -90,13 +91,20 @@ class Placement:
     activations: Shares = field(default_factory=Shares)
     gpu_batch_size: int = 1
     num_gpu_batches: int = 1
-    compress_weight: bool = False
-    compress_cache: bool = False
+    # "" (off), "int8" or "int4" (``flexrun.quant``); True means int4, FlexGen's 4-bit compression.
+    compress_weight: str = ""
+    compress_cache: str = ""
     # Attention over a host-resident cache runs on the host instead of moving the cache to the device.
     cpu_cache_compute: bool = False
     overlap: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("compress_weight", "compress_cache"):
+            value = getattr(self, name)
+            kind = "int4" if value is True else "" if value is False or value is None else value
+            if kind not in COMPRESSIONS:
+                raise PlacementError(f"{name} must be one of int8, int4 (or off), got {value!r}")
+            object.__setattr__(self, name, kind)
         if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
             raise PlacementError(
                 f"batch sizes must be >= 1, got gpu_batch_size={self.gpu_batch_size}, "
@@ -113,8 +121,8 @@ class Placement:
         flags = [
             name
             for name, on in (
-                ("compress-weight", self.compress_weight),
-                ("compress-cache", self.compress_cache),
+                (f"compress-weight {self.compress_weight}", self.compress_weight),
+                (f"compress-cache {self.compress_cache}", self.compress_cache),
                 ("cpu-cache-compute", self.cpu_cache_compute),
                 ("no-overlap", not self.overlap),
             )

@@ -194,11 +194,10 @@ def test_the_walk_computes_vectors_in_the_compute_dtype_and_leaves_matrices_as_s
 
 
 # ---- options the runtime does not carry out ------------------------------------------------------------
-@pytest.mark.parametrize("flag", ["compress_weight", "compress_cache"])
-def test_compression_is_refused_not_ignored(flag: str, tmp_path: Path) -> None:
+def test_weights_compressed_otherwise_than_the_store_holds_them_are_refused(tmp_path: Path) -> None:
     store = TensorStore(write_dummy_store(_cfg(), tmp_path / "s", progress=False))
-    with pytest.raises(PlacementError, match="not implemented by the runtime"):
-        Engine(store, Placement(**{flag: True}), 8, offload_dir=tmp_path)
+    with pytest.raises(PlacementError, match="asks for int4 weights but the store .* holds uncompressed ones"):
+        Engine(store, Placement(compress_weight="int4"), 8, offload_dir=tmp_path)
 
 
 def test_host_side_attention_is_what_a_cpu_does_anyway(tmp_path: Path) -> None:

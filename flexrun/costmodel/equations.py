@@ -50,9 +50,18 @@ QUANT_META_BYTES = 2 * 2  # scale and min, fp16
 QUANT_PASSES = 4
 
 
-def compressed_fraction(dtype_bytes: int) -> float:
-    """Bytes of a group-wise int4 tensor over its bytes in a ``dtype_bytes`` dtype (0.28125 for fp16)."""
+def compressed_fraction(dtype_bytes: int, kind: str = "int4") -> float:
+    """Bytes of a compressed tensor over its bytes in a ``dtype_bytes`` dtype: group-wise int4 with a
+    16-bit scale and min per group of 64 (0.28125 of fp16), or int8 (one byte a value; its per-row scale
+    is negligible)."""
+    if kind == "int8":
+        return 1 / dtype_bytes
     return (QUANT_BITS / 8 + QUANT_META_BYTES / QUANT_GROUP) / dtype_bytes
+
+
+def compression(flag: bool | str) -> str:
+    """A compression option as its kind: "" (off), "int8" or "int4" (True, FlexGen's flag, is int4)."""
+    return "int4" if flag is True else flag or ""
 
 
 @dataclass(frozen=True)
@@ -116,8 +125,8 @@ class CostTerms:
     num_gpu_batches: int
     prompt_len: int
     gen_len: int
-    compress_weight: bool
-    compress_cache: bool
+    compress_weight: str  # "", "int8" or "int4"
+    compress_cache: str
     cpu_cache_compute: bool
     device_is_host: bool
 
@@ -154,8 +163,8 @@ def cost_terms(
     num_gpu_batches: int,
     prompt_len: int,
     gen_len: int,
-    compress_weight: bool = False,
-    compress_cache: bool = False,
+    compress_weight: bool | str = False,
+    compress_cache: bool | str = False,
     cpu_cache_compute: bool = False,
 ) -> CostTerms:
     """The cost model's affine terms for this batch shape and these options (shares left free)."""
@@ -167,8 +176,9 @@ def cost_terms(
     s, n = prompt_len, gen_len
     S = s + n  # the cache and activation buffers are sized for the longest sequence
     L = s + n / 2  # mean context length over the decode steps
-    w_frac = compressed_fraction(dt) if compress_weight else 1.0
-    c_frac = compressed_fraction(dt) if compress_cache else 1.0
+    compress_weight, compress_cache = compression(compress_weight), compression(compress_cache)
+    w_frac = compressed_fraction(dt, compress_weight) if compress_weight else 1.0
+    c_frac = compressed_fraction(dt, compress_cache) if compress_cache else 1.0
 
     weights_total = cfg.model_bytes() * w_frac
     w_layer = weights_total / l  # per layer, with the embeddings and head spread over the stack

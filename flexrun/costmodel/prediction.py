@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flexrun.config import OptConfig
-from flexrun.costmodel.equations import KINDS, CostTerms, Key, PhaseTerms, compressed_fraction, cost_terms
+from flexrun.costmodel.equations import KINDS, CostTerms, Key, PhaseTerms, compressed_fraction, compression, cost_terms
 from flexrun.costmodel.hardware import HardwareSpec
 from flexrun.placement import TIERS, Placement
 
@@ -129,14 +129,19 @@ def evaluate(terms: CostTerms, shares: Mapping[Key, float], overlap: bool = True
 
 
 def kind_bytes(
-    cfg: OptConfig, block_size: int, prompt_len: int, gen_len: int, compress_weight: bool, compress_cache: bool
+    cfg: OptConfig,
+    block_size: int,
+    prompt_len: int,
+    gen_len: int,
+    compress_weight: bool | str,
+    compress_cache: bool | str,
 ) -> dict[str, int]:
     """Bytes of all weights, of the block's KV cache and of one layer boundary's activations."""
-    frac = compressed_fraction(cfg.dtype_bytes)
+    cw, cc = compression(compress_weight), compression(compress_cache)
     seq = prompt_len + gen_len
     return {
-        "weights": int(cfg.model_bytes() * (frac if compress_weight else 1.0)),
-        "cache": int(cfg.cache_bytes(block_size, seq) * (frac if compress_cache else 1.0)),
+        "weights": int(cfg.model_bytes() * (compressed_fraction(cfg.dtype_bytes, cw) if cw else 1.0)),
+        "cache": int(cfg.cache_bytes(block_size, seq) * (compressed_fraction(cfg.dtype_bytes, cc) if cc else 1.0)),
         "activations": cfg.hidden_bytes(block_size, seq),
     }
 

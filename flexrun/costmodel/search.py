@@ -78,10 +78,14 @@ class Plan:
         }
 
 
-def _options(hw: HardwareSpec, compress: bool | None, cpu_cache_compute: bool | None) -> list[tuple[bool, bool, bool]]:
+def _options(
+    hw: HardwareSpec, compress: bool | tuple[str, str] | None, cpu_cache_compute: bool | None
+) -> list[tuple[bool | str, bool | str, bool]]:
     """(compress_weight, compress_cache, cpu_cache_compute) combinations to try."""
-    flags = [False, True] if compress is None else [compress]
     ccc = [False] if hw.device_is_host else ([False, True] if cpu_cache_compute is None else [cpu_cache_compute])
+    if isinstance(compress, tuple):  # the kinds given: (weights, cache)
+        return [(compress[0], compress[1], c) for c in ccc if not (compress[1] and c)]
+    flags = [False, True] if compress is None else [compress]
     # Host-side attention reads an uncompressed cache (as FlexGen's), so it is not paired with compression.
     return [
         (cw, cc, c)
@@ -229,7 +233,7 @@ class _Search:
         near = [f for f in self.found if f[0] <= self.best[0] * (1 + TIE)]
         return min(near, key=lambda f: (f[1].block_size, f[1].num_gpu_batches, f[0]))
 
-    def try_shape(self, gbs: int, nb: int, opts: tuple[bool, bool, bool]) -> float | None:
+    def try_shape(self, gbs: int, nb: int, opts: tuple[bool | str, bool | str, bool]) -> float | None:
         """Seconds per sequence of the best placement for this shape; None: it does not fit; ``PRUNED``:
         even with free transfers it cannot beat the best plan so far (so no LP was solved)."""
         cw, cc, ccc = opts
@@ -249,7 +253,7 @@ class _Search:
             self.best = (per_seq, terms, shares)
         return per_seq
 
-    def scan_counts(self, gbs: int, opts: tuple[bool, bool, bool], max_block: int) -> float | None:
+    def scan_counts(self, gbs: int, opts: tuple[bool | str, bool | str, bool], max_block: int) -> float | None:
         """Double the micro-batch count while it helps and fits, then search around the best count.
 
         Throughput rises with the block until memory runs out or a kind spills to a slower tier, where it
@@ -293,7 +297,9 @@ class _Search:
                 step //= 2
         return best_t
 
-    def run(self, options: list[tuple[bool, bool, bool]], batch_sizes: Sequence[int], max_block: int) -> None:
+    def run(
+        self, options: list[tuple[bool | str, bool | str, bool]], batch_sizes: Sequence[int], max_block: int
+    ) -> None:
         for opts in options:
             trail: list[float] = []
             for gbs in batch_sizes:
@@ -316,7 +322,7 @@ def plan(
     prompt_len: int = 512,
     gen_len: int = 32,
     *,
-    compress: bool | None = None,
+    compress: bool | tuple[str, str] | None = None,
     cpu_cache_compute: bool | None = None,
     gpu_batch_sizes: Sequence[int] | None = None,
     max_block_size: int | None = None,
@@ -325,8 +331,8 @@ def plan(
 ) -> Plan:
     """The placement with the highest predicted throughput for ``cfg`` on ``hw`` (its memory = the budgets).
 
-    ``compress`` / ``cpu_cache_compute``: None tries both; True/False fixes the option (pass False for
-    what the runtime cannot run yet). ``max_block_size`` caps sequences per block (e.g. the number of
+    ``compress`` / ``cpu_cache_compute``: None tries both; True/False fixes the option (True: int4 weights
+    and cache); a (weights, cache) pair of kinds ("", "int8", "int4") fixes each. ``max_block_size`` caps sequences per block (e.g. the number of
     prompts). ``fixed`` holds the shares of the kinds the user chose (the LP picks the rest) and
     ``num_gpu_batches`` the micro-batch count (``gpu_batch_sizes`` narrows the sizes). Raises PlacementError, with the shortfall and the smallest budgets that would do, when
     nothing fits.
@@ -379,11 +385,11 @@ def _infeasible(
     hw: HardwareSpec,
     prompt_len: int,
     gen_len: int,
-    options: list[tuple[bool, bool, bool]],
+    options: list[tuple[bool | str, bool | str, bool]],
     fixed: Mapping[str, Shares] | None = None,
     shape: tuple[int, int] = (1, 1),
 ) -> InfeasibleError:
-    best: tuple[float, dict[str, int], tuple[bool, bool, bool]] | None = None
+    best: tuple[float, dict[str, int], tuple[bool | str, bool | str, bool]] | None = None
     for opts in options:
         terms = cost_terms(cfg, hw, shape[0], shape[1], prompt_len, gen_len, *opts)
         short = shortfall(terms, hw, fixed)

@@ -8,6 +8,7 @@ offered to the planner.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -57,10 +58,20 @@ def build_engine(
     """
     reserve: dict[str, int] = {}
     refused: BudgetError | None = None
+    # Weights are compressed when the store is converted: the placement says what the store holds.
+    compress_weight = store.weight_compression
     for _ in range(_REPLANS + 1):
         try:
             planned = choose_placement(
-                cfg, opts.placement, opts.budgets, prompt_len, gen_len, num_prompts, opts.offload_dir, reserve
+                cfg,
+                opts.placement,
+                opts.budgets,
+                prompt_len,
+                gen_len,
+                num_prompts,
+                opts.offload_dir,
+                reserve,
+                compress_weight,
             )
         except PlacementError:
             if refused is None:
@@ -97,11 +108,13 @@ def choose_placement(
     num_prompts: int | None = None,
     offload_dir: str | None = None,
     reserve: dict[str, int] | None = None,
+    compress_weight: str = "",
 ) -> Planned:
     """The run's placement: ``request`` as given (manual, or nothing left open), else the planner's choice
-    for what it leaves open. ``reserve`` holds bytes per tier kept out of the planner's budgets."""
+    for what it leaves open. ``reserve`` holds bytes per tier kept out of the planner's budgets;
+    ``compress_weight`` is how the store holds the weights."""
     if not request.planned:
-        return Planned(request.manual())
+        return Planned(dataclasses.replace(request.manual(), compress_weight=compress_weight))
     has_cuda = torch.cuda.is_available()
     root = offload_root(offload_dir)
     tiers = budgets.resolved(root, has_cuda)
@@ -118,7 +131,7 @@ def choose_placement(
             hw,
             prompt_len,
             gen_len,
-            compress=False,
+            compress=(compress_weight, request.compress_cache),
             cpu_cache_compute=False,
             gpu_batch_sizes=[gbs] if gbs else None,
             max_block_size=max_block,
@@ -143,6 +156,8 @@ def choose_placement(
         gpu_batch_size=pl.gpu_batch_size,
         num_gpu_batches=pl.num_gpu_batches,
         overlap=request.overlap,
+        compress_weight=pl.compress_weight,
+        compress_cache=pl.compress_cache,
     )
     pr = result.prediction
     line = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ def encoder_placement(opts: EngineOptions) -> Placement:
     """The encoder's placement: the options as given (an encoder is never planned), host=100 where left out.
     An encoder keeps no KV cache, so a cache placement is refused rather than ignored."""
     request = opts.placement
-    if request.cache is not None:
+    if request.cache is not None or request.compress_cache:
         raise InputError("an encoder keeps no KV cache: drop the cache placement")
     return request.manual()
 
@@ -117,6 +118,7 @@ def _embed(opts: EngineOptions, job: EmbedOptions, records: list[PromptRecord], 
     model = opts.model.model
     placement = encoder_placement(opts)
     store = opts.model.open_store("embed")
+    placement = dataclasses.replace(placement, compress_weight=store.weight_compression)
     cfg = opts.model.run_config(store, compute_device())
     pooling = "none" if job.all_tokens else job.pooling or ("pooler" if cfg.pooler else "cls")
     if pooling == "pooler" and not cfg.pooler:

@@ -11,6 +11,7 @@ from flexrun.config import OptConfig
 from flexrun.costmodel.hardware import HardwareSpec
 from flexrun.placement import Placement, Shares
 from flexrun.precision import with_compute_dtype
+from flexrun.quant.formats import QuantSpec
 from flexrun.resolver import ensure_store
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.runtime.tiers import Budgets
@@ -26,9 +27,16 @@ class ModelOptions:
     compute_dtype: str = "auto"  # what the arithmetic runs in ("auto": see precision)
     dummy_weights: bool = False  # random weights of the right shapes
     store_dir: str | None = None  # where converted stores are cached (None: the cache dir)
+    compress_weight: str = ""  # "int8" or "int4": the layers' matmul weights stored compressed
+    group_size: int | None = None  # the compression's group along K (None: its default)
+
+    @property
+    def compression(self) -> QuantSpec | None:
+        return QuantSpec.of(self.compress_weight, self.group_size) if self.compress_weight else None
 
     def open_store(self, task: str = "generate", progress: bool = True) -> TensorStore:
-        """The model's tensor store, converted on first use; ``task`` is checked against the architecture."""
+        """The model's tensor store (compressed as asked), converted on first use; ``task`` is checked against
+        the architecture."""
         return ensure_store(
             self.model,
             dtype=self.dtype,
@@ -36,6 +44,7 @@ class ModelOptions:
             store_root=self.store_dir,
             progress=progress,
             task=task,
+            compress=self.compression,
         )
 
     def run_config(self, store: TensorStore, device: torch.device) -> OptConfig:
@@ -55,6 +64,7 @@ class PlacementRequest:
     num_gpu_batches: int | None = None
     overlap: bool = True
     hardware: HardwareSpec | None = None  # the planner's figures (None: this machine's)
+    compress_cache: str = ""  # "int8" or "int4": the KV cache stored compressed
 
     #: What ``manual`` uses for an option left out.
     MANUAL_BATCH = 4
@@ -74,6 +84,7 @@ class PlacementRequest:
             gpu_batch_size=self.gpu_batch_size or self.MANUAL_BATCH,
             num_gpu_batches=self.num_gpu_batches or 1,
             overlap=self.overlap,
+            compress_cache=self.compress_cache,
         )
 
 

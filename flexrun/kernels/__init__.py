@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from flexrun.errors import FlexrunError
-from flexrun.kernels import cpu, reference
+from flexrun.kernels import cpu, quantized, reference
 from flexrun.kernels.reference import NormFn
+from flexrun.quant.formats import Int4Weight, Int8Weight
 
 #: A matrix slot's value: a dense tensor, or an object of a type registered with ``register_linear``.
 Weight = Any
@@ -47,6 +48,10 @@ class KernelSet:
     cached_attention: AttentionFn
     apply_rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor] = reference.apply_rotary
     linears: Mapping[type, LinearFn] = field(default_factory=dict)
+    #: A resident compressed weight in the layout this set computes it fastest in, derived once at load,
+    #: and the bytes that layout adds (by encoding and shape), for the ledger.
+    prepare: Callable[[Weight], Weight] = lambda w: w
+    prepared_extra: Callable[[str, tuple[int, ...]], int] = lambda encoding, shape: 0
 
     def linear(self, x: torch.Tensor, w: Any, b: torch.Tensor | None) -> torch.Tensor:
         """x @ w.T + b for a dense weight, else the implementation registered for ``type(w)``."""
@@ -64,6 +69,7 @@ REFERENCE = KernelSet(
     norms=reference.NORMS,
     activations=reference.ACTIVATIONS,
     cached_attention=reference.cached_attention,
+    linears={Int4Weight: quantized.dequantized_linear, Int8Weight: quantized.dequantized_linear},
 )
 CPU = KernelSet(
     name="cpu",
@@ -71,11 +77,19 @@ CPU = KernelSet(
     norms=reference.NORMS,
     activations=cpu.ACTIVATIONS,
     cached_attention=cpu.cached_attention,
+    linears={
+        Int4Weight: quantized.chunked_dequantized_linear,
+        Int8Weight: quantized.chunked_dequantized_linear,
+        quantized.CpuInt4Weight: quantized.cpu_int4_linear,
+        quantized.CpuInt8Weight: quantized.cpu_int8_linear,
+    },
+    prepare=quantized.prepare_for_cpu,
+    prepared_extra=quantized.prepared_extra_bytes,
 )
 
 
 def select_kernels(device: torch.device) -> KernelSet:
     """The kernel set for ``device``, with the weight types registered for it."""
     base = CPU if device.type == "cpu" else REFERENCE
-    linears = {t: fn for (t, dev), fn in _LINEARS.items() if dev in (None, device.type)}
-    return dataclasses.replace(base, linears=linears)
+    registered = {t: fn for (t, dev), fn in _LINEARS.items() if dev in (None, device.type)}
+    return dataclasses.replace(base, linears={**base.linears, **registered})

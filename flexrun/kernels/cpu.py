@@ -48,8 +48,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
         n = min(rows, n_out - r)
         wc = w[r : r + n]  # (n, in)
         if wc.dtype != x.dtype:
-            wc = _scratch("weight", n * k_in, x.dtype, x.device).view(n, k_in).copy_(wc)
-        part = _scratch("out", m * n, x.dtype, x.device).view(m, n)  # (m, n)
+            wc = scratch("weight", n * k_in, x.dtype, x.device).view(n, k_in).copy_(wc)
+        part = scratch("out", m * n, x.dtype, x.device).view(m, n)  # (m, n)
         if b is None:
             torch.mm(x2, wc.t(), out=part)
         else:
@@ -61,7 +61,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
 _scratches = threading.local()
 
 
-def _scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A reused buffer of ``numel`` elements, per thread: fresh multi-MiB temporaries at every call would
     make glibc's malloc either page-fault on each (mmap'd) or keep hundreds of MiB resident (heap)."""
     bufs: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = _scratches.__dict__.setdefault("bufs", {})
@@ -84,7 +84,7 @@ def cached_attention(
     if q.dtype == torch.float32 and keys.dtype == torch.float32:
         return reference.cached_attention(q, keys, values, mask, scale)
     f32 = torch.float32
-    kf = _scratch("attn_k", keys.numel(), f32, q.device).view(keys.shape).copy_(keys)  # (t, b, nkv, d)
-    vf = _scratch("attn_v", values.numel(), f32, q.device).view(values.shape).copy_(values)
+    kf = scratch("attn_k", keys.numel(), f32, q.device).view(keys.shape).copy_(keys)  # (t, b, nkv, d)
+    vf = scratch("attn_v", values.numel(), f32, q.device).view(values.shape).copy_(values)
     out = reference.attention(q.float(), kf.permute(1, 2, 0, 3), vf.permute(1, 2, 0, 3), mask.float(), scale)
     return out.to(q.dtype)  # (b, nh, s, d)

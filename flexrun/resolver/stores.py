@@ -10,6 +10,7 @@ from flexrun.config import OptConfig
 from flexrun.errors import CheckpointError
 from flexrun.paths import cache_dir
 from flexrun.policies import policy_by_name
+from flexrun.quant.formats import QuantSpec
 from flexrun.resolver.configs import resolve
 from flexrun.resolver.packaged import local_source
 from flexrun.weights.convert import convert_checkpoint, write_dummy_store
@@ -19,9 +20,10 @@ from flexrun.weights.store import TensorStore
 log = logging.getLogger(__name__)
 
 
-def _store_key(cfg: OptConfig, source: str) -> str:
+def _store_key(cfg: OptConfig, source: str, compress: QuantSpec | None = None) -> str:
     digest = hashlib.sha256(f"{source}|{sorted(cfg.to_dict().items())}".encode()).hexdigest()[:10]
-    return f"{cfg.name}-{cfg.dtype}-{digest}"
+    packed = f"-{compress.kind}g{compress.group_size}" if compress else ""
+    return f"{cfg.name}-{cfg.dtype}{packed}-{digest}"
 
 
 def check_task(cfg: OptConfig, task: str, model: str) -> None:
@@ -46,8 +48,10 @@ def ensure_store(
     store_root: str | Path | None = None,
     progress: bool = True,
     task: str = "generate",
+    compress: QuantSpec | None = None,
 ) -> TensorStore:
-    """The tensor store for ``model`` (a name, checkpoint directory or existing store), converting on first use.
+    """The tensor store for ``model`` (a name, checkpoint directory or existing store), converting on first use,
+    its layers' matmul weights compressed as ``compress`` says (each compression its own store).
 
     ``task`` ("generate" or "embed") is checked against the architecture before anything is converted.
     """
@@ -57,16 +61,21 @@ def ensure_store(
         check_task(store.config, task, model)
         if dtype and store.config.dtype != dtype:
             raise CheckpointError(f"{path} holds {store.config.dtype} weights; convert again with --dtype {dtype}")
+        held = set(store.compressed().values())
+        if held != ({compress} if compress else set()):
+            have = ", ".join(sorted(s.describe() for s in held)) or "uncompressed"
+            want = compress.describe() if compress else "uncompressed"
+            raise CheckpointError(f"{path} holds {have} weights, not {want}; convert the checkpoint again for that")
         return store
     overrides = {"dtype": dtype} if dtype else {}
     root = Path(store_root) if store_root else cache_dir() / "stores"
     if dummy:
         cfg = resolve(model, **overrides)
         check_task(cfg, task, model)
-        out = root / (_store_key(cfg, "dummy") + "-dummy")
+        out = root / (_store_key(cfg, "dummy", compress) + "-dummy")
         if not (out / "index.json").exists():
             log.info("writing dummy weights for %s to %s", cfg.name, out)
-            write_dummy_store(cfg, out, progress=progress)
+            write_dummy_store(cfg, out, progress=progress, compress=compress)
         return TensorStore(out)
     local = local_source(model)
     if local is not None:
@@ -76,8 +85,8 @@ def ensure_store(
         src = hub_download(model)
     cfg = resolve(str(src), **overrides)
     check_task(cfg, task, model)
-    out = root / _store_key(cfg, str(src.resolve()))
+    out = root / _store_key(cfg, str(src.resolve()), compress)
     if not (out / "index.json").exists():
         log.info("converting %s to a tensor store at %s", src, out)
-        convert_checkpoint(src, out, dtype=cfg.dtype, progress=progress)
+        convert_checkpoint(src, out, dtype=cfg.dtype, progress=progress, compress=compress)
     return TensorStore(out)

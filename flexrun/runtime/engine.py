@@ -56,6 +56,8 @@ class Engine(StackRunner):
             num_batches=ngb,
         )
         self.acts = ActivationStore(cfg, pl.activations, *common, max_tokens=gbs * self.max_len, num_batches=ngb)
+        if pl.compress_cache:  # attention reads a micro-batch's K and V dequantized to float32
+            ledger.add("device", "kv dequantized", 2 * 4 * gbs * self.max_len * cfg.kv_dim)
         # One layer per index: the attention scale and window may vary along the stack.
         self.layers = [
             FusedLayer(LayerSpec.from_config(cfg, i), self.kernels, self.kv_format)

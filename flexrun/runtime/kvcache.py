@@ -21,7 +21,7 @@ from flexrun import diskio
 from flexrun.errors import PlacementError
 from flexrun.placement import Shares
 from flexrun.runtime.iopool import IOPool, done
-from flexrun.runtime.kvformat import PlainKV
+from flexrun.runtime.kvformat import KVFormat
 from flexrun.runtime.tiers import Ledger
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -30,7 +30,7 @@ KV = tuple[torch.Tensor, torch.Tensor]
 class KVCache:
     def __init__(
         self,
-        fmt: PlainKV,
+        fmt: KVFormat,
         num_layers: int,
         shares: Shares,
         device: torch.device,

@@ -8,8 +8,36 @@ so a compressed format (quantized rows with their scales) plugs in without the c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+from flexrun.quant.kv import QuantKV
+
+
+class KVFormat(Protocol):
+    """What a KV cache format provides: the cache allocates and moves ``row_bytes`` per position, the
+    layer appends through ``append`` and attention reads through ``read``."""
+
+    @property
+    def dtype(self) -> torch.dtype: ...  # the storage dtype slots are allocated in
+
+    def row_elems(self, batch: int) -> int: ...
+
+    def row_bytes(self, batch: int) -> int: ...
+
+    def slot(self, flat: torch.Tensor, max_len: int, batch: int) -> torch.Tensor: ...
+
+    def append(self, slot: torch.Tensor, start: int, new: torch.Tensor) -> None: ...
+
+    def read(self, slot: torch.Tensor, length: int) -> torch.Tensor: ...
+
+
+def kv_format(dtype: torch.dtype, n_kv_head: int, head_dim: int, compress: str = "") -> KVFormat:
+    """The cache format: keys and values as they are in ``dtype``, or compressed (``int8``/``int4``)."""
+    if compress:
+        return QuantKV(compress, n_kv_head, head_dim)
+    return PlainKV(dtype, n_kv_head, head_dim)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 from flexrun.config import OptConfig
 from flexrun.errors import CheckpointError
 from flexrun.kernels import KernelSet, Weight
-from flexrun.runtime.kvformat import PlainKV
+from flexrun.runtime.kvformat import KVFormat
 
 
 @dataclass
@@ -115,7 +115,7 @@ class FusedLayer:
     after the rotary rotation, so cached keys never need their positions again.
     """
 
-    def __init__(self, spec: LayerSpec, kernels: KernelSet, kv_format: PlainKV, reduce: Reduce | None = None) -> None:
+    def __init__(self, spec: LayerSpec, kernels: KernelSet, kv_format: KVFormat, reduce: Reduce | None = None) -> None:
         self.spec = spec
         self.k = kernels
         self.kv = kv_format

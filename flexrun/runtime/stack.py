@@ -25,7 +25,7 @@ from flexrun.paths import offload_root
 from flexrun.placement import Placement
 from flexrun.precision import with_compute_dtype
 from flexrun.runtime.iopool import IOPool
-from flexrun.runtime.kvformat import PlainKV
+from flexrun.runtime.kvformat import kv_format
 from flexrun.runtime.malloc import release_large_frees
 from flexrun.runtime.stats import RunStats, current_rss, peak_rss, reset_peak_rss
 from flexrun.runtime.tiers import Budgets, Ledger, compute_device, make_workdir
@@ -37,12 +37,17 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", bound="StackRunner")
 
 
-def check_supported(placement: Placement, device: torch.device) -> None:
-    """Refuse the placement options this runtime does not carry out, rather than ignore them."""
-    if placement.compress_weight or placement.compress_cache:
+def check_supported(placement: Placement, device: torch.device, store: TensorStore) -> None:
+    """Refuse placement options this runtime does not carry out, rather than ignore them: weights compressed
+    otherwise than the store holds them (compression happens when a store is converted), and host-side
+    attention on a GPU."""
+    kinds = {spec.kind for spec in store.compressed().values()}
+    held = ", ".join(sorted(kinds)) or "uncompressed"
+    if len(kinds) > 1 or store.weight_compression != placement.compress_weight:
+        want = placement.compress_weight or "uncompressed"
         raise PlacementError(
-            "compressed weights and KV cache (compress_weight, compress_cache) are not implemented by the "
-            "runtime; run the placement without compression"
+            f"the placement asks for {want} weights but the store {store.path} holds {held} ones; convert the "
+            f"checkpoint with the same --compress-weight (generate and bench do so themselves)"
         )
     if placement.cpu_cache_compute and device.type != "cpu":  # on a CPU the host computes attention anyway
         raise PlacementError(
@@ -86,14 +91,14 @@ class StackRunner:
         self.device = device or compute_device()
         self.cfg = cfg = with_compute_dtype(store.config, compute_dtype, self.device)
         self.placement = placement
-        check_supported(placement, self.device)
+        check_supported(placement, self.device, store)
         if cfg.position == "learned" and max_seq_len > cfg.max_seq_len:
             raise InputError(f"{max_seq_len} tokens exceed the model's {cfg.max_seq_len} positions")
         self.max_len = max_seq_len
         self.dtype = TORCH_DTYPES[cfg.run_dtype]
         self.layout = stack_layout(cfg)
         self.kernels = select_kernels(self.device)
-        self.kv_format = PlainKV(TORCH_DTYPES[cfg.dtype], cfg.n_kv_head, cfg.head_dim)
+        self.kv_format = kv_format(TORCH_DTYPES[cfg.dtype], cfg.n_kv_head, cfg.head_dim, placement.compress_cache)
         root = offload_root(offload_dir)
         self.workdir = make_workdir(root, self.workdir_prefix)
         self.pool = IOPool(placement.overlap)
@@ -102,7 +107,7 @@ class StackRunner:
             cpu = self.device.type == "cpu"
             ledger.add("device", "working memory", cfg.working_bytes(placement.gpu_batch_size, self.max_len, cpu))
             self._plan(ledger)
-            self.weights = WeightManager(store, placement.weights, self.device, self.pool, ledger)
+            self.weights = WeightManager(store, placement.weights, self.device, self.pool, ledger, self.kernels)
             if cpu:
                 ledger.fold_device_into_host()
             self.budgets = (budgets or Budgets()).resolved(root, self.device.type == "cuda")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from flexrun import diskio
+from flexrun.kernels import KernelSet, Weight
 from flexrun.layout import stack_layout
 from flexrun.placement import Shares
 from flexrun.runtime.iopool import IOPool
@@ -35,9 +36,13 @@ class _Loaded:
 
 
 class WeightManager:
-    def __init__(self, store: TensorStore, shares: Shares, device: torch.device, pool: IOPool, ledger: Ledger) -> None:
-        """Plan the residency and record it in ``ledger``; ``load()`` then reads and allocates."""
+    def __init__(
+        self, store: TensorStore, shares: Shares, device: torch.device, pool: IOPool, ledger: Ledger, kernels: KernelSet
+    ) -> None:
+        """Plan the residency and record it in ``ledger``; ``load()`` then reads and allocates. Weights held
+        on the compute device's side are prepared once in the layout ``kernels`` computes them fastest in."""
         self.store = store
+        self.kernels = kernels
         self.cfg = store.config
         self.device = device
         self.pool = pool
@@ -49,10 +54,13 @@ class WeightManager:
         self.tier = {n: (t if self.on_cuda or t != "device" else "host") for n, t in zip(order, tiers, strict=True)}
         self.groups = [list(g.names) for g in layout.groups]
         self._order = order
-        self.resident: dict[str, torch.Tensor] = {}
+        self.resident: dict[str, Weight] = {}
+        self._raw: dict[str, torch.Tensor] = {}  # on CUDA, host-resident weights' bytes, copied to the device per step
         for name in order:
+            meta = store.meta(name)
             if self.tier[name] != "disk":
-                ledger.add(self.tier[name], "weights", store.meta(name).nbytes)
+                extra = kernels.prepared_extra(meta.encoding, meta.shape) if self._prepared(name) else 0
+                ledger.add(self.tier[name], "weights", meta.nbytes + extra)
         # Per group: the disk tensors (read each step) and, on CUDA, everything not on the device.
         self._disk = [[n for n in g if self.tier[n] == "disk"] for g in self.groups]
         self._streamed = [[n for n in g if self.tier[n] != "device"] for g in self.groups] if self.on_cuda else []
@@ -74,8 +82,12 @@ class WeightManager:
             if tier == "disk":
                 continue
             meta = self.store.meta(name)
-            t = self.store.read(name, diskio.aligned_empty(meta.nbytes, pin=self.on_cuda and tier == "host"))
-            self.resident[name] = t.to(self.device) if tier == "device" else t
+            raw = self.store.read_raw(name, diskio.aligned_empty(meta.nbytes, pin=self.on_cuda and tier == "host"))
+            if self.on_cuda and tier == "host":
+                self._raw[name] = raw
+                continue
+            w = self.store.decode(name, raw.to(self.device) if tier == "device" else raw)
+            self.resident[name] = self.kernels.prepare(w) if self._prepared(name) else w
         if self._arena_bytes:
             self._arenas = [diskio.aligned_empty(self._arena_bytes, pin=self.on_cuda) for _ in range(2)]
         if self._gpu_arena_bytes:
@@ -83,6 +95,10 @@ class WeightManager:
                 torch.empty(self._gpu_arena_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)
             ]
             self._stream = torch.cuda.Stream(self.device)
+
+    def _prepared(self, name: str) -> bool:
+        """Whether ``name`` is kept in the kernels' own layout: a compressed weight held where it is computed."""
+        return bool(self.store.meta(name).encoding) and (self.tier[name] == "device" or not self.on_cuda)
 
     def _gpu_offsets(self, names: list[str]) -> tuple[dict[str, int], int]:
         offsets, off = {}, 0
@@ -108,7 +124,8 @@ class WeightManager:
             arena, off = self._arenas[turn], 0
             for n in self._disk[g]:
                 size = self.store.meta(n).padded_nbytes
-                out[n] = self.store.read(n, arena[off : off + size])
+                raw = self.store.read_raw(n, arena[off : off + size])
+                out[n] = raw if self.on_cuda else self.store.decode(n, raw)  # on CUDA decoded once on the device
                 off += size
         if not self.on_cuda or not self._streamed[g]:
             return _Loaded(out)
@@ -118,9 +135,9 @@ class WeightManager:
             self._stream.wait_event(done_reading)
             for n in self._streamed[g]:
                 meta = self.store.meta(n)
-                dst = gpu[offsets[n] : offsets[n] + meta.nbytes].view(meta.torch_dtype).view(meta.shape)
-                dst.copy_(out[n], non_blocking=True)
-                out[n] = dst
+                dst = gpu[offsets[n] : offsets[n] + meta.nbytes]  # the file's bytes, decoded on the device
+                dst.copy_(out[n] if n in out else self._raw[n][: meta.nbytes], non_blocking=True)
+                out[n] = self.store.decode(n, dst)
             event = torch.cuda.Event()
             event.record(self._stream)
         # The host arena is reused two loads later; make sure the copies out of it have finished.

@@ -18,6 +18,7 @@ from flexrun.config import OptConfig
 from flexrun.errors import CheckpointError
 from flexrun.layout import stack_layout
 from flexrun.policies import Policy, TensorGetter, config_from_hf, policy_for_hf_config, policy_for_layer, registered
+from flexrun.quant.formats import QuantSpec
 from flexrun.weights.checkpoint import open_checkpoint
 from flexrun.weights.store import StoreWriter, dtype_name
 
@@ -54,13 +55,32 @@ def _hf_tensors(get: TensorGetter, cfg: OptConfig, policy: Policy) -> Iterator[t
         yield name, _checked(cfg, name, slots.pop(slot), layer_shapes[slot])
 
 
+def compress_plan(cfg: OptConfig, compress: QuantSpec | None) -> dict[str, QuantSpec]:
+    """The tensors ``compress`` applies to, each checked (its K a multiple of the group size) before
+    anything is written."""
+    if compress is None:
+        return {}
+    layout = stack_layout(cfg)
+    names = layout.compressible()
+    for name in names:
+        compress.check(f"{cfg.name}: {name}", layout.shapes[name])
+    return dict.fromkeys(names, compress)
+
+
 def _model_name(src: Path) -> str:
     """A checkpoint's name: its directory's name, or a GGUF file's name without the suffix."""
     return src.stem if src.is_file() else src.name
 
 
-def convert_checkpoint(src: str | Path, out: str | Path, dtype: str | None = None, progress: bool = True) -> Path:
-    """Convert the Hugging Face checkpoint directory (or GGUF file) ``src`` into a tensor store at ``out``."""
+def convert_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    progress: bool = True,
+    compress: QuantSpec | None = None,
+) -> Path:
+    """Convert the Hugging Face checkpoint directory (or GGUF file) ``src`` into a tensor store at ``out``,
+    its layers' matmul weights compressed as ``compress`` says (from their values in the store's dtype)."""
     src = Path(src)
     ckpt = open_checkpoint(src)
     hf = ckpt.hf_config()
@@ -68,6 +88,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, dtype: str | None = Non
     if dtype:
         cfg = dataclasses.replace(cfg, dtype=dtype)
     cfg = policy_for_hf_config(hf).fit_checkpoint(cfg, ckpt.has)
+    packed = compress_plan(cfg, compress)
     writer = StoreWriter(out, cfg, extra={"source": str(src.resolve())})
     try:
         names = stack_layout(cfg).store_order
@@ -78,7 +99,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, dtype: str | None = Non
             unit="tensor",
             disable=not progress,
         ):
-            writer.add(name, tensor)
+            writer.add(name, tensor, packed.get(name))
         ckpt.save_tokenizer(writer.tmp / "tokenizer")
         return writer.finish()
     except BaseException:
@@ -122,11 +143,14 @@ def convert_model(model: torch.nn.Module, out: str | Path, dtype: str | None = N
         raise
 
 
-def write_dummy_store(cfg: OptConfig, out: str | Path, seed: int = 0, progress: bool = True) -> Path:
+def write_dummy_store(
+    cfg: OptConfig, out: str | Path, seed: int = 0, progress: bool = True, compress: QuantSpec | None = None
+) -> Path:
     """A store of random weights with the right shapes (FlexGen's ``_DUMMY_``): no download needed.
 
     Values are small (normal, std 0.02; norms at 1) so activations stay finite in low precision.
     """
+    packed = compress_plan(cfg, compress)
     writer = StoreWriter(out, cfg, extra={"source": "dummy", "seed": seed})
     gen = torch.Generator().manual_seed(seed)
     layout = stack_layout(cfg)
@@ -138,7 +162,7 @@ def write_dummy_store(cfg: OptConfig, out: str | Path, seed: int = 0, progress: 
                 t = torch.ones(shapes[name])
             else:
                 t = torch.randn(shapes[name], generator=gen).mul_(0.02)
-            writer.add(name, t)
+            writer.add(name, t, packed.get(name))
         return writer.finish()
     except BaseException:
         writer.abort()

@@ -1,13 +1,16 @@
 """flexrun's tensor store: ``index.json`` plus one raw, page-padded file per tensor.
 
 Each tensor file can be read with one aligned read (O_DIRECT) straight into a preallocated buffer. The
-index records name, dtype, shape, byte size and a CRC32 per tensor, and the model config. A store is
-written into a temporary directory and renamed into place when complete, so a crash never leaves a store
-that looks finished.
+index records name, dtype, shape, byte size and a CRC32 per tensor, and the model config. A compressed
+tensor (version 2) also records its encoding (``int4``/``int8``) and group size; its file holds the
+canonical compressed parts (``quant.formats``) and its dtype and shape stay the uncompressed weight's.
+Version-1 stores (nothing compressed) still load. A store is written into a temporary directory and
+renamed into place when complete, so a crash never leaves a store that looks finished.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,11 +27,13 @@ import torch
 from flexrun import diskio
 from flexrun.config import OptConfig
 from flexrun.errors import CheckpointError
+from flexrun.quant.formats import QuantSpec, QuantWeight, decode, encode, quantize
 
 log = logging.getLogger(__name__)
 
 FORMAT = "flexrun-store"
-VERSION = 1
+VERSION = 2
+_READABLE = (1, 2)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
@@ -41,10 +46,24 @@ class TensorMeta:
     shape: tuple[int, ...]
     nbytes: int
     crc32: int
+    encoding: str = ""  # "int4" or "int8" for a compressed weight
+    group_size: int = 0
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return TORCH_DTYPES[self.dtype]
+
+    @property
+    def spec(self) -> QuantSpec | None:
+        """How the tensor is compressed, or None."""
+        return QuantSpec(self.encoding, self.group_size) if self.encoding else None
+
+    def to_index(self) -> dict[str, Any]:
+        entry = {"file": self.file, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
+        entry["crc32"] = self.crc32
+        if self.encoding:
+            entry |= {"encoding": self.encoding, "group_size": self.group_size}
+        return entry
 
     @property
     def padded_nbytes(self) -> int:
@@ -92,15 +111,20 @@ class StoreWriter:
         self.tensors: dict[str, TensorMeta] = {}
         self.dtype = TORCH_DTYPES[config.dtype]
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Cast ``tensor`` to the store's dtype and write it (fsync'd) as ``name``."""
-        data = _as_bytes(tensor.to(self.dtype))
+    def add(self, name: str, tensor: torch.Tensor, compress: QuantSpec | None = None) -> None:
+        """Cast ``tensor`` to the store's dtype (or, with ``compress``, compress it from the value in the
+        store's dtype) and write it (fsync'd) as ``name``."""
+        value = tensor.to(self.dtype)
+        data = encode(quantize(value, compress), compress) if compress else _as_bytes(value)
         file = f"{name}.bin"
         try:
             diskio.write_padded(self.tmp / file, memoryview(data.numpy()))  # type: ignore[arg-type]
         except OSError as exc:
             raise CheckpointError(f"cannot write {self.tmp / file}: {exc.strerror}") from None
-        self.tensors[name] = TensorMeta(name, file, self.config.dtype, tuple(tensor.shape), data.numel(), _crc(data))
+        meta = TensorMeta(name, file, self.config.dtype, tuple(tensor.shape), data.numel(), _crc(data))
+        if compress:
+            meta = dataclasses.replace(meta, encoding=compress.kind, group_size=compress.group_size)
+        self.tensors[name] = meta
 
     def finish(self) -> Path:
         index = {
@@ -109,10 +133,7 @@ class StoreWriter:
             "align": diskio.ALIGN,
             "config": self.config.to_dict(),
             **self.extra,
-            "tensors": {
-                m.name: {"file": m.file, "dtype": m.dtype, "shape": list(m.shape), "nbytes": m.nbytes, "crc32": m.crc32}
-                for m in self.tensors.values()
-            },
+            "tensors": {m.name: m.to_index() for m in self.tensors.values()},
         }
         (self.tmp / "index.json").write_text(json.dumps(index, indent=1))
         if self.path.exists():
@@ -138,12 +159,21 @@ class TensorStore:
             raise CheckpointError(
                 f"{index_file}: corrupted index ({exc.msg}); delete the store and convert again"
             ) from None
-        if index.get("format") != FORMAT or index.get("version") != VERSION:
+        if index.get("format") != FORMAT or index.get("version") not in _READABLE:
             raise CheckpointError(f"{index_file}: not a version-{VERSION} flexrun store; convert again")
         self.index = index
         self.config = OptConfig(**index["config"])
         self.tensors = {
-            name: TensorMeta(name, m["file"], m["dtype"], tuple(m["shape"]), m["nbytes"], m["crc32"])
+            name: TensorMeta(
+                name,
+                m["file"],
+                m["dtype"],
+                tuple(m["shape"]),
+                m["nbytes"],
+                m["crc32"],
+                m.get("encoding", ""),
+                m.get("group_size", 0),
+            )
             for name, m in index["tensors"].items()
         }
         self.verify = verify
@@ -162,9 +192,31 @@ class TensorStore:
         tok = self.path / "tokenizer"
         return tok if tok.is_dir() else None
 
-    def read(self, name: str, buf: torch.Tensor | None = None) -> torch.Tensor:
-        """Tensor ``name`` read into ``buf`` (a page-aligned uint8 buffer from ``diskio.aligned_empty`` of at
-        least its padded size) or into a new buffer. The returned tensor is a typed view of the buffer."""
+    def compressed(self) -> dict[str, QuantSpec]:
+        """The compressed tensors' specs by name."""
+        return {n: m.spec for n, m in self.tensors.items() if m.spec is not None}
+
+    @property
+    def weight_compression(self) -> str:
+        """How the store's weights are compressed: "" (not at all), "int8" or "int4"."""
+        return next(iter(sorted({spec.kind for spec in self.compressed().values()})), "")
+
+    def read(self, name: str, buf: torch.Tensor | None = None) -> torch.Tensor | QuantWeight:
+        """Tensor ``name`` read into ``buf`` (as for ``read_raw``) and decoded: a typed view of the buffer, or
+        a compressed weight whose parts are views of it."""
+        return self.decode(name, self.read_raw(name, buf))
+
+    def decode(self, name: str, raw: torch.Tensor) -> torch.Tensor | QuantWeight:
+        """The tensor whose file's bytes ``raw`` holds (a uint8 buffer on any device), as views of it."""
+        meta = self.meta(name)
+        spec = meta.spec
+        if spec is not None:
+            return decode(raw, spec, meta.shape)
+        return raw[: meta.nbytes].view(meta.torch_dtype).view(meta.shape)
+
+    def read_raw(self, name: str, buf: torch.Tensor | None = None) -> torch.Tensor:
+        """The bytes of tensor ``name`` read into ``buf`` (a page-aligned uint8 buffer from
+        ``diskio.aligned_empty`` of at least its padded size) or into a new buffer, checksum verified."""
         meta = self.meta(name)
         if buf is None:
             buf = diskio.aligned_empty(meta.nbytes)
@@ -191,7 +243,7 @@ class TensorStore:
                 raise CheckpointError(f"{file}: checksum mismatch, the tensor file is corrupted; convert again")
             with self._lock:
                 self._verified.add(name)
-        return data.view(meta.torch_dtype).view(meta.shape)
+        return data
 
     def total_bytes(self) -> int:
         return sum(m.nbytes for m in self.tensors.values())

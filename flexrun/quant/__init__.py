@@ -1,0 +1,1 @@
+"""Compressed weights and KV cache: group-wise int4 and int8 formats (``formats``, ``kv``)."""
