@@ -74,8 +74,12 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
         f"flags:      --weights {_spec(pl.weights)} --cache {_spec(pl.cache)} --activations {_spec(pl.activations)}"
         f" --gpu-batch-size {pl.gpu_batch_size} --num-gpu-batches {pl.num_gpu_batches}",
     ]
-    if pl.compress_weight or pl.compress_cache or pl.cpu_cache_compute:
-        lines.append("note:       a what-if: generate runs neither compression nor host-side attention yet")
+    if pl.compress_weight or pl.compress_cache:
+        flags = f" --compress-weight {pl.compress_weight}" if pl.compress_weight else ""
+        flags += f" --compress-cache {pl.compress_cache}" if pl.compress_cache else ""
+        lines[-1] += flags
+    if pl.cpu_cache_compute:
+        lines.append("note:       a what-if: generate computes attention on the device (host-side attention is not built)")
     return "\n".join(lines)
 
 
@@ -98,7 +102,8 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
     type=click.Choice(list(_TRI)),
     default="off",
     show_default=True,
-    help="Group-wise int4 weights and KV cache (a what-if: the runtime does not compress yet); auto tries both.",
+    help="Group-wise int4 weights and KV cache (generate --compress-weight int4 --compress-cache int4); auto "
+    "tries both.",
 )
 @click.option(
     "--cpu-cache-compute",

@@ -262,3 +262,17 @@ def test_cli_compresses_on_convert_and_on_first_use(compressed, tmp_path: Path) 
     # A store given directly must hold what is asked.
     r = run("generate", "-m", str(out), "--compress-weight", "int8", "-p", "x", "--offload-dir", str(tmp_path))
     assert r.exit_code == 1 and "holds int4 g32 weights, not int8 per row" in r.output
+
+
+def test_resuming_with_another_cache_compression_is_refused_naming_it(compressed) -> None:
+    from flexrun.jobs.fingerprint import job_differences, job_fingerprint
+    from flexrun.jobs.options import JobOptions
+
+    _, store, _, _ = compressed
+    job = JobOptions(params=SamplingParams(max_new_tokens=4))
+    plain = json.loads(json.dumps(job_fingerprint(store, job)))  # through JSON, as kept on disk
+    assert "compress_cache" not in plain  # jobs that never compressed their cache still resume
+    assert job_differences(plain, job_fingerprint(store, job, compress_cache="int8")) == [
+        "--compress-cache off there, int8 here"
+    ]
+    assert job_differences(plain, job_fingerprint(store, job)) == []

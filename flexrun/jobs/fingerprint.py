@@ -41,12 +41,15 @@ def tokenizer_digest(store: TensorStore) -> str | None:
     return h.hexdigest()[:16]
 
 
-def job_fingerprint(store: TensorStore, job: JobOptions, compute_dtype: str | None = None) -> dict[str, Any]:
+def job_fingerprint(
+    store: TensorStore, job: JobOptions, compute_dtype: str | None = None, compress_cache: str = ""
+) -> dict[str, Any]:
     """Everything apart from the prompts (checked record by record) that decides a job's records. The
     placement and ``--order`` are left out: they change how fast the records come, not what they hold; so
     are the sampling options of a greedy job, which only the repetition penalty affects. The compute dtype
     is recorded only when it differs from the weights' (so jobs that never had one still resume), the
-    tokenizer only when the store has one."""
+    cache compression only when there is one, the tokenizer only when the store has one. Weight
+    compression is in the weights' digest."""
     p = job.params
     fp: dict[str, Any] = {"model": store.config.name, "weights": weights_digest(store)}
     tokenizer = tokenizer_digest(store)
@@ -60,6 +63,8 @@ def job_fingerprint(store: TensorStore, job: JobOptions, compute_dtype: str | No
     }
     if compute_dtype and compute_dtype != store.config.dtype:
         fp["compute_dtype"] = compute_dtype
+    if compress_cache:
+        fp["compress_cache"] = compress_cache
     if not p.greedy:
         fp.update(top_p=p.top_p, top_k=p.top_k, seed=p.seed)
     fp.update(
@@ -76,6 +81,7 @@ def job_fingerprint(store: TensorStore, job: JobOptions, compute_dtype: str | No
 _OPTION = {
     "dtype": "--dtype",
     "compute_dtype": "--compute-dtype",
+    "compress_cache": "--compress-cache",
     "max_new_tokens": "--max-new-tokens",
     "temperature": "--temperature",
     "repetition_penalty": "--repetition-penalty",
@@ -107,8 +113,12 @@ def job_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[s
     computed = [f.get("compute_dtype", f.get("dtype")) for f in (recorded, current)]
     if computed[0] != computed[1] and recorded.get("dtype") == current.get("dtype"):
         diffs.append(f"--compute-dtype {computed[0]} there, {computed[1]} here")
+    cache = [f.get("compress_cache") or "off" for f in (recorded, current)]
+    if cache[0] != cache[1]:
+        diffs.append(f"--compress-cache {cache[0]} there, {cache[1]} here")
     for key, value in current.items():
-        if key in ("model", "weights", "tokenizer", "compute_dtype") or key not in recorded or recorded[key] == value:
+        skip = ("model", "weights", "tokenizer", "compute_dtype", "compress_cache")
+        if key in skip or key not in recorded or recorded[key] == value:
             continue
         diffs.append(f"{_OPTION.get(key, key)} {_show(recorded[key])} there, {_show(value)} here")
     if not diffs and _settings(recorded) != _settings(current):

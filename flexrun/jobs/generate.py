@@ -139,7 +139,7 @@ def run_generate(
         raise InputError(f"--stop needs a tokenizer and {store.config.name} has none")
     seqs = prepare(records, tokenizer, store, job)
     cfg = opts.model.run_config(store, compute_device())
-    fingerprint = job_fingerprint(store, job, cfg.run_dtype)
+    fingerprint = job_fingerprint(store, job, cfg.run_dtype, opts.placement.compress_cache)
 
     done: set[tuple[str, int]] = set()
     keep_bytes: int | None = 0 if job.overwrite else None
