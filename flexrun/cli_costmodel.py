@@ -79,7 +79,9 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
         flags += f" --compress-cache {pl.compress_cache}" if pl.compress_cache else ""
         lines[-1] += flags
     if pl.cpu_cache_compute:
-        lines.append("note:       a what-if: generate computes attention on the device (host-side attention is not built)")
+        lines.append(
+            "note:       a what-if: generate computes attention on the device (host-side attention is not built)"
+        )
     return "\n".join(lines)
 
 

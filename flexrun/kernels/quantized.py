@@ -1,9 +1,9 @@
 """Linear kernels for compressed weights (``flexrun.quant``), registered with the kernel sets.
 
 The reference dequantizes the whole weight and multiplies. The CPU set multiplies a weight taken a
-chunk of output rows at a time, dequantized into scratch (the path a weight read from disk every step
-takes, and any shape torch's fused ops refuse), and, for weights it prepared at load, runs torch's fused
-weight-only matmuls: ``_weight_int4pack_mm_for_cpu`` on its own packed int4 layout and
+chunk of output rows at a time, dequantized into scratch (the path an int4 weight read from disk every
+step takes, and any shape torch's fused ops refuse), and, for weights it prepared at load and per-row int8
+weights as read, runs torch's fused weight-only matmuls: ``_weight_int4pack_mm_for_cpu`` on its own packed int4 layout and
 ``_weight_int8pack_mm`` on per-row int8, both with bfloat16 activations (their float32 paths are scalar
 code). Each op's preconditions are checked when the weight is prepared; a weight that fails them stays
 canonical and takes the dequantizing path, never a slow or wrong one.
@@ -115,6 +115,15 @@ def cpu_int4_linear(x: torch.Tensor, w: CpuInt4Weight, b: torch.Tensor | None) -
     y = torch._weight_int4pack_mm_for_cpu(_bf16_rows(x, k), w.packed, w.canonical.group_size, w.scale_zero)
     y = y.to(x.dtype).view(*x.shape[:-1], n)  # (..., n)
     return y if b is None else y.add_(b)
+
+
+def cpu_canonical_int8_linear(x: torch.Tensor, w: Int8Weight, b: torch.Tensor | None) -> torch.Tensor:
+    """A canonical int8 weight (one read from disk this step): the fused op takes its codes as they are, so
+    only the scales are converted (N values), not the weight."""
+    n, k = w.shape
+    if w.group_size or k % 16:
+        return chunked_dequantized_linear(x, w, b)
+    return cpu_int8_linear(x, CpuInt8Weight(w.scale.view(n).to(torch.bfloat16), w), b)
 
 
 def cpu_int8_linear(x: torch.Tensor, w: CpuInt8Weight, b: torch.Tensor | None) -> torch.Tensor:
