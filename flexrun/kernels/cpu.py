@@ -41,14 +41,30 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     rows = max(1, UPCAST_CHUNK_BYTES // (k_in * x.element_size()))
     if w.dtype == x.dtype and (x.dtype != torch.float32 or n_out <= 2 * rows or x.numel() > _CHUNKED_ROWS * k_in):
         return F.linear(x, w, b)
+
+    def rows_of(r: int, n: int) -> torch.Tensor:
+        wc = w[r : r + n]  # (n, in)
+        return wc if wc.dtype == x.dtype else scratch("weight", n * k_in, x.dtype, x.device).view(n, k_in).copy_(wc)
+
+    return chunked_matmul(x, n_out, rows, rows_of, b)
+
+
+def chunked_matmul(
+    x: torch.Tensor,
+    n_out: int,
+    rows: int,
+    weight_rows: Callable[[int, int], torch.Tensor],
+    b: torch.Tensor | None,
+) -> torch.Tensor:
+    """x @ W.T + b with W supplied ``rows`` output rows at a time: ``weight_rows(r, n)`` gives rows [r, r + n)
+    in x's dtype (a view, or a chunk converted into scratch), each multiplied while it is in cache."""
+    k_in = x.shape[-1]
     x2 = x.reshape(-1, k_in)  # (m, in)
     m = x2.shape[0]
     out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)  # (m, out)
     for r in range(0, n_out, rows):
         n = min(rows, n_out - r)
-        wc = w[r : r + n]  # (n, in)
-        if wc.dtype != x.dtype:
-            wc = scratch("weight", n * k_in, x.dtype, x.device).view(n, k_in).copy_(wc)
+        wc = weight_rows(r, n)  # (n, in)
         part = scratch("out", m * n, x.dtype, x.device).view(m, n)  # (m, n)
         if b is None:
             torch.mm(x2, wc.t(), out=part)

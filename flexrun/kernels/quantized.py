@@ -33,20 +33,15 @@ def chunked_dequantized_linear(x: torch.Tensor, w: QuantWeight, b: torch.Tensor 
     rows = max(1, UPCAST_CHUNK_BYTES // (k_in * x.element_size()))
     if isinstance(w, Int4Weight):
         rows = max(w.group_size, rows - rows % 2)
-    x2 = x.reshape(-1, k_in)  # (m, in)
-    m = x2.shape[0]
-    out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)  # (m, out)
-    for r in range(0, n_out, rows):
-        n = min(rows, n_out - r)
-        wc = cpu.scratch("weight", n * k_in, x.dtype, x.device).view(n, k_in)
-        wc.copy_(w.dequantize(x.dtype, slice(r, r + n)))
-        part = cpu.scratch("out", m * n, x.dtype, x.device).view(m, n)  # (m, n)
-        if b is None:
-            torch.mm(x2, wc.t(), out=part)
-        else:
-            torch.addmm(b[r : r + n], x2, wc.t(), out=part)
-        out[:, r : r + n] = part
-    return out.view(*x.shape[:-1], n_out)
+
+    def rows_of(r: int, n: int) -> torch.Tensor:
+        return (
+            cpu.scratch("weight", n * k_in, x.dtype, x.device)
+            .view(n, k_in)
+            .copy_(w.dequantize(x.dtype, slice(r, r + n)))
+        )
+
+    return cpu.chunked_matmul(x, n_out, rows, rows_of, b)
 
 
 # Up to this many rows of x (decode: the block's sequences) torch's fused ops run; above it the canonical
