@@ -18,7 +18,6 @@ from flexrun.config import OptConfig, Shape
 
 # The global tensors the input group uses; every other global belongs to the output group.
 INPUT_GLOBALS = ("embed_tokens", "embed_ln_w", "embed_ln_b", "embed_positions", "embed_token_types", "project_in")
-KINDS = ("input", "layer", "output")
 # The layer slots the fused layer multiplies with (``linear``): the ones weight compression applies to.
 MATMUL_SLOTS = ("qkv_w", "out_w", "gate_w", "fc1_w", "fc2_w")
 

@@ -113,9 +113,6 @@ class Int4Weight:
         w = q * part.scale.float()[..., None] + part.low.float()[..., None]
         return w.view(n, k).to(dtype)
 
-    def to(self, device: torch.device) -> Int4Weight:
-        return Int4Weight(self.q.to(device), self.scale.to(device), self.low.to(device), self.group_size)
-
 
 @dataclass
 class Int8Weight:
@@ -136,14 +133,12 @@ class Int8Weight:
         g = self.group_size or k
         return (q.view(n, k // g, g) * scale[..., None]).view(n, k).to(dtype)
 
-    def to(self, device: torch.device) -> Int8Weight:
-        return Int8Weight(self.q.to(device), self.scale.to(device), self.group_size)
-
 
 QuantWeight = Int4Weight | Int8Weight
 
 
-def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Scales as stored: float16, never below its smallest normal number."""
     return scale.clamp(min=_MIN_SCALE).to(torch.float16)
 
 
@@ -155,11 +150,11 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantWeight:
     wg = w.detach().float().reshape(n, k // g, g)  # (N, groups, g)
     if spec.kind == "int4":
         low = wg.amin(-1).to(torch.float16)  # (N, groups)
-        scale = _fp16_scale((wg.amax(-1) - low.float()) / 15)
+        scale = fp16_scale((wg.amax(-1) - low.float()) / 15)
         q = ((wg - low.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8)
         q = q.view(n, k // 2, 2)
         return Int4Weight((q[..., 0] | (q[..., 1] << 4)).contiguous(), scale, low, g)
-    scale = _fp16_scale(wg.abs().amax(-1) / 127)
+    scale = fp16_scale(wg.abs().amax(-1) / 127)
     q8 = (wg / scale.float()[..., None]).round_().clamp_(-127, 127).to(torch.int8).view(n, k)
     return Int8Weight(q8, scale, spec.group_size)
 

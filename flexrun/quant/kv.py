@@ -12,9 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from flexrun.errors import ConfigError
-from flexrun.quant.formats import KINDS
-
-_MIN_SCALE = 2.0**-14
+from flexrun.quant.formats import KINDS, fp16_scale
 
 
 @dataclass(frozen=True)
@@ -63,14 +61,14 @@ class QuantKV:
         c = self.code_bytes
         if self.kind == "int4":
             low = x.amin(-1).to(torch.float16)  # (s, b, nkv)
-            scale = ((x.amax(-1) - low.float()) / 15).clamp(min=_MIN_SCALE).to(torch.float16)
+            scale = fp16_scale((x.amax(-1) - low.float()) / 15)
             q = ((x - low.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8)
             q = q.view(s, b, self.n_kv_head, c, 2)
             rows[..., :c] = q[..., 0] | (q[..., 1] << 4)
             rows[..., c : c + 2] = scale[..., None].view(torch.uint8)
             rows[..., c + 2 :] = low[..., None].view(torch.uint8)
             return
-        scale = (x.abs().amax(-1) / 127).clamp(min=_MIN_SCALE).to(torch.float16)
+        scale = fp16_scale(x.abs().amax(-1) / 127)
         q8 = (x / scale.float()[..., None]).round_().clamp_(-127, 127).to(torch.int8)
         rows[..., :c] = q8.view(torch.uint8)
         rows[..., c:] = scale[..., None].view(torch.uint8)
