@@ -2,21 +2,28 @@
 
 A policy is a pure mapping. It reads tensors by their Hugging Face names through ``get`` and returns them
 under the fused layer's slot names (see ``OptConfig.layer_shapes``), in the engine's layout: Linear weights
-[out, in], QKV as one [Q | K | V] tensor. It knows nothing of devices, tiers, quantization or parallelism.
+[out, in], QKV as one [Q | K | V] tensor. It knows nothing of devices, tiers or parallelism. A checkpoint
+that is already quantized (GGUF) can hand a policy compressed matrices (``QuantWeight``); a policy whose
+mapping only stacks and reorders rows takes them through ``layer_weights`` and keeps them compressed.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from flexrun.config import OptConfig
 from flexrun.errors import ConfigError
+from flexrun.quant import formats
+from flexrun.quant.formats import QuantWeight
 
 TensorGetter = Callable[[str], torch.Tensor]
+# A tensor, or a matrix still in a checkpoint's own compressed blocks.
+Weight = torch.Tensor | QuantWeight
+WeightGetter = Callable[[str], Weight]
 
 
 class Policy(ABC):
@@ -43,6 +50,11 @@ class Policy(ABC):
     def layer_tensors(self, config: OptConfig, get: TensorGetter, i: int) -> dict[str, torch.Tensor]:
         """Layer ``i``'s tensors by slot name, read with ``get(hf_name)``."""
 
+    def layer_weights(self, config: OptConfig, get: WeightGetter, i: int) -> dict[str, Weight]:
+        """``layer_tensors`` for a getter that may return compressed matrices. By default they are
+        dequantized to float32 first; a policy that only stacks rows overrides this to keep them."""
+        return dict(self.layer_tensors(config, lambda name: as_tensor(get(name)), i))
+
     @abstractmethod
     def global_names(self, config: OptConfig) -> dict[str, str]:
         """Hugging Face names of the tensors outside the layer stack (embeddings, projections, final norm,
@@ -55,6 +67,22 @@ class Policy(ABC):
 
 
 # ---- helpers the policies share (pure functions of config.json values and tensors) -------------------
+def as_tensor(w: Weight) -> torch.Tensor:
+    """``w`` as a float tensor (a compressed matrix dequantized to float32)."""
+    return w if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
+
+
+def cat_rows(parts: Sequence[Weight]) -> Weight:
+    """[out, in] matrices stacked along their rows (a fused [Q | K | V]): compressed when all of them are
+    compressed alike, else float (the compressed ones dequantized)."""
+    quant = [p for p in parts if not isinstance(p, torch.Tensor)]
+    if len(quant) == len(parts):
+        joined = formats.cat_rows(quant)
+        if joined is not None:
+            return joined
+    return torch.cat([as_tensor(p) for p in parts], dim=0)
+
+
 def token_ids(hf: dict[str, Any], default: int) -> dict[str, Any]:
     """pad/bos/eos ids from config.json; a missing pad falls back to eos (padding is always masked), the
     first of several eos ids is the one that stops generation."""

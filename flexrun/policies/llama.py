@@ -9,7 +9,17 @@ import torch
 
 from flexrun.config import OptConfig
 from flexrun.errors import ConfigError
-from flexrun.policies.base import Policy, TensorGetter, require, rope_settings, token_ids
+from flexrun.policies.base import (
+    Policy,
+    TensorGetter,
+    Weight,
+    WeightGetter,
+    as_tensor,
+    cat_rows,
+    require,
+    rope_settings,
+    token_ids,
+)
 
 
 class LlamaPolicy(Policy):
@@ -54,10 +64,13 @@ class LlamaPolicy(Policy):
         )
 
     def layer_tensors(self, config: OptConfig, get: TensorGetter, i: int) -> dict[str, torch.Tensor]:
+        return {slot: as_tensor(w) for slot, w in self.layer_weights(config, get, i).items()}
+
+    def layer_weights(self, config: OptConfig, get: WeightGetter, i: int) -> dict[str, Weight]:
         p = f"model.layers.{i}."
         out = {
             "ln1_w": get(p + "input_layernorm.weight"),
-            "qkv_w": torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"], dim=0),
+            "qkv_w": cat_rows([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
             "out_w": get(p + "self_attn.o_proj.weight"),
             "ln2_w": get(p + "post_attention_layernorm.weight"),
             "gate_w": get(p + "mlp.gate_proj.weight"),
@@ -65,7 +78,7 @@ class LlamaPolicy(Policy):
             "fc2_w": get(p + "mlp.down_proj.weight"),
         }
         if config.qkv_bias:
-            out["qkv_b"] = torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"], dim=0)
+            out["qkv_b"] = cat_rows([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
             out["out_b"] = get(p + "self_attn.o_proj.bias")
         if config.enable_bias:
             out["gate_b"] = get(p + "mlp.gate_proj.bias")

@@ -178,3 +178,34 @@ def decode(raw: torch.Tensor, spec: QuantSpec, shape: tuple[int, ...]) -> QuantW
     if spec.kind == "int4":
         return Int4Weight(parts["q"], parts["scale"], parts["low"], spec.group_size)
     return Int8Weight(parts["q"], parts["scale"], spec.group_size)
+
+
+def cat_rows(weights: list[QuantWeight]) -> QuantWeight | None:
+    """The [sum N, K] weight whose rows are those of ``weights`` in order (a fused QKV from Q, K and V),
+    still compressed; None when they do not share one encoding and group size."""
+    first = weights[0]
+    if any(type(w) is not type(first) or w.group_size != first.group_size for w in weights):
+        return None
+    if isinstance(first, Int4Weight):
+        int4 = [w for w in weights if isinstance(w, Int4Weight)]
+        return Int4Weight(
+            torch.cat([w.q for w in int4]),
+            torch.cat([w.scale for w in int4]),
+            torch.cat([w.low for w in int4]),
+            first.group_size,
+        )
+    int8 = [w for w in weights if isinstance(w, Int8Weight)]
+    return Int8Weight(torch.cat([w.q for w in int8]), torch.cat([w.scale for w in int8]), first.group_size)
+
+
+def take_rows(weight: QuantWeight, index: torch.Tensor) -> QuantWeight:
+    """``weight`` with its rows reordered (or selected) by ``index``; groups run along K, so each row's
+    codes and scales move together and nothing is re-quantized."""
+    if isinstance(weight, Int4Weight):
+        return Int4Weight(weight.q[index], weight.scale[index], weight.low[index], weight.group_size)
+    return Int8Weight(weight.q[index], weight.scale[index], weight.group_size)
+
+
+def spec_of(weight: QuantWeight) -> QuantSpec:
+    """The spec ``weight`` is encoded as."""
+    return QuantSpec("int4" if isinstance(weight, Int4Weight) else "int8", weight.group_size)

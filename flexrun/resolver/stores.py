@@ -14,6 +14,7 @@ from flexrun.quant.formats import QuantSpec
 from flexrun.resolver.configs import resolve
 from flexrun.resolver.packaged import local_source
 from flexrun.weights.convert import convert_checkpoint, write_dummy_store
+from flexrun.weights.gguf import is_gguf
 from flexrun.weights.hub import hub_download
 from flexrun.weights.store import TensorStore
 
@@ -85,7 +86,9 @@ def ensure_store(
         src = hub_download(model)
     cfg = resolve(str(src), **overrides)
     check_task(cfg, task, model)
-    out = root / _store_key(cfg, str(src.resolve()), compress)
+    # A GGUF file's own blocks are kept where they map onto ``compress`` (weights.gguf_blocks).
+    kept = "|gguf-blocks" if compress and is_gguf(src) else ""
+    out = root / _store_key(cfg, str(src.resolve()) + kept, compress)
     if not (out / "index.json").exists():
         log.info("converting %s to a tensor store at %s", src, out)
         convert_checkpoint(src, out, dtype=cfg.dtype, progress=progress, compress=compress)

@@ -18,40 +18,49 @@ from flexrun.config import OptConfig
 from flexrun.errors import CheckpointError
 from flexrun.layout import stack_layout
 from flexrun.policies import Policy, TensorGetter, config_from_hf, policy_for_hf_config, policy_for_layer, registered
-from flexrun.quant.formats import QuantSpec
+from flexrun.policies.base import Weight, WeightGetter, as_tensor
+from flexrun.quant.formats import QuantSpec, spec_of
 from flexrun.weights.checkpoint import open_checkpoint
 from flexrun.weights.store import StoreWriter, dtype_name
 
 log = logging.getLogger(__name__)
 
 
-def _checked(cfg: OptConfig, name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def _checked(cfg: OptConfig, name: str, tensor: Weight, shape: tuple[int, ...]) -> Weight:
     if tuple(tensor.shape) != shape:
         raise CheckpointError(f"{cfg.name}: {name} has shape {tuple(tensor.shape)}, expected {shape}")
     return tensor
 
 
-def _hf_tensors(get: TensorGetter, cfg: OptConfig, policy: Policy) -> Iterator[tuple[str, torch.Tensor]]:
-    """The store's tensors in store order, each read (``get(hf_name)``) only when it is written."""
+def _hf_tensors(
+    get: TensorGetter, cfg: OptConfig, policy: Policy, get_layer: WeightGetter | None = None
+) -> Iterator[tuple[str, Weight]]:
+    """The store's tensors in store order, each read (``get(hf_name)``) only when it is written; the
+    layers' tensors through ``get_layer`` when given (one that may return compressed matrices)."""
 
-    def lookup(name: str) -> torch.Tensor:
-        try:
-            return get(name)
-        except CheckpointError:
-            if name not in policy.aliases:
-                raise
-            return get(policy.aliases[name])
+    def aliased(read: WeightGetter) -> WeightGetter:
+        def lookup(name: str) -> Weight:
+            try:
+                return read(name)
+            except CheckpointError:
+                if name not in policy.aliases:
+                    raise
+                return read(policy.aliases[name])
+
+        return lookup
+
+    lookup, layer_lookup = aliased(get), aliased(get_layer or get)
 
     layer_shapes, global_shapes = cfg.layer_shapes(), cfg.global_shapes()
     hf_names = policy.global_names(cfg)
-    slots: dict[str, torch.Tensor] = {}
+    slots: dict[str, Weight] = {}
     for name in stack_layout(cfg).store_order:
         if not name.startswith("layers."):
             yield name, _checked(cfg, name, lookup(hf_names[name]), global_shapes[name])
             continue
         _, i, slot = name.split(".")
         if not slots:
-            slots = policy.layer_tensors(cfg, lookup, int(i))
+            slots = policy.layer_weights(cfg, layer_lookup, int(i))
         yield name, _checked(cfg, name, slots.pop(slot), layer_shapes[slot])
 
 
@@ -67,6 +76,15 @@ def compress_plan(cfg: OptConfig, compress: QuantSpec | None) -> dict[str, Quant
     return dict.fromkeys(names, compress)
 
 
+def _write(writer: StoreWriter, name: str, weight: Weight, spec: QuantSpec | None) -> None:
+    """Write ``weight`` as ``spec`` says: a matrix already compressed as ``spec`` as it is, anything else
+    from its float value."""
+    if isinstance(weight, torch.Tensor) or spec is None or spec_of(weight) != spec:
+        writer.add(name, as_tensor(weight), spec)
+    else:
+        writer.add_compressed(name, weight)
+
+
 def _model_name(src: Path) -> str:
     """A checkpoint's name: its directory's name, or a GGUF file's name without the suffix."""
     return src.stem if src.is_file() else src.name
@@ -80,7 +98,9 @@ def convert_checkpoint(
     compress: QuantSpec | None = None,
 ) -> Path:
     """Convert the Hugging Face checkpoint directory (or GGUF file) ``src`` into a tensor store at ``out``,
-    its layers' matmul weights compressed as ``compress`` says (from their values in the store's dtype)."""
+    its layers' matmul weights compressed as ``compress`` says: from their values in the store's dtype, or,
+    for a GGUF matrix whose blocks are already that compression (Q4_0/Q4_1/Q4_K as int4 g32, Q8_0 as int8
+    g32), its own codes and scales."""
     src = Path(src)
     ckpt = open_checkpoint(src)
     hf = ckpt.hf_config()
@@ -89,17 +109,23 @@ def convert_checkpoint(
         cfg = dataclasses.replace(cfg, dtype=dtype)
     cfg = policy_for_hf_config(hf).fit_checkpoint(cfg, ckpt.has)
     packed = compress_plan(cfg, compress)
+    get_packed = getattr(ckpt, "get_packed", None)
+
+    def get_layer(name: str) -> Weight:
+        kept = get_packed(name, compress) if get_packed and compress else None
+        return ckpt.get(name) if kept is None else kept
+
     writer = StoreWriter(out, cfg, extra={"source": str(src.resolve())})
     try:
         names = stack_layout(cfg).store_order
         for name, tensor in tqdm(
-            _hf_tensors(ckpt.get, cfg, policy_for_hf_config(hf)),
+            _hf_tensors(ckpt.get, cfg, policy_for_hf_config(hf), get_layer),
             total=len(names),
             desc=f"convert {cfg.name}",
             unit="tensor",
             disable=not progress,
         ):
-            writer.add(name, tensor, packed.get(name))
+            _write(writer, name, tensor, packed.get(name))
         ckpt.save_tokenizer(writer.tmp / "tokenizer")
         return writer.finish()
     except BaseException:
@@ -136,7 +162,7 @@ def convert_model(model: torch.nn.Module, out: str | Path, dtype: str | None = N
         names = stack_layout(cfg).store_order
         desc = f"convert {cfg.name}"
         for key, tensor in tqdm(_hf_tensors(get, cfg, policy), total=len(names), desc=desc, disable=not progress):
-            writer.add(key, tensor)
+            writer.add(key, as_tensor(tensor))
         return writer.finish()
     except BaseException:
         writer.abort()

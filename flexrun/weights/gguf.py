@@ -3,7 +3,9 @@
 transformers reads a GGUF file's metadata into a Hugging Face config and tokenizer, and knows how each
 GGUF tensor name maps to a Hugging Face one (and how llama.cpp permuted LLaMA's Q and K rows). flexrun
 uses those pieces to read the file one tensor at a time: each tensor is dequantized to float32 only when
-the converter asks for it, so converting needs memory for one tensor, not for the whole model.
+the converter asks for it, so converting needs memory for one tensor, not for the whole model. A matrix
+whose blocks map exactly onto a flexrun compressed format (``gguf_blocks``) can instead be read as that
+format, never passing through float32.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from flexrun.errors import CheckpointError
 from flexrun.paths import cache_dir
+from flexrun.quant.formats import QuantSpec, QuantWeight, take_rows
+from flexrun.weights import gguf_blocks
 
 log = logging.getLogger(__name__)
 
@@ -29,42 +35,76 @@ def is_gguf(path: str | Path) -> bool:
     return p.is_file() and p.suffix.lower() == ".gguf"
 
 
-def _config_cache(path: Path) -> Path:
+def _cache_file(path: Path, what: str) -> Path:
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "gguf-configs" / f"{path.stem}-{key}.json"
+    return cache_dir() / "gguf-configs" / f"{path.stem}-{key}{what}.json"
+
+
+def _cached(path: Path, what: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` for the GGUF file ``path``, cached as JSON per file: parsing a GGUF file's metadata
+    means reading its whole vocabulary (seconds)."""
+    cached = _cache_file(path, what)
+    if cached.exists():
+        return json.loads(cached.read_text())
+    value = compute()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(value))
+    except OSError as exc:  # a read-only cache only costs time
+        log.warning("cannot cache GGUF metadata at %s: %s", cached, exc.strerror)
+    return value
 
 
 def gguf_hf_config(path: str | Path) -> dict[str, Any]:
-    """The Hugging Face config.json dict transformers derives from a GGUF file's metadata.
+    """The Hugging Face config.json dict transformers derives from a GGUF file's metadata (cached per file).
+    The weights are dequantized to float32, which becomes the checkpoint's dtype."""
 
-    Parsing the metadata means reading the whole vocabulary (seconds), so the result is cached per file.
-    The weights are dequantized to float32, which becomes the checkpoint's dtype.
-    """
-    path = Path(path)
-    cached = _config_cache(path)
-    if cached.exists():
-        return json.loads(cached.read_text())
-    try:
-        from transformers import AutoConfig
+    def compute() -> dict[str, Any]:
+        try:
+            from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    except ImportError:
-        raise CheckpointError(_NEEDS) from None
-    except Exception as exc:  # a truncated or foreign file fails inside the parser in many ways
-        raise CheckpointError(
-            f"{path}: not a GGUF model transformers can read ({exc.__class__.__name__}: {exc})"
-        ) from None
-    hf = config.to_dict()
-    hf["architectures"] = hf.get("architectures") or []
-    hf["torch_dtype"] = "float32"
-    hf.pop("dtype", None)
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(hf))
-    except OSError as exc:  # a read-only cache only costs time
-        log.warning("cannot cache the GGUF config at %s: %s", cached, exc.strerror)
-    return hf
+            config = AutoConfig.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
+        except ImportError:
+            raise CheckpointError(_NEEDS) from None
+        except Exception as exc:  # a truncated or foreign file fails inside the parser in many ways
+            raise CheckpointError(
+                f"{path}: not a GGUF model transformers can read ({exc.__class__.__name__}: {exc})"
+            ) from None
+        hf = config.to_dict()
+        hf["architectures"] = hf.get("architectures") or []
+        hf["torch_dtype"] = "float32"
+        hf.pop("dtype", None)
+        return hf
+
+    result: dict[str, Any] = _cached(Path(path), "", compute)
+    return result
+
+
+def native_compression(path: str | Path) -> QuantSpec | None:
+    """The compression most of a GGUF file's layer matrices are already in, when it maps exactly onto a
+    flexrun format (Q4_0/Q4_1/Q4_K: int4 g32, Q8_0: int8 g32); None for float files and other types
+    (cached per file)."""
+
+    def compute() -> list[Any]:
+        try:
+            from gguf import GGUFReader
+        except ImportError:
+            raise CheckpointError(_NEEDS) from None
+        try:
+            tensors = GGUFReader(str(path)).tensors
+        except Exception as exc:  # a truncated or foreign file fails inside the parser in many ways
+            raise CheckpointError(f"{path}: not a GGUF file ({exc.__class__.__name__}: {exc})") from None
+        counts: dict[QuantSpec | None, int] = {}
+        for t in tensors:
+            if t.name.startswith("blk.") and len(t.shape) == 2:
+                spec = gguf_blocks.SPECS.get(t.tensor_type.name)
+                counts[spec] = counts.get(spec, 0) + int(t.n_elements)
+        top = max(counts, key=lambda s: counts[s]) if counts else None
+        return [top.kind, top.group_size] if top else []
+
+    found = _cached(Path(path), "-native", compute)
+    return QuantSpec(found[0], found[1]) if found else None
 
 
 class GgufCheckpoint:
@@ -104,6 +144,32 @@ class GgufCheckpoint:
         weights = dequantize(t.data, t.tensor_type)
         result = self._processor.process(weights=weights, name=t.name, tensor_key_mapping={}, parsed_parameters={})
         return torch.from_numpy(result.weights.copy()).float()
+
+    def get_packed(self, name: str, spec: QuantSpec) -> QuantWeight | None:
+        """Matrix ``name`` read from its GGUF blocks as compressed in ``spec``, or None when its blocks do
+        not map exactly onto ``spec`` (another GGML type, a float tensor) or when transformers' processing
+        of the tensor is more than a reordering of its rows (LLaMA's Q and K rows are un-permuted)."""
+        t = self._tensors.get(self._where.get(name, ""))
+        if t is None or gguf_blocks.SPECS.get(t.tensor_type.name) != spec or len(t.shape) != 2:
+            return None
+        k, n = (int(d) for d in t.shape)  # GGUF lists dimensions innermost first
+        order = self._row_order(t.name, n)
+        packed = gguf_blocks.to_quant(t.data, t.tensor_type.name, (n, k)) if order is not None else None
+        if packed is None or order is None or torch.equal(order, torch.arange(n)):
+            return packed
+        return take_rows(packed, order)
+
+    def _row_order(self, gguf_name: str, rows: int) -> torch.Tensor | None:
+        """Where transformers' processing of tensor ``gguf_name`` takes each of its rows from (an index
+        per row), or None when it does more than reorder them."""
+        ids = np.arange(rows, dtype=np.float64).reshape(rows, 1)
+        out = self._processor.process(weights=ids, name=gguf_name, tensor_key_mapping={}, parsed_parameters={}).weights
+        if out is None or getattr(out, "shape", None) != (rows, 1):
+            return None
+        order = np.asarray(out).reshape(rows)
+        if not np.array_equal(np.sort(order), ids.reshape(rows)):
+            return None
+        return torch.from_numpy(order.astype(np.int64))
 
     def has(self, name: str) -> bool:
         return name in self._where

@@ -27,7 +27,7 @@ import torch
 from flexrun import diskio
 from flexrun.config import OptConfig
 from flexrun.errors import CheckpointError
-from flexrun.quant.formats import QuantSpec, QuantWeight, decode, encode, quantize
+from flexrun.quant.formats import QuantSpec, QuantWeight, decode, encode, quantize, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +115,23 @@ class StoreWriter:
         """Cast ``tensor`` to the store's dtype (or, with ``compress``, compress it from the value in the
         store's dtype) and write it (fsync'd) as ``name``."""
         value = tensor.to(self.dtype)
-        data = encode(quantize(value, compress), compress) if compress else _as_bytes(value)
+        if compress:
+            self.add_compressed(name, quantize(value, compress))
+        else:
+            self._write(name, _as_bytes(value), tuple(tensor.shape), None)
+
+    def add_compressed(self, name: str, weight: QuantWeight) -> None:
+        """Write an already compressed matrix (fsync'd) as ``name``."""
+        spec = spec_of(weight)
+        self._write(name, encode(weight, spec), weight.shape, spec)
+
+    def _write(self, name: str, data: torch.Tensor, shape: tuple[int, ...], compress: QuantSpec | None) -> None:
         file = f"{name}.bin"
         try:
             diskio.write_padded(self.tmp / file, memoryview(data.numpy()))  # type: ignore[arg-type]
         except OSError as exc:
             raise CheckpointError(f"cannot write {self.tmp / file}: {exc.strerror}") from None
-        meta = TensorMeta(name, file, self.config.dtype, tuple(tensor.shape), data.numel(), _crc(data))
+        meta = TensorMeta(name, file, self.config.dtype, shape, data.numel(), _crc(data))
         if compress:
             meta = dataclasses.replace(meta, encoding=compress.kind, group_size=compress.group_size)
         self.tensors[name] = meta
