@@ -120,7 +120,7 @@ def test_smollm2_converts_from_its_own_4_bit_codes(tmp_path: Path) -> None:
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 1159, 7465]]
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     expected_tokens, _ = hf_greedy(model, prompts, 6)
-    # Weights on disk are read canonical and dequantized into float32 scratch: HF's values exactly.
+    # Weights on disk are repacked as read for torch's fused int4 op (bfloat16 activations): HF's tokens.
     with Engine(store, place("disk=100", b=1, n=2, compress_weight="int4"), max_seq_len=32, offload_dir=tmp_path / "off") as engine:
         got_tokens, stats, _ = engine.generate(prompts, SamplingParams(max_new_tokens=6, stop_at_eos=False))
     assert got_tokens == expected_tokens

@@ -178,24 +178,38 @@ def test_store_records_the_encoding_and_old_stores_still_load(compressed) -> Non
 
 @pytest.mark.parametrize("cache, b, n", [("host=100", 2, 2), ("disk=100", 4, 1), ("host=50,disk=50", 1, 3)])
 def test_disk_streamed_compressed_weights_match_hf(compressed, cache: str, b: int, n: int, tmp_path) -> None:
-    """Weights read from disk every step: int4 ones are dequantized in float32 (HF's greedy tokens, close
-    logits); per-row int8 ones go to the fused op as read (bfloat16 activations: close logits)."""
+    """Weights read from disk every step go to the fused ops as read (int4 repacked by a byte shuffle,
+    per-row int8 as it is): bfloat16 activations, close logits."""
+    spec, store, model, _ = compressed
+    _, hf_logits = hf_greedy(model, PROMPTS, NEW)
+    placement = place("disk=100", cache, b=b, n=n, compress_weight=spec.kind)
+    with Engine(store, placement, 16, offload_dir=tmp_path) as engine:
+        _, stats, logits = engine.generate(
+            PROMPTS, SamplingParams(max_new_tokens=NEW, stop_at_eos=False), return_logits=True
+        )
+    assert stats.disk_bytes_read > 0
+    ours = logits_by_prompt(logits, PROMPTS, placement.block_size, NEW)
+    for k, want in enumerate(hf_logits):
+        # As for host-resident weights below: bfloat16 activations, ~0.1 on logits of +-10.
+        torch.testing.assert_close(ours[k][0], want[0], rtol=2e-2, atol=0.15)
+
+
+def test_the_dequantizing_path_matches_hf_exactly_in_float32(compressed, tmp_path: Path, monkeypatch) -> None:
+    """The reference kernels dequantize each weight into float32: HF's greedy tokens and logits to ~1e-6."""
+    from flexrun import kernels
+    from flexrun.runtime import stack
+
+    monkeypatch.setattr(stack, "select_kernels", lambda device: kernels.REFERENCE)
     spec, store, model, _ = compressed
     hf_tokens, hf_logits = hf_greedy(model, PROMPTS, NEW)
-    placement = place("disk=100", cache, b=b, n=n, compress_weight=spec.kind)
+    placement = place("disk=100", b=2, n=2, compress_weight=spec.kind)
     with Engine(store, placement, 16, offload_dir=tmp_path) as engine:
         tokens, _, logits = engine.generate(
             PROMPTS, SamplingParams(max_new_tokens=NEW, stop_at_eos=False), return_logits=True
         )
-    ours = logits_by_prompt(logits, PROMPTS, placement.block_size, NEW)
-    if spec.kind == "int8":
-        for k, want in enumerate(hf_logits):
-            # As for host-resident weights below: bfloat16 activations, ~0.1 on logits of +-10.
-            torch.testing.assert_close(ours[k][0], want[0], rtol=2e-2, atol=0.15)
-        return
     assert tokens == hf_tokens
+    ours = logits_by_prompt(logits, PROMPTS, placement.block_size, NEW)
     for k, want in enumerate(hf_logits):
-        # float32 on both sides, the same values summed in another order: ~1e-6.
         torch.testing.assert_close(ours[k], want, rtol=1e-4, atol=1e-4)
 
 

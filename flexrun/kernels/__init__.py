@@ -78,7 +78,7 @@ CPU = KernelSet(
     activations=cpu.ACTIVATIONS,
     cached_attention=cpu.cached_attention,
     linears={
-        Int4Weight: quantized.chunked_dequantized_linear,
+        Int4Weight: quantized.cpu_canonical_int4_linear,
         Int8Weight: quantized.cpu_canonical_int8_linear,
         quantized.CpuInt4Weight: quantized.cpu_int4_linear,
         quantized.CpuInt8Weight: quantized.cpu_int8_linear,

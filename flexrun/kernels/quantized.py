@@ -1,16 +1,17 @@
 """Linear kernels for compressed weights (``flexrun.quant``), registered with the kernel sets.
 
-The reference dequantizes the whole weight and multiplies. The CPU set multiplies a weight taken a
-chunk of output rows at a time, dequantized into scratch (the path an int4 weight read from disk every
-step takes, and any shape torch's fused ops refuse), and, for weights it prepared at load and per-row int8
-weights as read, runs torch's fused weight-only matmuls: ``_weight_int4pack_mm_for_cpu`` on its own packed int4 layout and
-``_weight_int8pack_mm`` on per-row int8, both with bfloat16 activations (their float32 paths are scalar
-code). Each op's preconditions are checked when the weight is prepared; a weight that fails them stays
-canonical and takes the dequantizing path, never a slow or wrong one.
+The reference dequantizes the whole weight and multiplies. The CPU set runs torch's fused weight-only
+matmuls with bfloat16 activations (their float32 paths are scalar code): ``_weight_int4pack_mm_for_cpu`` on
+its own packed int4 layout (derived at load for a resident weight; for one read from disk every step,
+derived from the canonical bytes by a byte shuffle, several times cheaper than dequantizing) and
+``_weight_int8pack_mm`` on per-row int8 as it is. Rows past ``FUSED_MAX_ROWS`` (prefill), shapes the fused
+ops refuse and grouped int8 take the dequantizing path: a chunk of output rows at a time dequantized into
+scratch, never a slow or wrong fused call.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +36,8 @@ def chunked_dequantized_linear(x: torch.Tensor, w: QuantWeight, b: torch.Tensor 
         rows = max(w.group_size, rows - rows % 2)
 
     def rows_of(r: int, n: int) -> torch.Tensor:
-        return (
-            cpu.scratch("weight", n * k_in, x.dtype, x.device)
-            .view(n, k_in)
-            .copy_(w.dequantize(x.dtype, slice(r, r + n)))
-        )
+        out = cpu.scratch("weight", n * k_in, x.dtype, x.device).view(n, k_in)
+        return w.dequantize(x.dtype, slice(r, r + n), out=out)
 
     return cpu.chunked_matmul(x, n_out, rows, rows_of, b)
 
@@ -82,19 +80,65 @@ def prepared_extra_bytes(encoding: str, shape: tuple[int, ...]) -> int:
     return shape[0] * shape[1] // 2 if encoding == "int4" else 0
 
 
+# torch's CPU int4 layout packs, per block of ``_BLOCK`` output rows and for each input column, row d of
+# the block's first half in the low nibble and row d of its second half in the high one (its AVX2 kernels);
+# other builds (AVX-512: blocks of 64 in another order) are detected and repacked by torch itself.
+_BLOCK = 32
+
+
+@functools.cache
+def _fast_repack_matches() -> bool:
+    """Whether ``_repack_int4`` gives exactly the layout this torch build's own converter does (checked
+    once on a probe: the layout depends on the instruction set torch dispatches to)."""
+    codes = torch.randint(0, 16, (2 * _BLOCK, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    probe = Int4Weight((codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), torch.ones(64, 2), torch.ones(64, 2), 32)
+    ours = _repack_int4(probe)
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    return ours.shape == theirs.shape and torch.equal(ours.view(theirs.shape), theirs)
+
+
+def _repack_int4(w: Int4Weight) -> torch.Tensor:
+    """The canonical codes in the blocked AVX2 layout, from the packed bytes (uint8 shuffles only)."""
+    n, k = w.shape
+    codes = torch.stack([w.q & 0x0F, w.q >> 4], dim=-1).view(n // _BLOCK, 2, _BLOCK // 2, k)
+    return (codes[:, 0] | (codes[:, 1] << 4)).transpose(1, 2).contiguous().view(n, k // 2)
+
+
+def _int4_pack(w: Int4Weight) -> CpuInt4Weight | None:
+    """``w`` in torch's CPU int4 layout, or None when the op does not take its shape."""
+    n, k = w.shape
+    if n % 16 or k % 16:
+        return None
+    if n % _BLOCK == 0 and _fast_repack_matches():
+        packed = _repack_int4(w)
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.codes().to(torch.int32), 1)
+    scale = w.scale.float()  # (N, K/g)
+    zero = w.low.float() + 8 * scale  # the op computes (q - 8) * scale + zero
+    scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # (K/g, N, 2)
+    return CpuInt4Weight(packed, scale_zero, w)
+
+
 def prepare_for_cpu(w: QuantWeight) -> QuantWeight | CpuInt4Weight | CpuInt8Weight:
     """``w`` in the layout of torch's fused CPU op for it, when the op takes its shape; else ``w`` itself."""
     n, k = w.shape
-    if isinstance(w, Int4Weight) and n % 16 == 0 and k % 16 == 0:
-        codes = w.codes().to(torch.int32)  # (N, K)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        scale = w.scale.float()  # (N, K/g)
-        zero = w.low.float() + 8 * scale  # the op computes (q - 8) * scale + zero
-        scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # (K/g, N, 2)
-        return CpuInt4Weight(packed, scale_zero, w)
+    if isinstance(w, Int4Weight):
+        return _int4_pack(w) or w
     if isinstance(w, Int8Weight) and w.group_size == 0 and k % 16 == 0:
         return CpuInt8Weight(w.scale.view(n).to(torch.bfloat16), w)
     return w
+
+
+def cpu_canonical_int4_linear(x: torch.Tensor, w: Int4Weight, b: torch.Tensor | None) -> torch.Tensor:
+    """A canonical int4 weight (one read from disk this step): for decode-sized ``x`` it is repacked (a
+    byte shuffle, several times cheaper than dequantizing it) for the fused op; otherwise, or where this
+    torch's layout is not the one ``_repack_int4`` writes, dequantized chunk by chunk."""
+    n, k = w.shape
+    if x.numel() <= FUSED_MAX_ROWS * k and n % _BLOCK == 0 and k % 16 == 0 and _fast_repack_matches():
+        packed = _int4_pack(w)
+        if packed is not None:
+            return cpu_int4_linear(x, packed, b)
+    return chunked_dequantized_linear(x, w, b)
 
 
 def _bf16_rows(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -104,14 +104,22 @@ class Int4Weight:
         n, k = self.shape
         return torch.stack([self.q & 0x0F, self.q >> 4], dim=-1).view(n, k)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
-        """The weight (or ``rows`` of it) in ``dtype``: q * scale + low, computed in float32."""
+    def dequantize(
+        self, dtype: torch.dtype = torch.float32, rows: slice | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The weight (or ``rows`` of it) in ``dtype`` (or written into ``out``, (rows, K)): q * scale + low,
+        computed in float32 (the product is exact: 4-bit codes times float16 scales)."""
         rows = rows or slice(None)
-        part = Int4Weight(self.q[rows], self.scale[rows], self.low[rows], self.group_size)
-        n, k = part.shape
-        q = part.codes().view(n, k // self.group_size, self.group_size).float()
-        w = q * part.scale.float()[..., None] + part.low.float()[..., None]
-        return w.view(n, k).to(dtype)
+        q = self.q[rows]
+        n, k = q.shape[0], q.shape[1] * 2
+        groups = k // self.group_size
+        codes = torch.stack([q & 0x0F, q >> 4], dim=-1).view(n, groups, self.group_size)  # uint8
+        if out is None:
+            out = torch.empty(n, k, dtype=dtype, device=q.device)
+        # One fused pass from the uint8 codes (a broadcast multiply then add is several times slower).
+        scale, low = self.scale[rows].float()[..., None], self.low[rows].float()[..., None]
+        torch.addcmul(low, codes, scale, out=out.view(n, groups, self.group_size))
+        return out
 
 
 @dataclass
@@ -126,12 +134,18 @@ class Int8Weight:
     def shape(self) -> tuple[int, int]:
         return self.q.shape[0], self.q.shape[1]
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
+    def dequantize(
+        self, dtype: torch.dtype = torch.float32, rows: slice | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The weight (or ``rows`` of it) in ``dtype`` (or written into ``out``, (rows, K)): q * scale."""
         rows = rows or slice(None)
-        q, scale = self.q[rows].float(), self.scale[rows].float()
+        q = self.q[rows]
         n, k = q.shape
         g = self.group_size or k
-        return (q.view(n, k // g, g) * scale[..., None]).view(n, k).to(dtype)
+        if out is None:
+            out = torch.empty(n, k, dtype=dtype, device=q.device)
+        torch.mul(q.view(n, k // g, g), self.scale[rows].float()[..., None], out=out.view(n, k // g, g))
+        return out
 
 
 QuantWeight = Int4Weight | Int8Weight
