@@ -23,6 +23,21 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 # dtype) at a time inside each matmul (``kernels.cpu.linear``): small enough to stay in the CPU's cache
 # between the conversion and the matmul, big enough for an efficient matmul. Counted in working memory.
 UPCAST_CHUNK_BYTES = 4 << 20
+# Upper bounds on a config's sizes, each far beyond any real model (the largest have ~128 layers, hidden
+# sizes ~2^14, vocabularies ~2^18): a config.json past them is damaged, and is refused before anything is
+# sized from it (a 10^12-token vocabulary, 10^9 layers) rather than left to exhaust memory or disk.
+MAX_SIZES = {
+    "num_hidden_layers": 1 << 16,
+    "hidden_size": 1 << 20,
+    "n_head": 1 << 16,
+    "ffn_embed_dim": 1 << 22,
+    "vocab_size": 1 << 26,
+    "max_seq_len": 1 << 30,
+    "word_embed_proj_dim": 1 << 20,
+    "n_kv_head": 1 << 16,
+    "type_vocab_size": 1 << 16,
+}
+MAX_MODEL_BYTES = 1 << 50  # 1 PiB of weights
 
 Shape = tuple[int, ...]
 
@@ -45,6 +60,9 @@ class OptConfig:
     pad_token_id: int = 1
     bos_token_id: int = 2
     eos_token_id: int = 2
+    # Every id that ends a sequence when config.json lists several (Llama 3.1: end_of_text, eom, eot), the
+    # first of them being eos_token_id; empty means eos_token_id alone.
+    eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float16"
     # The dtype activations are computed in when it differs from the stored weights' dtype ("" = the same):
     # a CPU without bf16/fp16 matmul hardware computes a 16-bit model in float32 (``precision.py``).
@@ -115,8 +133,34 @@ class OptConfig:
             "max_seq_len",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in (
+            "word_embed_proj_dim",
+            "n_kv_head",
+            "rotary_dim",
+            "window_size",
+            "position_offset",
+            "type_vocab_size",
+        ):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        for name, top in MAX_SIZES.items():
+            if getattr(self, name) > top:
+                raise ConfigError(
+                    f"{name} {getattr(self, name)} is past any real model's (at most {top}); is config.json damaged?"
+                )
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if not _is_int(getattr(self, name)):  # any integer: an id outside the vocabulary is never produced
+                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))  # a list after a JSON round trip
+        if not all(_is_int(t) for t in self.eos_token_ids):
+            raise ConfigError(f"eos_token_ids must be integers, got {list(self.eos_token_ids)!r}")
+        for name in ("layer_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite non-negative number, got {value!r}")
         if self.dtype not in DTYPE_BYTES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.compute_dtype and self.compute_dtype not in DTYPE_BYTES:
@@ -152,6 +196,14 @@ class OptConfig:
             raise ConfigError("local attention layers need a positive window_size")
         if self.shared_norm and not self.parallel_attn:
             raise ConfigError("shared_norm (one layer norm for attention and MLP) needs parallel_attn")
+        if self.position == "rotary" and self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        if self.model_bytes() > MAX_MODEL_BYTES:
+            raise ConfigError(
+                f"the config describes {self.model_bytes() / 2**50:.0f} PiB of weights (hidden_size "
+                f"{self.hidden_size}, {self.num_hidden_layers} layers, ffn_embed_dim {self.ffn_embed_dim}, "
+                f"vocab_size {self.vocab_size}); is config.json damaged?"
+            )
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -162,6 +214,19 @@ class OptConfig:
     def kv_dim(self) -> int:
         """Width of K (and of V) per token: key/value heads x head dim."""
         return self.n_kv_head * self.head_dim
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        """The ids that end a sequence: eos_token_id and any others config.json lists."""
+        return frozenset((self.eos_token_id, *self.eos_token_ids))
+
+    @property
+    def fill_token_id(self) -> int:
+        """The id padding feeds the embedding: the pad id when the vocabulary holds it, else 0.
+
+        Padding is never attended to, so any id the table holds gives the same results; config.json's special
+        ids may lie outside a small vocabulary (GPT-J's default 50256 in a fine-tune with fewer tokens)."""
+        return self.pad_token_id if 0 <= self.pad_token_id < self.vocab_size else 0
 
     @property
     def dtype_bytes(self) -> int:
@@ -287,7 +352,12 @@ class OptConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for key in ("extra", "compute_dtype"):  # left out when unset, so stored indexes read as before
+        for key in ("extra", "compute_dtype", "eos_token_ids"):  # left out when unset: stored indexes read as before
             if not d[key]:
                 d.pop(key)
         return d
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (JSON's true is no size)."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -52,11 +52,13 @@ class Encoder(StackRunner):
         self._kv = torch.empty(2, self._kv_elems, dtype=self.dtype, device=self.device)
 
     # ---- compute of the non-layer groups ---------------------------------------------------------
-    def _embed(self, w: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    def _embed(self, w: dict[str, torch.Tensor], ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """ids, valid: (b, s) right-padded; padding holds ``fill_token_id``, which may differ from the pad id."""
         cfg = self.cfg
         b, s = ids.shape
         if cfg.positions_skip_pad:
-            real = (ids != cfg.pad_token_id).long()
+            # As HF: a real token equal to the pad id takes the padding position too.
+            real = ((ids != cfg.pad_token_id) & valid).long()
             positions = real.cumsum(1) * real - 1  # (b, s); pads read the row just before position 0
         else:
             positions = torch.arange(s, device=ids.device).expand(b, s)
@@ -91,7 +93,7 @@ class Encoder(StackRunner):
         for group, w in self.walk():
             if group.kind == "input":
                 for j, mb in enumerate(sizes):
-                    self.acts.put(0, j, self._embed(w, mb.to(self.device)))
+                    self.acts.put(0, j, self._embed(w, mb.to(self.device), valids[j]))
                 continue
             if group.kind == "output":
                 out = [self._pool(w, self.acts.take(j), valids[j], pooling).cpu() for j in range(len(sizes))]
@@ -149,7 +151,7 @@ class Encoder(StackRunner):
         for start in range(0, len(order), bs):
             members = order[start : start + bs]
             s = max(len(seqs[n]) for n in members)
-            ids = torch.full((len(members), s), self.cfg.pad_token_id, dtype=torch.long)
+            ids = torch.full((len(members), s), self.cfg.fill_token_id, dtype=torch.long)
             valid = torch.zeros((len(members), s), dtype=torch.bool)
             for r, n in enumerate(members):
                 ids[r, : len(seqs[n])] = torch.tensor(seqs[n])

@@ -260,7 +260,9 @@ class Engine(StackRunner):
         n, s = len(prompts), max(len(p) for p in prompts)
         gbs = self.placement.gpu_batch_size
         sizes = [min(gbs, n - o) for o in range(0, n, gbs)]
-        pad = self.cfg.pad_token_id
+        # Padding and a finished sequence's next input feed an id the embedding holds (never attended to).
+        pad = self.cfg.fill_token_id
+        stop_ids = self.cfg.stop_token_ids
         ids = torch.full((n, s), pad, dtype=torch.long)
         valid = torch.zeros((n, s), dtype=torch.bool)
         for r, p in enumerate(prompts):
@@ -287,7 +289,7 @@ class Engine(StackRunner):
             for r in range(n):
                 if not finished[r]:
                     out[r].append(int(nxt[r]))
-                    if (params.stop_at_eos and int(nxt[r]) == self.cfg.eos_token_id) or (
+                    if (params.stop_at_eos and int(nxt[r]) in stop_ids) or (
                         stop_check is not None and stop_check(members[r], out[r])
                     ):
                         finished[r] = True
