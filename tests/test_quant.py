@@ -117,6 +117,19 @@ def test_shapes_the_fused_ops_refuse_stay_canonical_and_compute_right() -> None:
     )
 
 
+@pytest.mark.parametrize("group", [32, 64, 256])
+def test_an_int4_weight_read_from_disk_is_repacked_into_torchs_own_layout(group: int) -> None:
+    w = quantize(_weight(96, 512), QuantSpec.of("int4", group))  # three blocks of 32 output rows
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.codes().to(torch.int32), 1)
+    packed = Q.prepare_for_cpu(w)
+    assert isinstance(packed, Q.CpuInt4Weight)
+    assert torch.equal(packed.packed.view(theirs.shape), theirs)  # the byte shuffle, or torch's converter
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
+    canonical = select_kernels(torch.device("cpu")).linear(x, w, None)  # as read from disk: repacked per call
+    torch.testing.assert_close(canonical, Q.cpu_int4_linear(x, packed, None))
+    torch.testing.assert_close(canonical, F.linear(x, w.dequantize()), rtol=2e-2, atol=2e-2)
+
+
 # ---- the KV cache --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind, bound", [("int8", 1 / 127), ("int4", 1 / 15)])
 def test_kv_cache_rows_round_trip_within_a_step(kind: str, bound: float) -> None:

@@ -98,10 +98,15 @@ def _fast_repack_matches() -> bool:
 
 
 def _repack_int4(w: Int4Weight) -> torch.Tensor:
-    """The canonical codes in the blocked AVX2 layout, from the packed bytes (uint8 shuffles only)."""
+    """The canonical codes in the blocked AVX2 layout, straight from the packed bytes: for each block, the
+    low nibbles of its two halves make the even columns' bytes and the high nibbles the odd columns'."""
     n, k = w.shape
-    codes = torch.stack([w.q & 0x0F, w.q >> 4], dim=-1).view(n // _BLOCK, 2, _BLOCK // 2, k)
-    return (codes[:, 0] | (codes[:, 1] << 4)).transpose(1, 2).contiguous().view(n, k // 2)
+    halves = w.q.view(n // _BLOCK, 2, _BLOCK // 2, k // 2)  # (blocks, half, row in half, column pair)
+    first, second = halves[:, 0], halves[:, 1]
+    out = torch.empty(n // _BLOCK, k // 2, 2, _BLOCK // 2, dtype=torch.uint8)  # (blocks, pair, even/odd, row)
+    torch.bitwise_or(first & 0x0F, second << 4, out=out[:, :, 0, :].transpose(1, 2))
+    torch.bitwise_or(first >> 4, second & 0xF0, out=out[:, :, 1, :].transpose(1, 2))
+    return out.view(n, k // 2)
 
 
 def _int4_pack(w: Int4Weight) -> CpuInt4Weight | None:
