@@ -70,7 +70,7 @@ def scan(path: Path) -> Existing:
             if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("output_ids"), list):
                 raise ValueError
             key = result_key(rec)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             raise InputError(
                 f"{path}:{lineno}: not a flexrun result record; this file is not the output of a generate job "
                 "(choose another --output, or --overwrite to replace it)"
@@ -100,7 +100,7 @@ def read_job(path: Path) -> dict[str, Any] | None:
         return None
     except OSError as exc:
         raise InputError(f"cannot read {side}: {exc.strerror}") from None
-    except ValueError:
+    except (ValueError, RecursionError):  # a UnicodeDecodeError is a ValueError too
         raise InputError(f"{side}: damaged job description (not JSON); {fix}") from None
     if not isinstance(data, dict) or data.get("format") != JOB_FORMAT or not isinstance(data.get("job"), dict):
         raise InputError(f"{side}: not a flexrun job description; {fix}")
