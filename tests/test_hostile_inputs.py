@@ -234,6 +234,10 @@ STORE_CASES: dict[str, tuple[Any, str]] = {
         ),
         "tensor layers.1.fc1_w is missing from the store; convert again",
     ),
+    "a tensor file that is a directory": (
+        lambda s: ((s / "layers.1.fc1_w.bin").unlink(), (s / "layers.1.fc1_w.bin").mkdir()),
+        "cannot read {store}/layers.1.fc1_w.bin: Is a directory",
+    ),
     "a checksum that is a string": (_edit_index(**{"tensor:crc32": "x"}), "layers.1.fc1_w.bin: checksum mismatch"),
     "index.json cut in half": (
         lambda s: (s / "index.json").write_text((s / "index.json").read_text()[:500]),
@@ -268,16 +272,11 @@ STORE_XFAILS: dict[str, tuple[Any, str]] = {
         lambda s: _write_index(s, {**_index(s), "config": {**_index(s)["config"], "new_field": 1}}),
         "new_field",
     ),
-    "a tensor file that is a directory": (
-        lambda s: ((s / "layers.1.fc1_w.bin").unlink(), (s / "layers.1.fc1_w.bin").mkdir()),
-        "layers.1.fc1_w.bin",
-    ),
 }
 # The fix, in weights/store.py (not this work's to change): TensorStore.__init__ should check index.json's
 # structure (an object holding a config object and a tensors object; each entry's dtype known and
 # prod(shape) * itemsize == nbytes; config fields this flexrun knows, else "written by a newer flexrun"; a file
-# that is not UTF-8) and raise CheckpointError naming index.json or the tensor; read_raw should turn any
-# OSError opening a tensor file into CheckpointError naming the file.
+# that is not UTF-8) and raise CheckpointError naming index.json or the tensor.
 STORE_FIX = "weights/store.py lets a malformed index.json or tensor file escape as a traceback (fix in the comment)"
 
 
@@ -317,6 +316,7 @@ def test_damaged_store_is_one_line_naming_the_tensor(name: str, weights: str, go
     """Weights held in memory or streamed from disk: the store's CRCs catch a damaged tensor file when it is
     first read, naming it; the output file keeps its records."""
     damage, message = STORE_CASES[name]
+    message = message.format(store=tmp_path / "store")
     one_line_error(_resume_on_damaged_store(good_store, tmp_path, damage, weights, name in INDEX_EDITS), message)
 
 

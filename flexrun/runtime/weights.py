@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from flexrun import diskio
+from flexrun.errors import CheckpointError
 from flexrun.kernels import KernelSet, Weight
 from flexrun.layout import stack_layout
 from flexrun.placement import Shares
@@ -82,7 +83,7 @@ class WeightManager:
             if tier == "disk":
                 continue
             meta = self.store.meta(name)
-            raw = self.store.read_raw(name, diskio.aligned_empty(meta.nbytes, pin=self.on_cuda and tier == "host"))
+            raw = self._read(name, diskio.aligned_empty(meta.nbytes, pin=self.on_cuda and tier == "host"))
             if self.on_cuda and tier == "host":
                 self._raw[name] = raw
                 continue
@@ -95,6 +96,15 @@ class WeightManager:
                 torch.empty(self._gpu_arena_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)
             ]
             self._stream = torch.cuda.Stream(self.device)
+
+    def _read(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        """``store.read_raw``, with a failing read (a disk error, a file replaced by a directory) named by its
+        file: it is the store's, and the job would otherwise blame the offload dir."""
+        try:
+            return self.store.read_raw(name, buf)
+        except OSError as exc:
+            file = self.store.path / self.store.meta(name).file
+            raise CheckpointError(f"cannot read {file}: {exc.strerror or exc}") from None
 
     def _prepared(self, name: str) -> bool:
         """Whether ``name`` is kept in the kernels' own layout: a compressed weight held where it is computed."""
@@ -124,7 +134,7 @@ class WeightManager:
             arena, off = self._arenas[turn], 0
             for n in self._disk[g]:
                 size = self.store.meta(n).padded_nbytes
-                raw = self.store.read_raw(n, arena[off : off + size])
+                raw = self._read(n, arena[off : off + size])
                 out[n] = raw if self.on_cuda else self.store.decode(n, raw)  # on CUDA decoded once on the device
                 off += size
         if not self.on_cuda or not self._streamed[g]:
