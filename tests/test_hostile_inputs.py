@@ -261,7 +261,7 @@ INDEX_EDITS = {name for name in STORE_CASES if "index" in name or "flexrun" in n
     "a checksum that is a string"
 }
 
-STORE_XFAILS: dict[str, tuple[Any, str]] = {
+STORE_INDEX_CASES: dict[str, tuple[Any, str]] = {
     "index.json a JSON list": (lambda s: (s / "index.json").write_text("[]"), "index.json"),
     "index.json not UTF-8": (lambda s: (s / "index.json").write_bytes(b"\xff\xfe garbage"), "index.json"),
     "no config in the index": (_edit_index(config=None), "index.json"),
@@ -273,11 +273,9 @@ STORE_XFAILS: dict[str, tuple[Any, str]] = {
         "new_field",
     ),
 }
-# The fix, in weights/store.py (not this work's to change): TensorStore.__init__ should check index.json's
-# structure (an object holding a config object and a tensors object; each entry's dtype known and
-# prod(shape) * itemsize == nbytes; config fields this flexrun knows, else "written by a newer flexrun"; a file
-# that is not UTF-8) and raise CheckpointError naming index.json or the tensor.
-STORE_FIX = "weights/store.py lets a malformed index.json or tensor file escape as a traceback (fix in the comment)"
+# TensorStore checks index.json's structure (an object holding a config object and a tensors object; each
+# entry's dtype known and its bytes those its shape and encoding give; config fields this flexrun knows, else
+# "a newer one wrote the store"; a file that is not UTF-8), naming index.json or the tensor.
 
 
 def _damaged_copy(good_store: Path, tmp_path: Path, damage: Any) -> Path:
@@ -320,11 +318,9 @@ def test_damaged_store_is_one_line_naming_the_tensor(name: str, weights: str, go
     one_line_error(_resume_on_damaged_store(good_store, tmp_path, damage, weights, name in INDEX_EDITS), message)
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=STORE_FIX)) for n in sorted(STORE_XFAILS)]
-)
+@pytest.mark.parametrize("name", sorted(STORE_INDEX_CASES))
 def test_damaged_store_index_is_one_line(name: str, good_store, tmp_path: Path) -> None:
-    damage, message = STORE_XFAILS[name]
+    damage, message = STORE_INDEX_CASES[name]
     one_line_error(_resume_on_damaged_store(good_store, tmp_path, damage, "host=100", fresh=True), message)
 
 

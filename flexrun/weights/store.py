@@ -26,7 +26,7 @@ import torch
 
 from flexrun import diskio
 from flexrun.config import OptConfig
-from flexrun.errors import CheckpointError
+from flexrun.errors import CheckpointError, ConfigError
 from flexrun.quant.formats import QuantSpec, QuantWeight, decode, encode, quantize, spec_of
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,47 @@ class StoreWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _config_of(index_file: Path, fields: dict[str, Any]) -> OptConfig:
+    """The store's config; a field this flexrun does not know means a newer flexrun wrote the store."""
+    known = {f.name for f in dataclasses.fields(OptConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise CheckpointError(
+            f"{index_file}: config field {unknown[0]!r} is unknown to this flexrun (a newer one wrote the store); "
+            "upgrade flexrun or convert again"
+        )
+    return OptConfig(**fields)
+
+
+def _meta_of(index_file: Path, name: str, m: Any) -> TensorMeta:
+    """A tensor's entry, checked: its dtype known and its byte count the one its shape and encoding give."""
+    try:
+        meta = TensorMeta(
+            name,
+            str(m["file"]),
+            m["dtype"],
+            tuple(int(d) for d in m["shape"]),
+            int(m["nbytes"]),
+            m["crc32"],
+            m.get("encoding", ""),
+            int(m.get("group_size", 0)),
+        )
+        if meta.dtype not in TORCH_DTYPES:
+            raise CheckpointError(f"{index_file}: tensor {name} has unknown dtype {meta.dtype!r}; convert again")
+        spec = meta.spec
+        expected = spec.nbytes(meta.shape) if spec else math.prod(meta.shape) * meta.torch_dtype.itemsize
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{index_file}: tensor {name} has a corrupted entry ({exc}); convert again") from None
+    except ConfigError as exc:
+        raise CheckpointError(f"{index_file}: tensor {name}: {exc}; convert again") from None
+    if expected != meta.nbytes:
+        raise CheckpointError(
+            f"{index_file}: tensor {name} has shape {list(meta.shape)} but {meta.nbytes} bytes "
+            f"({expected} expected); convert again"
+        )
+    return meta
+
+
 class TensorStore:
     """A read-only view of a finished store. Reads are O_DIRECT where the filesystem allows it."""
 
@@ -165,27 +206,18 @@ class TensorStore:
             raise CheckpointError(f"{self.path} is not a flexrun tensor store (no index.json)")
         try:
             index = json.loads(index_file.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
             raise CheckpointError(
-                f"{index_file}: corrupted index ({exc.msg}); delete the store and convert again"
+                f"{index_file}: corrupted index ({reason}); delete the store and convert again"
             ) from None
-        if index.get("format") != FORMAT or index.get("version") not in _READABLE:
+        if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") not in _READABLE:
             raise CheckpointError(f"{index_file}: not a version-{VERSION} flexrun store; convert again")
+        if not isinstance(index.get("config"), dict) or not isinstance(index.get("tensors"), dict):
+            raise CheckpointError(f"{index_file}: corrupted index (no config or tensors); convert again")
         self.index = index
-        self.config = OptConfig(**index["config"])
-        self.tensors = {
-            name: TensorMeta(
-                name,
-                m["file"],
-                m["dtype"],
-                tuple(m["shape"]),
-                m["nbytes"],
-                m["crc32"],
-                m.get("encoding", ""),
-                m.get("group_size", 0),
-            )
-            for name, m in index["tensors"].items()
-        }
+        self.config = _config_of(index_file, index["config"])
+        self.tensors = {name: _meta_of(index_file, name, m) for name, m in index["tensors"].items()}
         self.verify = verify
         self._verified: set[str] = set()
         self._lock = threading.Lock()
