@@ -117,6 +117,7 @@ def convert_checkpoint(
 
     writer = StoreWriter(out, cfg, extra={"source": str(src.resolve())})
     try:
+        ckpt.save_tokenizer(writer.tmp / "tokenizer")  # first: a tokenizer that cannot load fails before the weights
         names = stack_layout(cfg).store_order
         for name, tensor in tqdm(
             _hf_tensors(ckpt.get, cfg, policy_for_hf_config(hf), get_layer),
@@ -126,7 +127,6 @@ def convert_checkpoint(
             disable=not progress,
         ):
             _write(writer, name, tensor, packed.get(name))
-        ckpt.save_tokenizer(writer.tmp / "tokenizer")
         return writer.finish()
     except BaseException:
         writer.abort()

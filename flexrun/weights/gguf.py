@@ -181,7 +181,12 @@ class GgufCheckpoint:
         """Write the tokenizer (with its chat template) and config.json into ``dest``."""
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        except Exception as exc:  # transformers fails on incomplete tokenizer metadata in many ways
+            raise CheckpointError(
+                f"{self.path}: transformers cannot build its tokenizer ({exc.__class__.__name__}: {exc})"
+            ) from None
         dest.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(str(dest))
         (dest / "config.json").write_text(json.dumps(self._hf, indent=1))
