@@ -11,7 +11,14 @@ from typing import Any
 
 import click
 
-from flexrun.cli_options import DTYPES, compress_weight_options, engine_options, non_negative_int, positive_int
+from flexrun.cli_options import (
+    DTYPES,
+    compress_weight_options,
+    compression_kind,
+    engine_options,
+    non_negative_int,
+    positive_int,
+)
 from flexrun.errors import FlexrunError
 
 try:
@@ -111,9 +118,10 @@ def convert_cmd(model: str, out: str, dtype: str | None, compress_weight: str | 
     from flexrun.weights.convert import convert_checkpoint
     from flexrun.weights.hub import hub_download
 
-    if group_size and not compress_weight:
+    kind = compression_kind(compress_weight)
+    if group_size and not kind:
         raise click.BadParameter("a group size needs --compress-weight", param_hint="--group-size")
-    spec = QuantSpec.of(compress_weight, group_size) if compress_weight else None
+    spec = QuantSpec.of(kind, group_size) if kind else None
     src = local_source(model)
     if src is None:
         resolve(model)

@@ -10,11 +10,21 @@ from typing import Any
 
 import click
 
-from flexrun.cli_options import DTYPES, byte_size, hardware_spec, positive_int
+from flexrun.cli_options import (
+    AUTO_COMPRESSION,
+    COMPRESSIONS,
+    DTYPES,
+    byte_size,
+    compression_kind,
+    hardware_spec,
+    positive_int,
+)
 from flexrun.errors import FlexrunError
 from flexrun.precision import CHOICES as COMPUTE_CHOICES
 
 _TRI = {"auto": None, "on": True, "off": False}
+# --compress (FlexGen's one flag) as the two kinds it sets.
+_BOTH = {"auto": AUTO_COMPRESSION, "on": "int4", "off": "none"}
 
 
 def _pct_bytes(share: float, total: int) -> str:
@@ -33,7 +43,13 @@ def _spec(shares: Any) -> str:
     return ",".join(f"{t}={v:g}" for t, v in pct.items() if v > 0)
 
 
-def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
+def _planned_kind(kind: str, both: str | None) -> Any:
+    """One --compress-* value (or --compress's, when that was given instead) as ``plan`` takes it."""
+    value = compression_kind(_BOTH[both] if both is not None and kind == AUTO_COMPRESSION else kind)
+    return None if value == AUTO_COMPRESSION else value
+
+
+def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int], rule_dtype: str) -> str:
     from flexrun.costmodel.search import RELAXATION
     from flexrun.placement import TIERS
     from flexrun.units import format_bytes
@@ -55,6 +71,7 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
         f" (micro-batch size x micro-batches)",
         f"options:    compress weights {pl.compress_weight or 'off'}, compress cache {pl.compress_cache or 'off'},"
         f" host-side attention {on_off[pl.cpu_cache_compute]}",
+        *[f"{'choices:' if i == 0 else '':<12}{r}" for i, r in enumerate(plan.reasons)],
         "",
         f"{'tier':<8}" + "".join(f"{k:>19}" for k in ("weights", "cache", "activations")),
     ]
@@ -78,6 +95,8 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
         flags = f" --compress-weight {pl.compress_weight}" if pl.compress_weight else ""
         flags += f" --compress-cache {pl.compress_cache}" if pl.compress_cache else ""
         lines[-1] += flags
+    if cfg.run_dtype != rule_dtype:  # generate would compute in the rule's dtype when nothing is planned
+        lines[-1] += f" --compute-dtype {cfg.run_dtype}"
     if pl.cpu_cache_compute:
         lines.append(
             "note:       a what-if: generate computes attention on the device (host-side attention is not built)"
@@ -100,12 +119,25 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
 )
 @click.option("--dtype", type=click.Choice(DTYPES), help="Override the model's dtype.")
 @click.option(
+    "--compress-weight",
+    type=click.Choice([AUTO_COMPRESSION, *COMPRESSIONS]),
+    default=AUTO_COMPRESSION,
+    show_default=True,
+    help="Weight compression, as generate takes it: auto lets the planner choose (a lossier kind only when "
+    "predicted at least 1.3x faster than each less lossy one, or when those do not fit), and says why.",
+)
+@click.option(
+    "--compress-cache",
+    type=click.Choice([AUTO_COMPRESSION, *COMPRESSIONS]),
+    default=AUTO_COMPRESSION,
+    show_default=True,
+    help="KV cache compression, as --compress-weight.",
+)
+@click.option(
     "--compress",
     type=click.Choice(list(_TRI)),
-    default="off",
-    show_default=True,
-    help="Group-wise int4 weights and KV cache (generate --compress-weight int4 --compress-cache int4); auto "
-    "tries both.",
+    help="Both at once, FlexGen's flag: on is int4 weights and cache, off is none, auto lets the planner "
+    "choose; a --compress-weight or --compress-cache given besides it wins.",
 )
 @click.option(
     "--cpu-cache-compute",
@@ -121,8 +153,9 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int]) -> str:
     type=click.Choice(COMPUTE_CHOICES),
     default="auto",
     show_default=True,
-    help="Dtype of the arithmetic (see generate); auto: the weights' dtype on a GPU, float32 for 16-bit weights "
-    "on a CPU without matmul hardware for them.",
+    help="Dtype of the arithmetic (see generate); auto: the fastest the hardware's rates predict among the "
+    "weights' dtype, float32 and (for 16-bit weights) bfloat16; without rates, the weights' dtype on a GPU, "
+    "float32 for 16-bit weights on a CPU without matmul hardware for them.",
 )
 @click.option("--max-block-size", type=int, callback=positive_int, help="At most this many sequences per block.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output with exact byte counts.")
@@ -135,7 +168,9 @@ def plan_cmd(
     disk_mem: int | None,
     hardware: Any,
     dtype: str | None,
-    compress: str,
+    compress_weight: str,
+    compress_cache: str,
+    compress: str | None,
     host_attention: str,
     compute_dtype: str,
     max_block_size: int | None,
@@ -147,10 +182,14 @@ def plan_cmd(
     shares of weights, KV cache and activations on device, host and disk that maximise predicted
     throughput within the memory budgets. It prints the placement (tier x kind, in percent and bytes),
     the block shape, the predicted prefill / decode / total throughput, the bottleneck link and the peak
-    memory per tier.
+    memory per tier. What it was left to choose besides (the weight and cache compression, the compute
+    dtype) it chooses too, and the choices line says why.
     """
+    import dataclasses
+
     import torch
 
+    from flexrun.costmodel.choice import compute_dtype_candidates
     from flexrun.costmodel.hardware import load_hardware
     from flexrun.costmodel.prediction import kind_bytes
     from flexrun.costmodel.search import plan
@@ -178,15 +217,18 @@ def plan_cmd(
         hw = hardware.with_memory(device=device_mem, host=host_mem, disk=disk_mem)
     # The CPU the spec describes is taken to be this one: its flags say whether 16-bit matmuls are native.
     cfg = with_compute_dtype(cfg, compute_dtype, torch.device("cpu" if hw.device_is_host else "cuda"))
+    rule_dtype = cfg.run_dtype
     result = plan(
         cfg,
         hw,
         prompt_len,
         gen_len,
-        compress=_TRI[compress],
+        compress=(_planned_kind(compress_weight, compress), _planned_kind(compress_cache, compress)),
         cpu_cache_compute=_TRI[host_attention],
         max_block_size=max_block_size,
+        compute_dtypes=compute_dtype_candidates(cfg.dtype, rule_dtype, hw) if compute_dtype == "auto" else (),
     )
+    cfg = dataclasses.replace(cfg, compute_dtype="" if result.compute_dtype == cfg.dtype else result.compute_dtype)
     pl = result.placement
     kinds = kind_bytes(cfg, pl.block_size, prompt_len, gen_len, pl.compress_weight, pl.compress_cache)
     if as_json:
@@ -203,7 +245,7 @@ def plan_cmd(
         }
         click.echo(json.dumps(out, indent=2))
         return
-    click.echo(_plan_text(cfg, result, kinds))
+    click.echo(_plan_text(cfg, result, kinds, rule_dtype))
 
 
 @click.command("calibrate")

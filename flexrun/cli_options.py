@@ -81,18 +81,29 @@ _ENGINE_KEYS = (
     "group_size",
     "compress_cache",
 )
-COMPRESSIONS = ["int8", "int4"]
+COMPRESSIONS = ["none", "int8", "int4"]
+# Left to the planner under --placement auto; off when nothing is planned.
+AUTO_COMPRESSION = "auto"
+_PLANNED_HELP = (
+    " auto (the default): the planner's choice under --placement auto, which takes a lossier kind only when it "
+    "predicts it at least 1.3x faster than each less lossy one (or they do not fit), and says why; none under "
+    "--placement manual."
+)
 
 
-def compress_weight_options() -> list[Any]:
-    """--compress-weight and --group-size, shared by convert and the engine commands."""
+def compress_weight_options(planned: bool = False) -> list[Any]:
+    """--compress-weight and --group-size, shared by convert and the engine commands (``planned``: the
+    commands whose planner may choose the compression, which then defaults to auto)."""
+    choices = [AUTO_COMPRESSION, *COMPRESSIONS] if planned else COMPRESSIONS
     return [
         click.option(
             "--compress-weight",
-            type=click.Choice(COMPRESSIONS),
+            type=click.Choice(choices),
+            default=AUTO_COMPRESSION if planned else "none",
+            show_default=not planned,
             help="Store the layers' matmul weights compressed: int4 (group-wise min-max, 0.56 bytes a weight at "
-            "group 64) or int8 (one scale per row, or per group with --group-size). A checkpoint converts once "
-            "per compression.",
+            "group 64) or int8 (one scale per row, or per group with --group-size), or none. A checkpoint "
+            "converts once per compression." + (_PLANNED_HELP if planned else ""),
         ),
         click.option(
             "--group-size",
@@ -151,13 +162,15 @@ def engine_options(encoder: bool = False) -> Callable[[Callable[..., Any]], Call
         options.append(click.option("--cache", callback=tier_shares, help="KV cache shares, e.g. host=100."))
     batch_defaults: dict[str, Any] = {"default": 8, "show_default": True} if encoder else {"type": int}
     count_defaults: dict[str, Any] = {"default": 1, "show_default": True} if encoder else {"type": int}
-    options += compress_weight_options()
+    options += compress_weight_options(planned=not encoder)
     if not encoder:
         options.append(
             click.option(
                 "--compress-cache",
-                type=click.Choice(COMPRESSIONS),
-                help="Store the KV cache compressed, per token and KV head: int8 or int4 (FlexGen's scheme).",
+                type=click.Choice([AUTO_COMPRESSION, *COMPRESSIONS]),
+                default=AUTO_COMPRESSION,
+                help="Store the KV cache compressed, per token and KV head: int8 or int4 (FlexGen's scheme), or "
+                "none." + _PLANNED_HELP,
             )
         )
     options += [
@@ -190,6 +203,11 @@ def engine_options(encoder: bool = False) -> Callable[[Callable[..., Any]], Call
     return decorate
 
 
+def compression_kind(value: str | None) -> str:
+    """A --compress-* value as the library takes it: "" (none), "int8", "int4" or "auto"."""
+    return "" if value in (None, "none") else str(value)
+
+
 def _engine_options(v: dict[str, Any], encoder: bool) -> Any:
     """The typed ``EngineOptions`` from the engine options' parsed values."""
     from flexrun.jobs.options import EngineOptions, ModelOptions, PlacementRequest
@@ -202,7 +220,7 @@ def _engine_options(v: dict[str, Any], encoder: bool) -> Any:
             compute_dtype=v["compute_dtype"],
             dummy_weights=v["dummy_weights"],
             store_dir=v["store_dir"],
-            compress_weight=v["compress_weight"] or "",
+            compress_weight=compression_kind(v["compress_weight"]),
             group_size=v["group_size"],
         ),
         placement=PlacementRequest(
@@ -214,7 +232,7 @@ def _engine_options(v: dict[str, Any], encoder: bool) -> Any:
             num_gpu_batches=v["num_gpu_batches"],
             overlap=v["overlap"],
             hardware=v.get("hardware"),
-            compress_cache=v.get("compress_cache") or "",
+            compress_cache=compression_kind(v.get("compress_cache")),
         ),
         budgets=Budgets(device=v["device_mem"], host=v["host_mem"], disk=v["disk_mem"]),
         offload_dir=v["offload_dir"],

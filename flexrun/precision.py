@@ -58,6 +58,13 @@ def resolve_compute_dtype(requested: str | None, stored: str, device: torch.devi
     return "float32"
 
 
+def compute_candidates(stored: str) -> tuple[str, ...]:
+    """The dtypes a ``stored`` model may compute in, for the planner to weigh when the choice is left open:
+    the stored one, float32, and bfloat16 for a 16-bit store."""
+    sixteen = ("bfloat16",) if stored in ("float16", "bfloat16") else ()
+    return tuple(dict.fromkeys((stored, "float32", *sixteen)))
+
+
 def with_compute_dtype(cfg: OptConfig, requested: str | None, device: torch.device) -> OptConfig:
     """``cfg`` with the compute dtype ``resolve_compute_dtype`` chooses (left unset when it is the stored one)."""
     compute = resolve_compute_dtype(requested, cfg.dtype, device)

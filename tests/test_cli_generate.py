@@ -34,6 +34,8 @@ def test_generate_jsonl_matches_hf(ckpt, tmp_path: Path) -> None:
         "--output",
         str(out),
     ]
+    # Uncompressed: the planner would compress weights read from disk, and HF's tokens are the plain model's.
+    args += ["--compress-weight", "none", "--compress-cache", "none"]
     result = run(*args, "--max-new-tokens", "4", "--weights", "disk=100", "--offload-dir", str(tmp_path / "off"))
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -89,9 +91,9 @@ def test_bench_roofline_counts_the_disk_bytes_of_each_step(ckpt, tmp_path: Path)
 def test_auto_placement_plans_what_is_not_given(ckpt, tmp_path: Path) -> None:
     path, model = ckpt
     base = ["generate", "-m", str(path), "--store-dir", str(tmp_path), "--max-new-tokens", "3"]
-    prompts = ["--input", "-"]
+    prompts = ["--input", "-", "--compress-weight", "none", "--compress-cache", "none"]  # HF's tokens: uncompressed
     records = "".join(json.dumps({"input_ids": [5 + n, 6, 7]}) + "\n" for n in range(5))
-    # Nothing given: the planner chooses everything, prints the plan, and the tokens still match HF.
+    # Nothing else given: the planner chooses everything, prints the plan, and the tokens still match HF.
     result = run(*base, *prompts, input=records)
     assert result.exit_code == 0, result.output
     assert "plan (" in result.stderr and "predicted" in result.stderr

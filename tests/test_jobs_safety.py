@@ -35,7 +35,8 @@ def test_a_pickle_that_needs_code_is_refused(tmp_path: Path) -> None:
     torch.save({**model.state_dict(), "evil": _Payload(marker)}, ckpt / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"refused to load .*only plain tensor pickles are accepted"):
         Checkpoint(ckpt)
-    r = run("generate", "-m", str(ckpt), "--store-dir", str(tmp_path / "s"), "-p", "x")
+    # Token ids: the checkpoint has no tokenizer, and a prompt it cannot read is refused before converting.
+    r = run("generate", "-m", str(ckpt), "--store-dir", str(tmp_path / "s"), "-i", "-", input='{"input_ids": [5]}\n')
     assert r.exit_code == 1 and "refused to load" in r.output and "Traceback" not in r.output, r.output
     assert not marker.exists()
 

@@ -2,8 +2,9 @@
 
 Each figure is measured on the operation the engine runs: disk reads with O_DIRECT into page-aligned
 buffers (``flexrun.diskio``), disk writes ending in fsync, pinned host<->device copies, the fused layer's
-``linear`` at prefill-like (many tokens) and decode-like (one token per sequence) shapes, and its
-``cached_attention`` over a prompt and over a position-major cache. A full run takes well under a
+``linear`` at prefill-like (many tokens) and decode-like (one token per sequence) shapes, its
+``cached_attention`` over a prompt and over a position-major cache, and on a CPU its linears over int8 and
+int4 weights (dequantizing, and torch's fused ops). A full run takes well under a
 minute; ``quick=True`` shrinks every size for tests (figures then understate the machine).
 
 Everything CUDA is created inside the functions, so this module imports on a machine without a GPU.
@@ -28,7 +29,9 @@ from flexrun.costmodel.hardware import HardwareSpec, default_path
 from flexrun.errors import ConfigError
 from flexrun.kernels import select_kernels
 from flexrun.kernels.positions import additive_mask
+from flexrun.kernels.quantized import chunked_dequantized_linear
 from flexrun.paths import offload_root
+from flexrun.quant.formats import QuantSpec, quantize
 from flexrun.weights.store import TORCH_DTYPES
 
 log = logging.getLogger(__name__)
@@ -161,6 +164,30 @@ def measure_attention(
     return 4 * batch * query_len * context * nh * d / seconds  # Q K^T and P V
 
 
+def measure_quant(device: torch.device, sizes: Sizes) -> dict[str, dict[str, float]]:
+    """The compressed-weight linears' figures (``HardwareSpec.quant_rates``) on a CPU, per kind: values per
+    second of the dequantizing path, taken at one row (where its matmul costs next to nothing), into
+    float32 (the compute dtype of a 16-bit model on a CPU without 16-bit matmuls); FLOP/s of the fused op
+    at decode rows on the weight prepared as the engine prepares a resident one; for int4, values per
+    second of that preparation (what a weight read from disk pays at every read)."""
+    kernels = select_kernels(device)
+    h = sizes.hidden
+    w = (torch.randn(4 * h, h) / h**0.5).to(torch.bfloat16)  # (4h, h)
+    one, rows = torch.randn(1, h), torch.randn(sizes.decode_batch, h)  # (1, h), (b, h)
+    rates: dict[str, dict[str, float]] = {}
+    for kind in ("int8", "int4"):
+        q = quantize(w, QuantSpec.of(kind))
+        prepared = kernels.prepare(q)
+        dequant = _best_time(functools.partial(chunked_dequantized_linear, one, q, None), device, sizes.min_seconds)
+        fused = _best_time(functools.partial(kernels.linear, rows, prepared, None), device, sizes.min_seconds)
+        rates[kind] = {"dequant": w.numel() / dequant, "fused_mm_flops": 2 * rows.shape[0] * w.numel() / fused}
+        if kind == "int4":  # read from disk, it is repacked for the fused op as a resident one is at load
+            rates[kind]["repack"] = w.numel() / _best_time(
+                functools.partial(kernels.prepare, q), device, sizes.min_seconds
+            )
+    return rates
+
+
 # ---- the whole run ---------------------------------------------------------------------------------
 def calibrate(
     offload_dir: str | Path | None = None,
@@ -220,12 +247,19 @@ def calibrate(
             r["host_attn_flops"] = host if has_cuda else r["bmm_flops_decode"]
         figures.update(rates[dtype])
 
+    quant: dict[str, dict[str, float]] = {}
+
+    def compressed() -> None:
+        if not has_cuda:  # the GPU dequantizes with the reference, priced as passes over memory
+            quant.update(measure_quant(device, sizes))
+
     steps: list[tuple[str, Callable[[], None]]] = [
         ("disk", disk),
         ("host<->device", links),
         ("memory bandwidth", lambda: figures.__setitem__("device_mem_bw", measure_memory_bw(device, sizes))),
         *[(f"compute ({d})", functools.partial(compute, d)) for d in rates],
         ("host attention", host_attention),
+        ("compressed weights", compressed),
     ]
     start = time.perf_counter()
     bar = tqdm(steps, desc="calibrate", unit="step", file=sys.stderr, disable=not progress, leave=False)
@@ -256,6 +290,7 @@ def calibrate(
         dtype=dtype,
         rates_by_dtype=rates,
         decode_by_batch=curves,
+        quant_rates=quant,
         **figures,
     )
     log.info("calibrated in %.1f s: %s", time.perf_counter() - start, spec.source)

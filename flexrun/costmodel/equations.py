@@ -19,7 +19,10 @@ LP in ``search`` uses the very same coefficients, so the planner and the predict
 
 Simplifications, each small for the large models this is for: the embeddings and LM head are spread
 evenly over the layers (bytes and FLOPs); (de)quantization is ``QUANT_PASSES`` passes over the fp16 data
-at the device's memory bandwidth (weights once per block, the cache at every step); padding to the disk alignment
+at the device's memory bandwidth (weights once per block, the cache at every step), except for compressed
+weights on a CPU whose spec has ``quant_rates``, priced as the CPU kernels run them (``_compressed_matmul``:
+torch's fused ops at decode shapes, an int4 weight read from disk repacked for them first, a dequantization
+into the compute dtype for a prefill's many rows); int8 weights are taken to be per row; padding to the disk alignment
 is ignored; memory is what the runtime allocates up front (the whole KV cache of ``prompt + gen`` tokens,
 activations of one layer boundary, double-buffered weight arenas, one micro-batch's intermediates).
 """
@@ -48,6 +51,10 @@ QUANT_META_BYTES = 2 * 2  # scale and min, fp16
 # the full-precision tensor, each bound by memory bandwidth: a layer's weights are dequantized once per
 # block, the cache read by attention at every decode step and the prompt's new cache quantized once.
 QUANT_PASSES = 4
+# Rows of x up to which the CPU runs a resident compressed weight through torch's fused op, and above which
+# it dequantizes the weight chunk by chunk (``kernels.quantized.FUSED_MAX_ROWS``: the cost model imports no
+# torch, so the figure is repeated here and a test keeps the two equal).
+FUSED_MAX_ROWS = 64
 
 
 def compressed_fraction(dtype_bytes: int, kind: str = "int4") -> float:
@@ -151,6 +158,27 @@ def _max_group_bytes(cfg: OptConfig) -> int:
     return stack_layout(cfg).max_group_elements() * cfg.dtype_bytes
 
 
+def _compressed_matmul(
+    kind: str, hw: HardwareSpec, params: int, calls: int, rows: int, dense_s: float
+) -> Affine | None:
+    """Seconds per layer of ``calls`` matmuls of ``rows`` rows each over a layer's ``params`` compressed
+    weights, as the CPU kernels run them, given ``dense_s`` for the same matmuls over dense weights; None
+    when ``hw`` has no figures for ``kind`` (a GPU: priced as dequantization passes)."""
+    dequant, fused = hw.quant_rate(kind, "dequant"), hw.quant_rate(kind, "fused_mm_flops")
+    if not hw.device_is_host or dequant is None or fused is None:
+        return None
+    dequantized = dense_s + calls * params / dequant  # chunk by chunk into the compute dtype, then multiplied
+    if rows > FUSED_MAX_ROWS:
+        return Affine(dequantized)
+    fused_s = 2 * calls * rows * params / fused
+    if kind == "int8":  # a per-row int8 weight goes to the fused op as read, from any tier
+        return Affine(fused_s)
+    # An int4 weight read from disk is repacked for the fused op each time it is read (else dequantized).
+    repack = hw.quant_rate(kind, "repack")
+    streamed = fused_s + calls * params / repack if repack else dequantized
+    return Affine.share("weights", ["device", "host"], fused_s) + Affine.share("weights", ["disk"], streamed)
+
+
 def working_bytes(cfg: OptConfig, gpu_batch_size: int, max_len: int, cpu: bool) -> int:
     """Intermediates of one micro-batch's prefill on the compute device, as the engine reserves them."""
     return cfg.working_bytes(gpu_batch_size, max_len, cpu)
@@ -199,6 +227,13 @@ def cost_terms(
     attn_d = 4 * B * L * h  # FLOPs over the cache, on whichever side holds it
     kv_full = 2 * kvd * dt  # K and V of one token in one layer, uncompressed
     quant_w = QUANT_PASSES * cfg.layer_bytes() / hw.device_mem_bw if compress_weight else 0.0
+    mm_pre, mm_dec, cpu_kernels = Affine(mm_p), Affine(mm_d), False
+    if compress_weight:
+        params = _linear_params(cfg)
+        cpu_pre = _compressed_matmul(compress_weight, hw, params, nb, b * s, mm_p)
+        cpu_dec = _compressed_matmul(compress_weight, hw, params, 1, B, mm_d)
+        if cpu_pre is not None and cpu_dec is not None:
+            mm_pre, mm_dec, quant_w, cpu_kernels = cpu_pre, cpu_dec, 0.0, True
     quant_p = QUANT_PASSES * B * s * kv_full / hw.device_mem_bw if compress_cache else 0.0
     quant_d = QUANT_PASSES * B * L * kv_full / hw.device_mem_bw if compress_cache else 0.0
     if cpu_cache_compute:
@@ -249,7 +284,7 @@ def cost_terms(
             "device->host": link("device->host", [a_p["device->host"], c_p["device->host"]]),
             "host->disk": link("host->disk", [a_p["host->disk"], c_p["host->disk"]]),
         },
-        compute=Affine(mm_p + head + attn_p + quant_w + quant_p),  # prefill attention runs on the device
+        compute=mm_pre + (head + attn_p + quant_w + quant_p),  # prefill attention runs on the device
         host_compute=Affine(),
     )
 
@@ -276,7 +311,7 @@ def cost_terms(
         }
     decode = PhaseTerms(
         links={name: link(name, parts) for name, parts in decode_links.items()},
-        compute=Affine(mm_d + head + quant_w + quant_d) + dev_attn,
+        compute=mm_dec + (head + quant_w + quant_d) + dev_attn,
         host_compute=host_attn,
     )
 
@@ -304,6 +339,9 @@ def cost_terms(
         + Affine.share("cache", ["disk"], 4 * slot)
         + Affine.share("activations", ["host"], acts_total)
     )
+    if compress_weight == "int4" and cpu_kernels:
+        # The CPU keeps a resident int4 weight's packed copy for the fused op beside its canonical codes.
+        host += Affine.share("weights", ["host"], _linear_params(cfg) * l / 2)
     if cpu_cache_compute:
         host += b * (cfg.n_head * S * 4 + 4 * h_tok)  # one micro-batch's scores (fp32) and q, k, v, out
     disk = Affine.share("cache", ["disk"], cache_total) + Affine.share("activations", ["disk"], acts_total)

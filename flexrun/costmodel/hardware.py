@@ -32,6 +32,11 @@ TFLOPS = 1e12
 LINKS = ("disk->host", "host->disk", "host->device", "device->host")
 # The figures that depend on the dtype the device computes in (``HardwareSpec.rates_by_dtype``).
 COMPUTE_RATES = ("mm_flops_prefill", "mm_flops_decode", "bmm_flops_prefill", "bmm_flops_decode", "host_attn_flops")
+# A CPU's compressed-weight linears (``HardwareSpec.quant_rates``), per kind: values/s dequantized chunk
+# by chunk into the compute dtype, FLOP/s of torch's fused weight-only op at decode shapes, and values/s
+# repacked into that op's layout (int4 read from disk).
+QUANT_RATES = ("dequant", "fused_mm_flops", "repack")
+_NOT_FIGURES = ("name", "source", "dtype", "device_is_host", "rates_by_dtype", "decode_by_batch", "quant_rates")
 
 
 @dataclass(frozen=True)
@@ -77,11 +82,14 @@ class HardwareSpec:
     # at small batches (several times slower at 1 row than at 64), so one rate misleads the model.
     # ``mm_decode_rate`` interpolates; empty: ``mm_flops_decode`` at every size.
     decode_by_batch: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # A CPU device's compressed-weight linears, {"int4" | "int8": {one of QUANT_RATES: rate}}. Empty:
+    # dequantization is priced as passes over memory (the GPU's reference path).
+    quant_rates: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("name", "source", "dtype", "device_is_host", "rates_by_dtype", "decode_by_batch"):
+            if f.name in _NOT_FIGURES:
                 continue
             if value is None:
                 continue
@@ -94,16 +102,15 @@ class HardwareSpec:
         for key in rates:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"hardware spec {self.name!r}: {key} must be > 0")
-        if not isinstance(self.rates_by_dtype, Mapping):
-            raise ConfigError(f"hardware spec {self.name!r}: rates_by_dtype must map a dtype to its rates")
-        for dtype, measured in self.rates_by_dtype.items():
-            for key, value in dict(measured).items():
-                if key not in COMPUTE_RATES:
-                    raise ConfigError(
-                        f"hardware spec {self.name!r}: rates_by_dtype[{dtype!r}] has unknown rate {key!r}"
-                    )
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                    raise ConfigError(f"hardware spec {self.name!r}: rates_by_dtype[{dtype!r}][{key!r}] must be > 0")
+        for table, known in (("rates_by_dtype", COMPUTE_RATES), ("quant_rates", QUANT_RATES)):
+            if not isinstance(getattr(self, table), Mapping):
+                raise ConfigError(f"hardware spec {self.name!r}: {table} must map a dtype (or kind) to its rates")
+            for which, measured in getattr(self, table).items():
+                for key, value in dict(measured).items():
+                    if key not in known:
+                        raise ConfigError(f"hardware spec {self.name!r}: {table}[{which!r}] has unknown rate {key!r}")
+                    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                        raise ConfigError(f"hardware spec {self.name!r}: {table}[{which!r}][{key!r}] must be > 0")
         for dtype, curve in dict(self.decode_by_batch).items():
             for size, value in dict(curve).items():
                 if not str(size).isdigit() or int(size) < 1 or isinstance(value, bool) or not value > 0:
@@ -154,6 +161,15 @@ class HardwareSpec:
                 return math.exp(math.log(r0) + t * (math.log(r1) - math.log(r0)))
         return curve[-1][1]
 
+    def has_rates(self, dtype: str) -> bool:
+        """Whether this spec knows the compute rates of ``dtype`` (its own dtype's, or measured ones)."""
+        return dtype == self.dtype or bool(self.rates_by_dtype.get(dtype))
+
+    def quant_rate(self, kind: str, key: str) -> float | None:
+        """The ``QUANT_RATES`` figure ``key`` of compressed weights of ``kind``, None when unknown."""
+        value = dict(self.quant_rates.get(kind, {})).get(key)
+        return float(value) if value else None
+
     def for_dtype(self, dtype: str) -> HardwareSpec:
         """This spec with the compute rates measured in ``dtype``; unchanged when it has none for it."""
         rates = self.rates_by_dtype.get(dtype)
@@ -179,6 +195,7 @@ class HardwareSpec:
         data = dataclasses.asdict(self)
         data["rates_by_dtype"] = {d: dict(r) for d, r in self.rates_by_dtype.items()}
         data["decode_by_batch"] = {d: dict(c) for d, c in self.decode_by_batch.items()}
+        data["quant_rates"] = {k: dict(r) for k, r in self.quant_rates.items()}
         return data
 
     @classmethod
@@ -294,6 +311,14 @@ _PRESET_LIST = [
         decode_by_batch={
             "bfloat16": {"1": 17.4e9, "4": 17.4e9, "16": 18.0e9, "64": 20.5e9},
             "float32": {"1": 7.6e9, "2": 7.3e9, "4": 9.3e9, "8": 19.5e9, "16": 28.0e9, "32": 45.9e9, "64": 64.3e9},
+        },
+        # Compressed weights on the same VM, OPT-1.3B's fc1 (2048 x 8192): torch's fused ops at 8 rows in
+        # 6.6 ms (int4) and 4.7 ms (int8), ~40 and ~57 GFLOP/s (benchmarks/README.md, "Compression");
+        # dequantized chunk by chunk into float32, ~0.6e9 (int4) and ~1.2e9 (int8) values/s, and an int4
+        # weight read from disk repacked for the fused op at ~1.5e9 values/s (2026-12-03, at b0e9738).
+        quant_rates={
+            "int4": {"dequant": 0.6e9, "fused_mm_flops": 40e9, "repack": 1.5e9},
+            "int8": {"dequant": 1.2e9, "fused_mm_flops": 57e9},
         },
     ),
     # FlexGen's fitted constants (its cost_model.py, GCP T4 machine) and the paper's memory figures.

@@ -2,8 +2,10 @@
 
 In auto mode the options the user did give are held (shares of a kind, the micro-batch size or count) and
 the planner chooses the rest for this job's prompt and generation lengths, within the tier budgets the
-runtime will enforce. Options the runtime does not implement (compression, host-side attention) are not
-offered to the planner.
+runtime will enforce: with them, the weight and cache compression and the compute dtype when those are
+left open (``AUTO``). Each weight compression is a store of its own, so a job plans first (``plan_job``,
+on the config converting would give), opens the store the plan chose, then builds its engine
+(``build_engine``). Host-side attention, which the runtime does not implement, is not offered.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from dataclasses import dataclass
 import torch
 
 from flexrun.config import OptConfig
+from flexrun.costmodel.choice import compute_dtype_candidates
 from flexrun.costmodel.hardware import load_hardware
 from flexrun.costmodel.search import plan
 from flexrun.errors import BudgetError, PlacementError
-from flexrun.jobs.options import EngineOptions, PlacementRequest
+from flexrun.jobs.options import AUTO, EngineOptions, PlacementRequest
 from flexrun.paths import offload_root
 from flexrun.placement import Placement
+from flexrun.precision import with_compute_dtype
+from flexrun.quant.formats import QuantSpec
+from flexrun.resolver import ModelSource
 from flexrun.runtime.engine import Engine
-from flexrun.runtime.tiers import Budgets, disk_free
+from flexrun.runtime.tiers import Budgets, compute_device, disk_free
 from flexrun.units import format_bytes
 from flexrun.weights.store import TensorStore
 
@@ -35,10 +41,66 @@ _REPLANS = 3
 
 @dataclass(frozen=True)
 class Planned:
-    """The placement for a run and, when the planner chose it, the line that describes the plan."""
+    """The placement for a run and, when the planner chose it, the line that describes the plan, the
+    compute dtype it planned for and why it chose what it was left to choose."""
 
     placement: Placement
     line: str | None = None
+    compute_dtype: str = ""
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """A job's choices made before its store opens: the options with nothing left AUTO, and the plan that
+    made them (None when nothing was planned)."""
+
+    opts: EngineOptions
+    planned: Planned | None = None
+
+
+def plan_job(
+    opts: EngineOptions,
+    source: ModelSource,
+    prompt_len: int,
+    gen_len: int,
+    num_prompts: int | None = None,
+) -> JobPlan:
+    """Settle what ``opts`` leaves open for ``prompt_len + gen_len`` tokens: with a placement to plan, the
+    planner chooses the compressions and compute dtype left AUTO (the weights' only where the model is not
+    an existing store, which holds what it holds); without one, AUTO compression is off and the compute
+    dtype follows ``precision``'s rule."""
+    if source.store is not None and opts.model.compress_weight == AUTO:
+        opts = dataclasses.replace(opts, model=opts.model.held_by(source.store))
+    if not opts.placement.planned:
+        return JobPlan(opts.settled(compress_weight="", compress_cache=""))
+    model = opts.model
+    cfg = with_compute_dtype(source.config, model.compute_dtype, compute_device())
+    planned = choose_placement(
+        cfg,
+        opts.placement,
+        opts.budgets,
+        prompt_len,
+        gen_len,
+        num_prompts,
+        opts.offload_dir,
+        compress_weight=compressible(cfg, model.group_size) if model.compress_weight == AUTO else model.compress_weight,
+        choose_dtype=model.compute_dtype == AUTO,
+    )
+    pl = planned.placement
+    return JobPlan(opts.settled(pl.compress_weight, pl.compress_cache, planned.compute_dtype), planned)
+
+
+def compressible(cfg: OptConfig, group_size: int | None = None) -> tuple[str, ...]:
+    """The weight compressions the layers' matrices allow at ``group_size`` ("" always): the planner is
+    not offered one that converting would refuse (a group size that does not divide a matrix's K)."""
+    matrices = [shape for shape in cfg.layer_shapes().values() if len(shape) == 2]
+    kinds = [""]
+    for kind in ("int8", "int4"):
+        spec = QuantSpec.of(kind, group_size)
+        if all(shape[1] % spec.group_size == 0 for shape in matrices if spec.group_size):
+            kinds.append(kind)
+    return tuple(kinds)
 
 
 def build_engine(
@@ -48,13 +110,16 @@ def build_engine(
     prompt_len: int,
     gen_len: int,
     num_prompts: int | None = None,
+    planned: Planned | None = None,
 ) -> tuple[Engine, str | None]:
     """An engine for ``prompt_len + gen_len`` tokens computing in ``cfg``'s (resolved) compute dtype, with the
-    run's placement (see ``choose_placement``), and the plan's line when the planner chose it.
+    run's placement (``planned``, ``plan_job``'s, else ``choose_placement``'s), and the plan's line when the
+    planner chose it.
 
     The planner's memory model is linear in the shares, so it prorates buffers that the runtime reserves
     whole as soon as any share of a kind leaves a tier (streaming arenas, KV staging). When the runtime's
-    exact accounting finds a planned placement over a budget, the planner runs again with that much less.
+    exact accounting finds a planned placement over a budget, the planner runs again with that much less,
+    the compression and compute dtype held as chosen.
     """
     reserve: dict[str, int] = {}
     refused: BudgetError | None = None
@@ -62,17 +127,20 @@ def build_engine(
     compress_weight = store.weight_compression
     for _ in range(_REPLANS + 1):
         try:
-            planned = choose_placement(
-                cfg,
-                opts.placement,
-                opts.budgets,
-                prompt_len,
-                gen_len,
-                num_prompts,
-                opts.offload_dir,
-                reserve,
-                compress_weight,
-            )
+            if planned is None or reserve:
+                again = choose_placement(
+                    cfg,
+                    opts.placement,
+                    opts.budgets,
+                    prompt_len,
+                    gen_len,
+                    num_prompts,
+                    opts.offload_dir,
+                    reserve,
+                    compress_weight,
+                    reasons=planned.reasons if planned else (),
+                )
+                planned = again
         except PlacementError:
             if refused is None:
                 raise
@@ -108,13 +176,18 @@ def choose_placement(
     num_prompts: int | None = None,
     offload_dir: str | None = None,
     reserve: dict[str, int] | None = None,
-    compress_weight: str = "",
+    compress_weight: str | tuple[str, ...] = "",
+    choose_dtype: bool = False,
+    reasons: tuple[str, ...] = (),
 ) -> Planned:
     """The run's placement: ``request`` as given (manual, or nothing left open), else the planner's choice
     for what it leaves open. ``reserve`` holds bytes per tier kept out of the planner's budgets;
-    ``compress_weight`` is how the store holds the weights."""
+    ``compress_weight`` is how the store holds the weights (or the kinds the planner may choose among, as
+    it chooses the request's AUTO cache compression); ``choose_dtype``: the planner weighs compute dtypes besides ``cfg``'s
+    (``precision``'s rule). ``reasons``: why earlier choices were made, for the line when they are held."""
     if not request.planned:
-        return Planned(dataclasses.replace(request.manual(), compress_weight=compress_weight))
+        weights = compress_weight if isinstance(compress_weight, str) else ""
+        return Planned(dataclasses.replace(request.manual(), compress_weight=weights))
     has_cuda = torch.cuda.is_available()
     root = offload_root(offload_dir)
     tiers = budgets.resolved(root, has_cuda)
@@ -125,18 +198,20 @@ def choose_placement(
     gbs = request.gpu_batch_size
     # A block bigger than the job only pads; with a micro-batch count given, the size is what it caps.
     max_block = num_prompts if num_prompts and gbs is None else None
+    cache = None if request.compress_cache == AUTO else request.compress_cache
     try:
         result = plan(
             cfg,
             hw,
             prompt_len,
             gen_len,
-            compress=(compress_weight, request.compress_cache),
+            compress=(compress_weight, cache),
             cpu_cache_compute=False,
             gpu_batch_sizes=[gbs] if gbs else None,
             max_block_size=max_block,
             fixed=fixed,
             num_gpu_batches=request.num_gpu_batches,
+            compute_dtypes=compute_dtype_candidates(cfg.dtype, cfg.run_dtype, hw) if choose_dtype else (),
         )
     except PlacementError as exc:
         note = ""
@@ -160,9 +235,11 @@ def choose_placement(
         compress_cache=pl.compress_cache,
     )
     pr = result.prediction
+    why = result.reasons or reasons
     line = (
         f"plan ({hw.name}, budgets {', '.join(f'{t} {format_bytes(b)}' for t, b in result.budgets.items())}): "
         f"{placement.describe()}; predicted {pr.throughput:.3g} tok/s, bottleneck {pr.bottleneck}"
+        + "".join(f"; {r}" for r in why)
     )
     log.info("%s", line)
-    return Planned(placement, line)
+    return Planned(placement, line, result.compute_dtype or cfg.run_dtype, why)

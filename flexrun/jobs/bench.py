@@ -11,7 +11,7 @@ import torch
 
 from flexrun.config import OptConfig
 from flexrun.costmodel.hardware import load_hardware
-from flexrun.jobs.autoplace import build_engine
+from flexrun.jobs.autoplace import build_engine, plan_job
 from flexrun.jobs.options import EngineOptions
 from flexrun.jobs.report import roofline
 from flexrun.placement import Placement
@@ -32,9 +32,11 @@ class BenchResult:
 def run_bench(opts: EngineOptions, prompt_len: int, gen_len: int, stderr: IO[str] | None = None) -> BenchResult:
     """Generate ``gen_len`` tokens after random ``prompt_len``-token prompts for one block (seeded, so
     every run times the same work), never stopping early at an EOS. The plan goes to ``stderr`` first."""
-    store = opts.model.open_store("generate")
-    cfg = opts.model.run_config(store, compute_device())
-    engine, plan_line = build_engine(store, cfg, opts, prompt_len, gen_len)
+    # Planned before the store opens: each weight compression the planner may choose is a store of its own.
+    settled = plan_job(opts, opts.model.source("generate"), prompt_len, gen_len)
+    store = settled.opts.model.open_store("generate")
+    cfg = settled.opts.model.run_config(store, compute_device())
+    engine, plan_line = build_engine(store, cfg, settled.opts, prompt_len, gen_len, planned=settled.planned)
     if plan_line:
         print(plan_line, file=stderr or sys.stderr, flush=True)
     with engine:
@@ -42,6 +44,6 @@ def run_bench(opts: EngineOptions, prompt_len: int, gen_len: int, stderr: IO[str
         n = engine.placement.block_size
         prompts = torch.randint(4, cfg.vocab_size, (n, prompt_len), generator=gen).tolist()
         _, stats, _ = engine.generate(prompts, SamplingParams(max_new_tokens=gen_len, stop_at_eos=False))
-    hw = opts.placement.hardware or load_hardware(None)
+    hw = settled.opts.placement.hardware or load_hardware(None)
     roof = roofline(engine.cfg, engine.placement, stats, hw, prompt_len, gen_len)
     return BenchResult(engine.cfg, engine.placement, stats, roof, plan_line)

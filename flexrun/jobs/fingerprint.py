@@ -48,8 +48,8 @@ def job_fingerprint(
     placement and ``--order`` are left out: they change how fast the records come, not what they hold; so
     are the sampling options of a greedy job, which only the repetition penalty affects. The compute dtype
     is recorded only when it differs from the weights' (so jobs that never had one still resume), the
-    cache compression only when there is one, the tokenizer only when the store has one. Weight
-    compression is in the weights' digest."""
+    weight and cache compression only when there is one (the weights' is in their digest too: it is
+    recorded by name for a resume to choose it again), the tokenizer only when the store has one."""
     p = job.params
     fp: dict[str, Any] = {"model": store.config.name, "weights": weights_digest(store)}
     tokenizer = tokenizer_digest(store)
@@ -63,6 +63,8 @@ def job_fingerprint(
     }
     if compute_dtype and compute_dtype != store.config.dtype:
         fp["compute_dtype"] = compute_dtype
+    if store.weight_compression:
+        fp["compress_weight"] = store.weight_compression
     if compress_cache:
         fp["compress_cache"] = compress_cache
     if not p.greedy:
@@ -81,6 +83,7 @@ def job_fingerprint(
 _OPTION = {
     "dtype": "--dtype",
     "compute_dtype": "--compute-dtype",
+    "compress_weight": "--compress-weight",
     "compress_cache": "--compress-cache",
     "max_new_tokens": "--max-new-tokens",
     "temperature": "--temperature",
@@ -103,8 +106,13 @@ def job_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[s
     before flexrun recorded them) is not held to one."""
     if "tokenizer" not in recorded:
         current = {k: v for k, v in current.items() if k != "tokenizer"}
+    if "compress_weight" not in recorded and recorded.get("weights") == current["weights"]:
+        current = {k: v for k, v in current.items() if k != "compress_weight"}  # recorded before it was named
     diffs = []
-    if recorded.get("weights") != current["weights"]:
+    weights = [f.get("compress_weight") or "none" for f in (recorded, current)]
+    if weights[0] != weights[1] and recorded.get("model") == current["model"]:
+        diffs.append(f"--compress-weight {weights[0]} there, {weights[1]} here")
+    elif recorded.get("weights") != current["weights"]:
         there = f"{recorded.get('model')} (weights {str(recorded.get('weights'))[:8]})"
         diffs.append(f"model {there} there, {current['model']} (weights {current['weights'][:8]}) here")
     elif recorded.get("tokenizer") != current.get("tokenizer"):  # another model's tokenizer goes without saying
@@ -117,13 +125,27 @@ def job_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[s
     if cache[0] != cache[1]:
         diffs.append(f"--compress-cache {cache[0]} there, {cache[1]} here")
     for key, value in current.items():
-        skip = ("model", "weights", "tokenizer", "compute_dtype", "compress_cache")
+        skip = ("model", "weights", "tokenizer", "compute_dtype", "compress_weight", "compress_cache")
         if key in skip or key not in recorded or recorded[key] == value:
             continue
         diffs.append(f"{_OPTION.get(key, key)} {_show(recorded[key])} there, {_show(value)} here")
     if not diffs and _settings(recorded) != _settings(current):
         diffs.append("other settings")  # a description from elsewhere: refused all the same
     return diffs
+
+
+def recorded_choices(path: Path) -> dict[str, str]:
+    """The compression and compute dtype of the job whose records ``path`` holds ({} when none is recorded),
+    as ``EngineOptions.settled`` takes them: a resumed job keeps what the planner chose when it started,
+    whatever it would choose today (other free memory, other budgets)."""
+    recorded = read_job(path)
+    if recorded is None:
+        return {}
+    return {
+        "compress_weight": str(recorded.get("compress_weight") or ""),
+        "compress_cache": str(recorded.get("compress_cache") or ""),
+        "compute_dtype": str(recorded.get("compute_dtype") or recorded.get("dtype") or "auto"),
+    }
 
 
 def _settings(fingerprint: dict[str, Any]) -> dict[str, Any]:

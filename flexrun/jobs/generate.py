@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from flexrun.config import OptConfig
 from flexrun.errors import FlexrunError, InputError
-from flexrun.jobs.autoplace import build_engine
-from flexrun.jobs.fingerprint import already_done, job_fingerprint
+from flexrun.jobs.autoplace import build_engine, plan_job
+from flexrun.jobs.fingerprint import already_done, job_fingerprint, recorded_choices
 from flexrun.jobs.interrupt import StopRequest
 from flexrun.jobs.options import EngineOptions, JobOptions
 from flexrun.jobs.prompts import Sequence, load_tokenizer, prepare
@@ -133,13 +133,21 @@ def run_generate(
         check_unique_ids(records)
         check_output(out_path, job.input_file)
 
-    store = opts.model.open_store("generate", progress=not job.quiet)
-    tokenizer = load_tokenizer(store)
+    model = opts.model.source("generate")
+    tokenizer = load_tokenizer(model)
     if job.params.stop and tokenizer is None:
-        raise InputError(f"--stop needs a tokenizer and {store.config.name} has none")
-    seqs = prepare(records, tokenizer, store, job)
-    cfg = opts.model.run_config(store, compute_device())
-    fingerprint = job_fingerprint(store, job, cfg.run_dtype, opts.placement.compress_cache)
+        raise InputError(f"--stop needs a tokenizer and {model.config.name} has none")
+    seqs = prepare(records, tokenizer, model.config, job)
+    if out_path is not None and not job.overwrite:
+        opts = opts.settled(**recorded_choices(out_path))  # a resumed job keeps the choices it started with
+    # Planned for the whole job, not for what is left, so a resumed job runs the same blocks as an
+    # uninterrupted one would have (same placement, same block size); before the store opens, since each
+    # weight compression the planner may choose is a store of its own.
+    longest, blocks = max(len(s.ids) for s in seqs), 1 if job.stream else len(seqs)
+    settled = plan_job(opts, model, longest, job.params.max_new_tokens, blocks)
+    store = settled.opts.model.open_store("generate", progress=not job.quiet)
+    cfg = settled.opts.model.run_config(store, compute_device())
+    fingerprint = job_fingerprint(store, job, cfg.run_dtype, settled.opts.placement.compress_cache)
 
     done: set[tuple[str, int]] = set()
     keep_bytes: int | None = 0 if job.overwrite else None
@@ -157,11 +165,8 @@ def run_generate(
     if done and not job.quiet:
         notify(f"resuming: {len(done)} of {len(seqs)} records are already in {out_path}")
 
-    # Planned for the whole job, not for what is left, so a resumed job runs the same blocks as an
-    # uninterrupted one would have (same placement, same block size).
-    longest = max(len(s.ids) for s in seqs)
     engine, plan_line = build_engine(
-        store, cfg, opts, longest, job.params.max_new_tokens, 1 if job.stream else len(seqs)
+        store, cfg, settled.opts, longest, job.params.max_new_tokens, blocks, settled.planned
     )
     if plan_line and not job.quiet:
         notify(plan_line)

@@ -3,6 +3,7 @@ read their fields, and nothing below them sees a dict of options."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -12,10 +13,14 @@ from flexrun.costmodel.hardware import HardwareSpec
 from flexrun.placement import Placement, Shares
 from flexrun.precision import with_compute_dtype
 from flexrun.quant.formats import QuantSpec
-from flexrun.resolver import ensure_store
+from flexrun.resolver import ModelSource, ensure_store, model_source
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.runtime.tiers import Budgets
 from flexrun.weights.store import TensorStore
+
+#: A compression or compute dtype left to the planner (``--placement auto``); off or the precision rule
+#: when nothing is planned.
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -27,12 +32,22 @@ class ModelOptions:
     compute_dtype: str = "auto"  # what the arithmetic runs in ("auto": see precision)
     dummy_weights: bool = False  # random weights of the right shapes
     store_dir: str | None = None  # where converted stores are cached (None: the cache dir)
-    compress_weight: str = ""  # "int8" or "int4": the layers' matmul weights stored compressed
+    compress_weight: str = ""  # "int8" or "int4": the layers' matmul weights stored compressed; AUTO
     group_size: int | None = None  # the compression's group along K (None: its default)
 
     @property
     def compression(self) -> QuantSpec | None:
-        return QuantSpec.of(self.compress_weight, self.group_size) if self.compress_weight else None
+        """The weights' compression (None: none; AUTO, not yet chosen, opens the uncompressed store)."""
+        kind = self.compress_weight
+        return QuantSpec.of(kind, self.group_size) if kind and kind != AUTO else None
+
+    def source(self, task: str = "generate") -> ModelSource:
+        """The model's config and tokenizer as converting would give them, without converting. A store given
+        directly must hold the compression asked for (refused here, before anything else is checked)."""
+        source = model_source(self.model, dtype=self.dtype, dummy=self.dummy_weights, task=task)
+        if source.store is not None and self.compress_weight != AUTO:
+            self.open_store(task, progress=False)
+        return source
 
     def open_store(self, task: str = "generate", progress: bool = True) -> TensorStore:
         """The model's tensor store (compressed as asked), converted on first use; ``task`` is checked against
@@ -46,6 +61,13 @@ class ModelOptions:
             task=task,
             compress=self.compression,
         )
+
+    def held_by(self, store: TensorStore) -> ModelOptions:
+        """These options with the compression ``store`` holds (kind and group size): a store given directly
+        is what it is, whatever the planner would choose."""
+        spec = next(iter(set(store.compressed().values())), None)
+        kind, group = (spec.kind, spec.group_size) if spec else ("", None)
+        return dataclasses.replace(self, compress_weight=kind, group_size=group)
 
     def run_config(self, store: TensorStore, device: torch.device) -> OptConfig:
         """The store's config with the compute dtype resolved for ``device``: resolved here, once per job."""
@@ -64,7 +86,7 @@ class PlacementRequest:
     num_gpu_batches: int | None = None
     overlap: bool = True
     hardware: HardwareSpec | None = None  # the planner's figures (None: this machine's)
-    compress_cache: str = ""  # "int8" or "int4": the KV cache stored compressed
+    compress_cache: str = ""  # "int8" or "int4": the KV cache stored compressed; AUTO: the planner's choice
 
     #: What ``manual`` uses for an option left out.
     MANUAL_BATCH = 4
@@ -84,7 +106,7 @@ class PlacementRequest:
             gpu_batch_size=self.gpu_batch_size or self.MANUAL_BATCH,
             num_gpu_batches=self.num_gpu_batches or 1,
             overlap=self.overlap,
-            compress_cache=self.compress_cache,
+            compress_cache="" if self.compress_cache == AUTO else self.compress_cache,
         )
 
 
@@ -96,6 +118,24 @@ class EngineOptions:
     placement: PlacementRequest = field(default_factory=PlacementRequest)
     budgets: Budgets = field(default_factory=Budgets)
     offload_dir: str | None = None
+
+    def settled(
+        self, compress_weight: str = AUTO, compress_cache: str = AUTO, compute_dtype: str = AUTO
+    ) -> EngineOptions:
+        """These options with the choices still left open (AUTO) made as given (AUTO: still open)."""
+
+        def pick(mine: str, given: str) -> str:
+            return given if mine == AUTO else mine
+
+        model = dataclasses.replace(
+            self.model,
+            compress_weight=pick(self.model.compress_weight, compress_weight),
+            compute_dtype=pick(self.model.compute_dtype, compute_dtype),
+        )
+        placement = dataclasses.replace(
+            self.placement, compress_cache=pick(self.placement.compress_cache, compress_cache)
+        )
+        return dataclasses.replace(self, model=model, placement=placement)
 
 
 @dataclass(frozen=True)

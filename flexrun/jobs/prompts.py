@@ -4,13 +4,14 @@ per completion asked for."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
+from flexrun.config import OptConfig
 from flexrun.errors import CheckpointError, InputError
 from flexrun.jobs.options import JobOptions
 from flexrun.jobs.textio import PromptRecord, id_key
 from flexrun.runtime.stack import token_problem
-from flexrun.weights.store import TensorStore
 
 
 @dataclass
@@ -28,10 +29,16 @@ class Sequence:
         return id_key(self.record.id), self.seq
 
 
-def load_tokenizer(store: TensorStore) -> Any:
-    """The checkpoint's tokenizer, or None when the store has none (dummy weights). Code shipped with a
-    checkpoint (``auto_map``) is never run: ``trust_remote_code`` stays off."""
-    tok_dir = store.tokenizer_dir()
+class HasTokenizer(Protocol):
+    """A tensor store, or a model source before its store (``resolver.ModelSource``)."""
+
+    def tokenizer_dir(self) -> Path | None: ...
+
+
+def load_tokenizer(model: HasTokenizer) -> Any:
+    """The model's tokenizer, or None when it has none (dummy weights). Code shipped with a checkpoint
+    (``auto_map``) is never run: ``trust_remote_code`` stays off."""
+    tok_dir = model.tokenizer_dir()
     if tok_dir is None:
         return None
     from transformers import AutoTokenizer
@@ -46,9 +53,8 @@ def load_tokenizer(store: TensorStore) -> Any:
         ) from None
 
 
-def prepare(records: list[PromptRecord], tokenizer: Any, store: TensorStore, job: JobOptions) -> list[Sequence]:
+def prepare(records: list[PromptRecord], tokenizer: Any, cfg: OptConfig, job: JobOptions) -> list[Sequence]:
     """Token ids for every sequence of the job, each prompt checked (vocabulary, length) against the model."""
-    cfg = store.config
     max_new = job.params.max_new_tokens
     room = cfg.max_seq_len - max_new
     if room < 1:
