@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,6 @@ class Case:
     slack: int = 0  # positions the engine is sized for beyond the longest prompt + new
     eos_pick: tuple[int, int] | None = None  # (prompt, step) of HF's greedy token that becomes EOS
     init_range: float = 0.3
-    notes: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 # ---- models ----------------------------------------------------------------------------------------------

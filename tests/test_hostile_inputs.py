@@ -134,7 +134,7 @@ def test_any_bytes_are_records_or_one_input_error(data: bytes) -> None:
             assert "\n" not in str(exc)
             return
     for r in records:
-        assert (r.prompt is None) != (r.input_ids is None) or r.prompt is not None
+        assert r.prompt is not None or r.input_ids is not None
         assert r.input_ids is None or all(type(t) is int for t in r.input_ids)
         assert r.prompt is None or r.prompt.encode("utf-8")
         json.dumps(r.id, allow_nan=False)  # written back into the output as valid JSON
