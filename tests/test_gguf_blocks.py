@@ -6,6 +6,7 @@ dequantized values."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -121,9 +122,28 @@ def test_smollm2_converts_from_its_own_4_bit_codes(tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     expected_tokens, _ = hf_greedy(model, prompts, 6)
     # Weights on disk are repacked as read for torch's fused int4 op (bfloat16 activations): HF's tokens.
-    with Engine(store, place("disk=100", b=1, n=2, compress_weight="int4"), max_seq_len=32, offload_dir=tmp_path / "off") as engine:
+    with Engine(
+        store, place("disk=100", b=1, n=2, compress_weight="int4"), max_seq_len=32, offload_dir=tmp_path / "off"
+    ) as engine:
         got_tokens, stats, _ = engine.generate(prompts, SamplingParams(max_new_tokens=6, stop_at_eos=False))
     assert got_tokens == expected_tokens
     assert stats.disk_bytes_read > 0
     packed = store.compressed()  # 5 bits a weight (4-bit codes, float16 scale and low per 32) of float32's 32
     assert sum(store.tensors[n].nbytes for n in packed) <= 5 / 32 * sum(store.numel(n) * 4 for n in packed)
+
+
+@needs_smollm2
+def test_a_gguf_model_runs_from_its_own_blocks_unless_told_otherwise(tmp_path: Path) -> None:
+    from tests.helpers import run
+
+    args = ["bench", "-m", "smollm2-135m-instruct", "--store-dir", str(tmp_path / "s"), "--prompt-len", "4"]
+    args += ["--gen-len", "2", "--json", "--offload-dir", str(tmp_path / "off")]
+    for placement in (["--placement", "manual"], ["--weights", "host=100"]):  # as given, and planned
+        result = run(*args, *placement)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["placement"]["compress_weight"] == "int4"
+    assert [p.name for p in (tmp_path / "s").iterdir() if "int4g32" in p.name]  # Q4_1 blocks: int4, groups of 32
+    # Another group size asked for is another store, requantized from the dequantized values.
+    result = run(*args, "--placement", "manual", "--compress-weight", "int8", "--gen-len", "1")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["placement"]["compress_weight"] == "int8"

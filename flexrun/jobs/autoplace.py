@@ -68,10 +68,15 @@ def plan_job(
 ) -> JobPlan:
     """Settle what ``opts`` leaves open for ``prompt_len + gen_len`` tokens: with a placement to plan, the
     planner chooses the compressions and compute dtype left AUTO (the weights' only where the model is not
-    an existing store, which holds what it holds); without one, AUTO compression is off and the compute
-    dtype follows ``precision``'s rule."""
+    an existing store, which holds what it holds, or a GGUF file, whose Q4/Q8 blocks are kept as they
+    are); without one, AUTO compression is off and the compute dtype follows ``precision``'s rule."""
     if source.store is not None and opts.model.compress_weight == AUTO:
         opts = dataclasses.replace(opts, model=opts.model.held_by(source.store))
+    native = source.native_compression()
+    if native and opts.model.compress_weight == AUTO and opts.model.group_size in (None, native.group_size):
+        # A GGUF file's own 4- or 8-bit blocks: the same values as dequantizing them, in a fraction of the bytes.
+        model = dataclasses.replace(opts.model, compress_weight=native.kind, group_size=native.group_size)
+        opts = dataclasses.replace(opts, model=model)
     if not opts.placement.planned:
         return JobPlan(opts.settled(compress_weight="", compress_cache=""))
     model = opts.model

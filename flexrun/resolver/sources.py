@@ -16,10 +16,11 @@ from pathlib import Path
 from flexrun.config import OptConfig
 from flexrun.errors import CheckpointError
 from flexrun.paths import cache_dir
+from flexrun.quant.formats import QuantSpec
 from flexrun.resolver.configs import resolve
 from flexrun.resolver.packaged import local_source
 from flexrun.resolver.stores import check_task
-from flexrun.weights.gguf import GgufCheckpoint, is_gguf
+from flexrun.weights.gguf import GgufCheckpoint, is_gguf, native_compression
 from flexrun.weights.hub import hub_download
 from flexrun.weights.store import TensorStore
 
@@ -34,6 +35,13 @@ class ModelSource:
     config: OptConfig
     checkpoint: Path | None = None  # a checkpoint directory or GGUF file (None: dummy weights, or a store)
     store: TensorStore | None = None  # the model names this existing store
+
+    def native_compression(self) -> QuantSpec | None:
+        """The compression a GGUF file's layer matrices are already in (its Q4/Q8 blocks kept as they are);
+        None for other checkpoints and float GGUF files."""
+        if self.checkpoint is None or not is_gguf(self.checkpoint):
+            return None
+        return native_compression(self.checkpoint)
 
     def tokenizer_dir(self) -> Path | None:
         """A directory the tokenizer loads from (the same files converting puts into the store), None

@@ -85,7 +85,12 @@ def _q8_0(blocks: torch.Tensor, n: int) -> Int8Weight:
     return Int8Weight(q, d.clone(), GROUP)
 
 
-_DECODERS: dict[str, Callable[[torch.Tensor, int], QuantWeight]] = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q8_0": _q8_0}
+_DECODERS: dict[str, Callable[[torch.Tensor, int], QuantWeight]] = {
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q4_K": _q4_k,
+    "Q8_0": _q8_0,
+}
 
 
 def to_quant(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> QuantWeight | None:
