@@ -19,6 +19,9 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 POSITIONS = ("learned", "rotary", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+# Scaled rotary embeddings, by transformers' rope_type: computed by transformers' own functions
+# (``kernels.positions.Rope``); "dynamic" and "longrope" depend on the sequence's length.
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
 # A weight stored in another dtype than the activations is converted this many bytes (in the compute
 # dtype) at a time inside each matmul (``kernels.cpu.linear``): small enough to stay in the CPU's cache
 # between the conversion and the matmul, big enough for an efficient matmul. Counted in working memory.
@@ -100,6 +103,10 @@ class OptConfig:
     rotary_dim: int = 0
     rotary_interleaved: bool = False
     rope_theta: float = 10000.0
+    # Rope scaling: transformers' rope parameters other than rope_theta and partial_rotary_factor (rope_type,
+    # factor, original_max_position_embeddings, ...) as sorted (key, value) pairs, lists as tuples, so the
+    # config stays hashable; a dict is accepted (config.json, the store's index). Empty: the plain rotation.
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
     # Per-layer attention window: "global" or "local" per layer (cycled; empty = all global) and the
     # local window in tokens (GPT-Neo).
     attention_layers: tuple[str, ...] = ()
@@ -198,6 +205,12 @@ class OptConfig:
             raise ConfigError("shared_norm (one layer norm for attention and MLP) needs parallel_attn")
         if self.position == "rotary" and self.rope_theta <= 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        object.__setattr__(self, "rope_scaling", _rope_pairs(self.rope_scaling))
+        if self.rope_scaling:
+            if self.position != "rotary":
+                raise ConfigError("rope_scaling needs rotary positions")
+            if self.rope_type not in ROPE_TYPES:
+                raise ConfigError(f"rope_type must be one of {', '.join(ROPE_TYPES)}, got {self.rope_type!r}")
         if self.model_bytes() > MAX_MODEL_BYTES:
             raise ConfigError(
                 f"the config describes {self.model_bytes() / 2**50:.0f} PiB of weights (hidden_size "
@@ -241,6 +254,16 @@ class OptConfig:
     @property
     def run_dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.run_dtype]
+
+    @property
+    def rope_type(self) -> str:
+        """transformers' rope_type: "default" (the plain rotation) or one of ``ROPE_TYPES``."""
+        return str(dict(self.rope_scaling).get("rope_type", "default"))
+
+    @property
+    def rope_parameters(self) -> dict[str, Any]:
+        """``rope_scaling`` as transformers spells it: a dict, lists where the config has tuples."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.rope_scaling}
 
     # ---- per-layer flags -----------------------------------------------------------------------
     def attention_window(self, layer: int) -> int:
@@ -352,10 +375,32 @@ class OptConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for key in ("extra", "compute_dtype", "eos_token_ids"):  # left out when unset: stored indexes read as before
+        # Left out when unset: stored indexes (and the store keys hashed from them) read as before.
+        for key in ("extra", "compute_dtype", "eos_token_ids", "rope_scaling"):
             if not d[key]:
                 d.pop(key)
+        if self.rope_scaling:
+            d["rope_scaling"] = self.rope_parameters
         return d
+
+
+def _rope_pairs(value: Any) -> tuple[tuple[str, Any], ...]:
+    """Rope parameters (a dict, or (key, value) pairs after a JSON round trip) as sorted, hashable pairs."""
+    items = value.items() if isinstance(value, dict) else value
+    try:
+        pairs = [(k, v) for k, v in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"rope_scaling must be a mapping of rope parameters, got {value!r}") from None
+    out = []
+    for key, v in pairs:
+        if not isinstance(key, str):
+            raise ConfigError(f"rope_scaling keys must be strings, got {key!r}")
+        v = tuple(v) if isinstance(v, list | tuple) else v
+        for x in v if isinstance(v, tuple) else (v,):
+            if not (isinstance(x, str | bool) or (isinstance(x, int | float) and math.isfinite(x))):
+                raise ConfigError(f"rope_scaling {key!r} must be a finite number, a flag or a name, got {v!r}")
+        out.append((key, v))
+    return tuple(sorted(out, key=lambda kv: kv[0]))
 
 
 def _is_int(value: Any) -> bool:

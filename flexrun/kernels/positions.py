@@ -7,8 +7,12 @@ to the fused layer; they are the same whichever kernel set computes the layer.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+
+from flexrun.config import OptConfig
+from flexrun.errors import ConfigError
 
 
 def additive_mask(valid: torch.Tensor, query_len: int, dtype: torch.dtype, window: int = 0) -> torch.Tensor:
@@ -40,18 +44,130 @@ def bidirectional_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def rotary_cos_sin(
-    positions: torch.Tensor, dim: int, theta: float, interleaved: bool, dtype: torch.dtype
+    positions: torch.Tensor,
+    dim: int,
+    theta: float,
+    interleaved: bool,
+    dtype: torch.dtype,
+    *,
+    inv_freq: torch.Tensor | None = None,
+    attention_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles for ``positions`` (b, s), each (b, 1, s, dim), computed in float32.
 
-    Frequency j (of dim / 2) is theta^(-2j / dim). Interleaved style (GPT-J) rotates pairs (2j, 2j + 1),
-    so each angle is repeated in place; half style (GPT-NeoX, LLaMA) rotates (j, j + dim / 2), so the
-    angles are tiled.
+    Frequency j (of dim / 2) is theta^(-2j / dim), unless ``inv_freq`` gives them: (dim / 2,), or
+    (b, dim / 2) for frequencies that differ by sequence. ``attention_factor`` scales cos and sin (yarn,
+    longrope). Interleaved style (GPT-J) rotates pairs (2j, 2j + 1), so each angle is repeated in place; half
+    style (GPT-NeoX, LLaMA) rotates (j, j + dim / 2), so the angles are tiled.
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    if inv_freq is None:
+        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    inv_freq = inv_freq.to(positions.device, torch.float32)
+    if inv_freq.dim() == 2:
+        inv_freq = inv_freq[:, None, :]  # (b, 1, dim / 2)
     angles = positions.float()[..., None] * inv_freq  # (b, s, dim / 2)
     angles = angles.repeat_interleave(2, dim=-1) if interleaved else torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+    cos, sin = angles.cos(), angles.sin()
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+
+
+class Rope:
+    """A config's rotary frequencies, computed once per engine: theta^(-2j / dim) for the plain rotation,
+    transformers' own functions (``ROPE_INIT_FUNCTIONS``: linear, dynamic, yarn, llama3, longrope) for a
+    scaled one, with the attention factor they return.
+
+    "dynamic" and "longrope" frequencies depend on the sequence's length. transformers recomputes them at
+    every forward from the batch's longest position (keys cached earlier keep their rotation) and keeps the
+    longest length seen across calls; here each sequence gets, at every step, what transformers computes for
+    it alone in a fresh model: the initial frequencies up to the threshold (max_position_embeddings for
+    dynamic, original_max_position_embeddings for longrope), then those of its current length. A
+    sequence's result so never depends on what it is batched with. Computed once per length.
+    """
+
+    def __init__(self, cfg: OptConfig) -> None:
+        self.dim, self.theta, self.interleaved = cfg.rotary_dim, cfg.rope_theta, cfg.rotary_interleaved
+        self.rope_type = cfg.rope_type
+        self._hf: Any = _hf_rope_config(cfg) if cfg.rope_scaling else None
+        self.inv_freq, self.attention_factor = self._frequencies(None)
+        # Lengths up to this one run on the initial frequencies; 0: every length does.
+        self._threshold = _trained_positions(cfg) if self.rope_type in ("dynamic", "longrope") else 0
+        self._by_length: dict[int, torch.Tensor] = {}
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def _frequencies(self, seq_len: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """inv_freq (dim / 2,) float32 on the CPU, and the factor cos and sin are scaled by. ``seq_len`` is a
+        tensor, as transformers passes it (its arithmetic then runs in float32, as there)."""
+        if self._hf is None:
+            return 1.0 / self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim), 1.0
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, factor = ROPE_INIT_FUNCTIONS[self.rope_type](self._hf, None, seq_len)
+        if inv_freq.shape != (self.dim // 2,):
+            raise ConfigError(
+                f"transformers' {self.rope_type} rope gave {tuple(inv_freq.shape)} frequencies for {self.dim} rotary dims"
+            )
+        return inv_freq.float(), float(factor)
+
+    def _for_length(self, n: int) -> torch.Tensor:
+        if n <= self._threshold:
+            return self.inv_freq
+        if n not in self._by_length:
+            self._by_length[n] = self._frequencies(torch.tensor(n))[0]
+        return self._by_length[n]
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rotary_cos_sin`` of ``positions`` (b, s), the newest tokens of each sequence, left-padded (padding
+        at position -1), so that a row's last position + 1 is its length so far."""
+        if self._threshold:
+            lengths = (positions[:, -1] + 1).tolist()
+            inv_freq = torch.stack([self._for_length(int(n)) for n in lengths])  # (b, dim / 2)
+        else:
+            if positions.device not in self._on_device:
+                self._on_device[positions.device] = self.inv_freq.to(positions.device)
+            inv_freq = self._on_device[positions.device]
+        return rotary_cos_sin(
+            positions,
+            self.dim,
+            self.theta,
+            self.interleaved,
+            dtype,
+            inv_freq=inv_freq,
+            attention_factor=self.attention_factor,
+        )
+
+
+def _hf_rope_config(cfg: OptConfig) -> Any:
+    """The config transformers' rope functions read: they take only the rope parameters, head_dim,
+    hidden_size, num_attention_heads and max_position_embeddings from it, so a LlamaConfig carries them
+    for every family."""
+    from transformers import LlamaConfig
+
+    params = cfg.rope_parameters
+    max_positions = cfg.max_seq_len
+    if cfg.rope_type == "dynamic":
+        # flexrun's max_seq_len is the context dynamic scaling extends to; transformers scales from the
+        # trained one, its max_position_embeddings.
+        max_positions = _trained_positions(cfg)
+        params.pop("original_max_position_embeddings", None)
+    # rope_theta and rope_scaling, as transformers 4 spells them; transformers 5 reads them into rope_parameters.
+    fields: dict[str, Any] = dict(
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.n_head,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=max_positions,
+        rope_theta=cfg.rope_theta,
+        rope_scaling=params,
+    )
+    if cfg.rotary_dim != cfg.head_dim:
+        fields["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
+    return LlamaConfig(**fields)
+
+
+def _trained_positions(cfg: OptConfig) -> int:
+    """The context the model was trained for: original_max_position_embeddings, else max_seq_len."""
+    return int(cfg.rope_parameters.get("original_max_position_embeddings", cfg.max_seq_len))
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:

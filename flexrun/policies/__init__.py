@@ -84,7 +84,9 @@ def _register_builtin() -> None:
     from flexrun.policies.gpt_neox import GptNeoxPolicy
     from flexrun.policies.gptj import GptjPolicy
     from flexrun.policies.llama import LlamaPolicy
+    from flexrun.policies.mistral import MistralPolicy
     from flexrun.policies.opt import OptPolicy
+    from flexrun.policies.qwen2 import Qwen2Policy
 
     for policy in (
         OptPolicy,
@@ -94,6 +96,8 @@ def _register_builtin() -> None:
         GptNeoPolicy,
         GptNeoxPolicy,
         LlamaPolicy,
+        MistralPolicy,
+        Qwen2Policy,
         BertPolicy,
         RobertaPolicy,
     ):

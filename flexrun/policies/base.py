@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from flexrun.config import OptConfig
+from flexrun.config import ROPE_TYPES, OptConfig
 from flexrun.errors import ConfigError
 from flexrun.quant import formats
 from flexrun.quant.formats import QuantWeight
@@ -103,17 +103,60 @@ def token_ids(hf: dict[str, Any], default: int) -> dict[str, Any]:
     }
 
 
-def rope_settings(hf: dict[str, Any], head_dim: int, name: str) -> dict[str, Any]:
-    """rope_theta and rotary_dim from either config.json spelling: transformers 5's ``rope_parameters``
-    or the older top-level ``rope_theta`` / ``rotary_emb_base`` / ``rotary_pct`` / ``partial_rotary_factor``.
-    Scaled rope variants (linear, dynamic, yarn, llama3) are refused rather than run wrong."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+# Parameters each scaled rope type cannot do without (transformers' functions index them).
+_ROPE_NEEDS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    "longrope": ("long_factor", "short_factor"),
+}
+
+
+def rope_fields(hf: dict[str, Any], head_dim: int, name: str, max_positions: int) -> dict[str, Any]:
+    """rope_theta, rotary_dim, rope_scaling and max_seq_len from config.json, read as transformers reads them:
+    transformers 5's ``rope_parameters`` or the older ``rope_scaling`` (which wins when both are there) with
+    the top-level ``rope_theta`` / ``rotary_emb_base`` / ``rotary_pct`` / ``partial_rotary_factor``.
+
+    ``max_positions`` is config.json's max_position_embeddings. llama3, yarn and longrope record the context
+    they were trained for as original_max_position_embeddings, max_position_embeddings when the rope
+    parameters leave it out (a top-level key counts only for configs that declare one, such as Phi-3's,
+    none of the families here); dynamic NTK scales up from max_position_embeddings, which it records
+    under that name, and runs to ``factor`` times it."""
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ConfigError(f"{name}: rope parameters per layer type are not supported")
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise ConfigError(f"{name}: rope scaling {kind!r} is not supported (only the default rotary embedding)")
     theta = params.get("rope_theta") or hf.get("rope_theta") or hf.get("rotary_emb_base") or 10000.0
     factor = params.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or hf.get("rotary_pct") or 1.0
-    return {"rope_theta": float(theta), "rotary_dim": int(head_dim * float(factor))}
+    out = {"rope_theta": float(theta), "rotary_dim": int(head_dim * float(factor)), "max_seq_len": max_positions}
+    if kind == "default":
+        return out
+    if kind not in _ROPE_NEEDS:
+        raise ConfigError(
+            f"{name}: rope scaling {kind!r} is not supported (supported: default, {', '.join(ROPE_TYPES)})"
+        )
+    missing = [key for key in _ROPE_NEEDS[kind] if params.get(key) is None]
+    if missing:
+        raise ConfigError(f"{name}: rope scaling {kind!r} needs {missing[0]!r} in config.json")
+    scaling = {k: v for k, v in params.items() if k not in ("type", "rope_theta", "partial_rotary_factor")}
+    scaling["rope_type"] = kind
+    if kind == "dynamic":
+        scaling["original_max_position_embeddings"] = max_positions
+        out["max_seq_len"] = max(max_positions, int(max_positions * float(params["factor"])))
+    elif kind in ("llama3", "yarn", "longrope"):
+        scaling.setdefault("original_max_position_embeddings", max_positions)
+    return {**out, "rope_scaling": scaling}
+
+
+def rope_settings(hf: dict[str, Any], head_dim: int, name: str, max_positions: int) -> dict[str, Any]:
+    """``rope_fields``, for a policy's OptConfig. Scaled rope variants are refused rather than run wrong until
+    the engine computes its rotary angles with ``kernels.positions.Rope`` (which applies rope_scaling)."""
+    fields = rope_fields(hf, head_dim, name, max_positions)
+    if fields.get("rope_scaling"):
+        kind = fields["rope_scaling"]["rope_type"]
+        raise ConfigError(f"{name}: rope scaling {kind!r} is not supported (only the default rotary embedding)")
+    return fields
 
 
 def qkv_from_interleaved_heads(t: torch.Tensor, n_head: int, head_dim: int) -> torch.Tensor:

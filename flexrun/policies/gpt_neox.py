@@ -35,7 +35,6 @@ class GptNeoxPolicy(Policy):
             n_head=heads,
             ffn_embed_dim=hf.get("intermediate_size") or 4 * hidden,
             vocab_size=require(hf, "vocab_size", name),
-            max_seq_len=hf.get("max_position_embeddings", 2048),
             dtype=dtype,
             activation=ACTIVATIONS[act],
             qkv_bias=bias,
@@ -46,7 +45,7 @@ class GptNeoxPolicy(Policy):
             layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             arch=self.name,
-            **rope_settings(hf, hidden // heads, name),
+            **rope_settings(hf, hidden // heads, name, hf.get("max_position_embeddings", 2048)),
             **token_ids(hf, default=0),
         )
 

@@ -1,5 +1,6 @@
-"""LLaMA and its descendants (LlamaForCausalLM, e.g. SmolLM2): RMSNorm, SwiGLU MLP, half-rotation rotary,
-grouped-query attention, usually an untied LM head."""
+"""LLaMA and its descendants (LlamaForCausalLM, e.g. SmolLM2, Llama 3.x): RMSNorm, SwiGLU MLP, half-rotation
+rotary (scaled as config.json's rope parameters say), grouped-query attention, usually an untied LM head.
+Mistral and Qwen2 subclass it."""
 
 from __future__ import annotations
 
@@ -27,17 +28,23 @@ class LlamaPolicy(Policy):
     architectures = ("LlamaForCausalLM",)
     model_types = ("llama",)
     layer_classes = ("LlamaDecoderLayer",)
+    #: The family's name in messages.
+    label = "LLaMA"
 
     def config_from_hf(self, hf: dict[str, Any], name: str, dtype: str) -> OptConfig:
+        return OptConfig(**self.config_fields(hf, name, dtype))
+
+    def config_fields(self, hf: dict[str, Any], name: str, dtype: str) -> dict[str, Any]:
+        """The ``OptConfig`` fields of config.json; a subclass adjusts them for its family."""
         act = hf.get("hidden_act", "silu")
         if act != "silu":
-            raise ConfigError(f"{name}: unsupported LLaMA activation {act!r} (SwiGLU needs silu)")
+            raise ConfigError(f"{name}: unsupported {self.label} activation {act!r} (SwiGLU needs silu)")
         hidden, heads = require(hf, "hidden_size", name), require(hf, "num_attention_heads", name)
         head_dim = hf.get("head_dim") or hidden // heads
         if head_dim * heads != hidden:
             raise ConfigError(f"{name}: head_dim {head_dim} x {heads} heads != hidden_size {hidden} is not supported")
         attn_bias = bool(hf.get("attention_bias", False))
-        return OptConfig(
+        return dict(
             name=name,
             num_hidden_layers=require(hf, "num_hidden_layers", name),
             hidden_size=hidden,
@@ -45,7 +52,6 @@ class LlamaPolicy(Policy):
             n_kv_head=hf.get("num_key_value_heads") or heads,
             ffn_embed_dim=require(hf, "intermediate_size", name),
             vocab_size=require(hf, "vocab_size", name),
-            max_seq_len=hf.get("max_position_embeddings", 2048),
             dtype=dtype,
             activation="silu",
             gated_mlp=True,
@@ -59,7 +65,7 @@ class LlamaPolicy(Policy):
             rotary_interleaved=False,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             arch=self.name,
-            **rope_settings(hf, head_dim, name),
+            **rope_settings(hf, head_dim, name, hf.get("max_position_embeddings", 2048)),
             **token_ids(hf, default=2),
         )
 
@@ -79,6 +85,7 @@ class LlamaPolicy(Policy):
         }
         if config.qkv_bias:
             out["qkv_b"] = cat_rows([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+        if config.attn_out_bias:
             out["out_b"] = get(p + "self_attn.o_proj.bias")
         if config.enable_bias:
             out["gate_b"] = get(p + "mlp.gate_proj.bias")
