@@ -135,15 +135,6 @@ CASES: dict[str, tuple[Any, Any, dict[str, Any]]] = {
         ),
     ),
 }
-SCALED = {name for name, (_, _, kw) in CASES.items() if kw.get("rope_scaling")}
-# The fix lies in runtime/engine.py (not this work's to change): Engine._plan builds `self.rope = P.Rope(cfg)`
-# for a rotary model and _attention_inputs takes the new tokens' angles from `self.rope.cos_sin(new, self.dtype)`
-# instead of P.rotary_cos_sin(...); then policies/base.py rope_settings returns rope_fields(...) unrefused.
-ENGINE_FIX = "the engine does not yet compute rotary angles with kernels.positions.Rope (see the comment)"
-
-
-def _marks(name: str) -> list[Any]:
-    return [pytest.mark.xfail(strict=True, raises=ConfigError, reason=ENGINE_FIX)] if name in SCALED else []
 
 
 def tiny(name: str, seed: int = 0, **overrides: Any) -> Any:
@@ -173,7 +164,7 @@ def hf_alone(model: Any, prompts: list[list[int]], new: int) -> tuple[list[list[
     return tokens, logits
 
 
-@pytest.fixture(scope="module", params=[pytest.param(n, marks=_marks(n)) for n in sorted(CASES)])
+@pytest.fixture(scope="module", params=sorted(CASES))
 def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     name = request.param
     model = tiny(name, seed=3)

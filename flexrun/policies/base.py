@@ -150,13 +150,8 @@ def rope_fields(hf: dict[str, Any], head_dim: int, name: str, max_positions: int
 
 
 def rope_settings(hf: dict[str, Any], head_dim: int, name: str, max_positions: int) -> dict[str, Any]:
-    """``rope_fields``, for a policy's OptConfig. Scaled rope variants are refused rather than run wrong until
-    the engine computes its rotary angles with ``kernels.positions.Rope`` (which applies rope_scaling)."""
-    fields = rope_fields(hf, head_dim, name, max_positions)
-    if fields.get("rope_scaling"):
-        kind = fields["rope_scaling"]["rope_type"]
-        raise ConfigError(f"{name}: rope scaling {kind!r} is not supported (only the default rotary embedding)")
-    return fields
+    """``rope_fields``, for a policy's OptConfig (``kernels.positions.Rope`` applies rope_scaling)."""
+    return rope_fields(hf, head_dim, name, max_positions)
 
 
 def qkv_from_interleaved_heads(t: torch.Tensor, n_head: int, head_dim: int) -> torch.Tensor:

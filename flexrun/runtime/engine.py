@@ -64,6 +64,7 @@ class Engine(StackRunner):
             for i in range(cfg.num_hidden_layers)
         ]
         self.windows = sorted({layer.spec.window for layer in self.layers})
+        self.rope = P.Rope(cfg) if cfg.position == "rotary" else None
 
     def _allocate(self) -> None:
         self.cache.allocate()
@@ -107,9 +108,8 @@ class Engine(StackRunner):
             bias = P.alibi_bias(positions, cfg.n_head, self.dtype)  # (b, nh, 1, t)
             masks = {win: m + bias for win, m in masks.items()}  # (b, nh, q, t)
         rotary = None
-        if cfg.position == "rotary":
-            new = positions[:, -query_len:]  # (b, q)
-            rotary = P.rotary_cos_sin(new, cfg.rotary_dim, cfg.rope_theta, cfg.rotary_interleaved, self.dtype)
+        if self.rope is not None:
+            rotary = self.rope.cos_sin(positions[:, -query_len:], self.dtype)  # the new tokens' (b, q)
         return masks, rotary
 
     # ---- one step of the block schedule ----------------------------------------------------------
