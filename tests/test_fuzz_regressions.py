@@ -138,10 +138,8 @@ def test_partial_rotary_with_an_odd_dim_is_refused_naming_rotary_dim(tmp_path: P
     assert r.output == "Error: rotary_dim 29 must be even and at most head_dim 52\n"
 
 
-# The fix, in policies/base.py rope_settings (not this work's to change): when int(head_dim * factor) is 0,
-# return position="none" (HF rotates nothing) or raise ConfigError, instead of rotary_dim 0, which OptConfig
-# reads as "the whole head".
-@pytest.mark.xfail(strict=True, reason="policies/base.py rope_settings turns 0 rotary dims into all of them")
+# Fixed in policies/base.py rope_fields: a factor that leaves 0 rotary dimensions (HF rotates nothing) is
+# refused, instead of rotary_dim 0, which OptConfig reads as "the whole head".
 def test_partial_rotary_that_rounds_to_zero_dims_matches_hf_or_is_refused(tmp_path: Path) -> None:
     """Fuzzer, gpt_neox: rotary_pct 0.1 of an 8-dim head is 0 rotary dims for HF (no rotation), all 8 for
     flexrun: silently different tokens."""
@@ -170,10 +168,8 @@ def test_the_engine_stops_at_every_eos_id(tmp_path: Path) -> None:
     assert "eos_token_ids" not in dataclasses.replace(store.config, eos_token_ids=()).to_dict()
 
 
-# The fix, in policies/base.py token_ids and policies/opt.py (not this work's to change): return
-# eos_token_ids=tuple(every id config.json lists) beside eos_token_id (OptConfig and the engine take it);
-# and jobs/generate.py should label finish_reason "eos" for any of config.stop_token_ids.
-@pytest.mark.xfail(strict=True, reason="the policies keep only the first of config.json's eos ids")
+# Fixed in policies/base.py token_ids (and opt.py): eos_token_ids holds every id config.json lists, and
+# jobs/generate.py labels finish_reason "eos" for any of config.stop_token_ids.
 def test_a_checkpoint_with_several_eos_ids_stops_at_each_like_hf(tmp_path: Path) -> None:
     """Fuzzer, any family: config.json's eos_token_id [a, b] makes HF stop at a or b; flexrun stopped only at
     a, and ran on past b (a Llama 3.1 chat would run past its end-of-turn)."""

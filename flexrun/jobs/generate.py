@@ -62,10 +62,10 @@ class GenerateResult:
 class _Job:
     """One run of a job: the sequences still to do, where their records go, and how to turn tokens into them."""
 
-    def __init__(self, job: JobOptions, tokenizer: Any, eos: int, writer: ResultWriter) -> None:
+    def __init__(self, job: JobOptions, tokenizer: Any, eos: frozenset[int], writer: ResultWriter) -> None:
         self.job = job
         self.tokenizer = tokenizer
-        self.eos = eos
+        self.eos = eos  # every id that ends a sequence
         self.writer = writer
         self.stats: RunStats | None = None  # of the blocks finished so far
 
@@ -84,7 +84,7 @@ class _Job:
             row["text"], stopped = cut_at_stop(
                 self.tokenizer.decode(toks, skip_special_tokens=True), self.job.params.stop
             )
-        eos = bool(toks) and toks[-1] == self.eos and self.job.params.stop_at_eos
+        eos = bool(toks) and toks[-1] in self.eos and self.job.params.stop_at_eos
         row["finish_reason"] = "stop" if stopped else "eos" if eos else "length"
         return row
 
@@ -170,7 +170,7 @@ def run_generate(
     )
     if plan_line and not job.quiet:
         notify(plan_line)
-    run = _Job(job, tokenizer, store.config.eos_token_id, writer)
+    run = _Job(job, tokenizer, store.config.stop_token_ids, writer)
     stop = StopRequest(notify=None if job.quiet else notify)
     abandoned = False
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flexrun.config import DTYPE_BYTES, OptConfig
-from flexrun.errors import CheckpointError
+from flexrun.errors import CheckpointError, ConfigError
 from flexrun.policies.base import Policy, TensorGetter
 
 _REGISTRY: dict[str, Policy] = {}
@@ -63,8 +63,17 @@ def _hf_dtype(hf: dict[str, Any]) -> str:
 
 
 def config_from_hf(hf: dict[str, Any], name: str) -> OptConfig:
-    """An ``OptConfig`` from a Hugging Face config.json dict, through the architecture's policy."""
-    return policy_for_hf_config(hf).config_from_hf(hf, name=name, dtype=_hf_dtype(hf))
+    """An ``OptConfig`` from a Hugging Face config.json dict, through the architecture's policy. A field that
+    is missing or of the wrong kind is a ConfigError naming config.json and the field, never a traceback."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{name}: config.json is a JSON {type(hf).__name__}, not an object")
+    policy = policy_for_hf_config(hf)
+    try:
+        return policy.config_from_hf(hf, name=name, dtype=_hf_dtype(hf))
+    except KeyError as exc:
+        raise ConfigError(f"{name}: config.json has no {exc.args[0]!r} ({policy.name} needs it)") from None
+    except (TypeError, ValueError, IndexError, ZeroDivisionError, AttributeError) as exc:
+        raise ConfigError(f"{name}: config.json has a malformed field ({exc.__class__.__name__}: {exc})") from None
 
 
 def policy_for_layer(layer: object) -> Policy:

@@ -84,8 +84,9 @@ def cat_rows(parts: Sequence[Weight]) -> Weight:
 
 
 def token_ids(hf: dict[str, Any], default: int) -> dict[str, Any]:
-    """pad/bos/eos ids from config.json; a missing pad falls back to eos (padding is always masked), the
-    first of several eos ids is the one that stops generation."""
+    """pad/bos/eos ids from config.json; a missing pad falls back to eos (padding is always masked). Of several
+    eos ids (Llama 3.1's end of text, of message and of turn) the first is the model's eos and each of them
+    ends a sequence, as in HF's generate."""
 
     def first(value: Any) -> int | None:
         if isinstance(value, list):
@@ -100,7 +101,14 @@ def token_ids(hf: dict[str, Any], default: int) -> dict[str, Any]:
         "eos_token_id": eos,
         "bos_token_id": eos if bos is None else bos,
         "pad_token_id": eos if pad is None else pad,
+        "eos_token_ids": eos_ids(hf),
     }
+
+
+def eos_ids(hf: dict[str, Any]) -> tuple[int, ...]:
+    """Every eos id config.json lists, when it lists several (one id: empty, the eos_token_id says it)."""
+    value = hf.get("eos_token_id")
+    return tuple(int(v) for v in value) if isinstance(value, list) and len(value) > 1 else ()
 
 
 # Parameters each scaled rope type cannot do without (transformers' functions index them).
@@ -129,7 +137,13 @@ def rope_fields(hf: dict[str, Any], head_dim: int, name: str, max_positions: int
     kind = params.get("rope_type", params.get("type", "default"))
     theta = params.get("rope_theta") or hf.get("rope_theta") or hf.get("rotary_emb_base") or 10000.0
     factor = params.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or hf.get("rotary_pct") or 1.0
-    out = {"rope_theta": float(theta), "rotary_dim": int(head_dim * float(factor)), "max_seq_len": max_positions}
+    rotary_dim = int(head_dim * float(factor))
+    if rotary_dim == 0:  # HF rotates nothing; flexrun's 0 would mean the whole head
+        raise ConfigError(
+            f"{name}: a partial rotary factor of {factor} leaves 0 of the head's {head_dim} dimensions rotary; "
+            "not supported"
+        )
+    out = {"rope_theta": float(theta), "rotary_dim": rotary_dim, "max_seq_len": max_positions}
     if kind == "default":
         return out
     if kind not in _ROPE_NEEDS:

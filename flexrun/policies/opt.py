@@ -8,7 +8,7 @@ import torch
 
 from flexrun.config import OptConfig
 from flexrun.errors import ConfigError
-from flexrun.policies.base import Policy, TensorGetter
+from flexrun.policies.base import Policy, TensorGetter, eos_ids
 
 _ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new"}
 
@@ -39,6 +39,7 @@ class OptPolicy(Policy):
             pad_token_id=hf.get("pad_token_id", 1) if hf.get("pad_token_id") is not None else 1,
             bos_token_id=hf.get("bos_token_id", 2) if hf.get("bos_token_id") is not None else 2,
             eos_token_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else 2),
+            eos_token_ids=eos_ids(hf),
             dtype=dtype,
             do_layer_norm_before=pre_ln,
             word_embed_proj_dim=hf.get("word_embed_proj_dim") or hidden,
