@@ -1,5 +1,6 @@
 """Plain regression tests for what differential fuzzing (tests/test_fuzz_vs_hf.py) and issue 18 found: each
-one a bug fixed (or, marked xfail, one whose fix lies in a module this work could not change)."""
+one a bug fixed. A new one whose fix lies in another module goes in as xfail(strict=True), the reason naming
+the module and the fix, until that fix removes the marker."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Hostile inputs, each answered with one clear line on stderr and exit code 1, no traceback, and an existing
 output file untouched: fuzzed JSONL prompt files, damaged tensor stores, absurd or contradictory config.json
 files, GGUF files cut short. docs/reliability.md lists every input tried here, what flexrun answers, and the
-test that checks it. Tests marked xfail are bugs whose fix lies in a module this work could not change (the
-reason says which and how).
+test that checks it. A new case whose fix lies in another module goes in as xfail(strict=True), the reason
+naming the module and the fix, until that fix removes the marker.
 
 In-process CLI runs (click's runner) check that no exception escaped other than click's exit; a few cases
 also run the real ``python -m flexrun`` in a subprocess, where a traceback would be printed.
