@@ -244,7 +244,8 @@ STORE_CASES: dict[str, tuple[Any, str]] = {
         "index.json: corrupted index",
     ),
     "index.json empty": (lambda s: (s / "index.json").write_text(""), "index.json: corrupted index"),
-    "written by a newer flexrun": (_edit_index(version=3), "index.json: not a version-2 flexrun store"),
+    "written by a newer flexrun": (_edit_index(version=3), "store version 3 was written by a newer flexrun"),
+    "a tensor file outside the store": (_edit_index(**{"tensor:file": "../x.bin"}), "names a file outside the store"),
     "not a flexrun store": (_edit_index(format="something else"), "index.json: not a version-2 flexrun store"),
     "an absurd config in the index": (
         lambda s: _write_index(s, {**_index(s), "config": {**_index(s)["config"], "vocab_size": 10**12}}),

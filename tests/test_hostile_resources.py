@@ -134,5 +134,6 @@ def test_a_weight_file_read_error_names_the_file(job_ckpt, stores, tmp_path, mon
         r = gen(job_ckpt, stores, tmp_path, *args)
     one_line_error(r, "layers.1.fc1_w.bin: Input/output error")
     assert "cannot read " in r.stderr and "offload dir" not in r.stderr
+    assert "records finished before, run the same command again to resume" in r.stderr
     assert out.read_text() == _first_block(expected)
     _check_resumes(job_ckpt, stores, tmp_path, args, out, expected)

@@ -25,7 +25,7 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from flexrun.config import OptConfig
-from flexrun.errors import FlexrunError, InputError
+from flexrun.errors import CheckpointError, FlexrunError, InputError
 from flexrun.jobs.autoplace import build_engine, plan_job
 from flexrun.jobs.fingerprint import already_done, job_fingerprint, recorded_choices
 from flexrun.jobs.interrupt import StopRequest
@@ -233,6 +233,11 @@ def _run_blocks(
                 raise InputError(
                     f"offload dir: {exc.strerror}; {_kept(run.writer, run.writer.path)}, run the same command "
                     "again to resume once that is fixed"
+                ) from None
+            except CheckpointError as exc:  # a weight file that cannot be read mid-job
+                raise CheckpointError(
+                    f"{exc}; {_kept(run.writer, run.writer.path)}, run the same command again to resume once "
+                    "that is fixed"
                 ) from None
             if text is not None:
                 stdout.write(text.finish() + "\n")

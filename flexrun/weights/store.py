@@ -180,6 +180,8 @@ def _meta_of(index_file: Path, name: str, m: Any) -> TensorMeta:
             m.get("encoding", ""),
             int(m.get("group_size", 0)),
         )
+        if Path(meta.file).name != meta.file or meta.file in ("", ".", ".."):
+            raise CheckpointError(f"{index_file}: tensor {name} names a file outside the store ({meta.file!r})")
         if meta.dtype not in TORCH_DTYPES:
             raise CheckpointError(f"{index_file}: tensor {name} has unknown dtype {meta.dtype!r}; convert again")
         spec = meta.spec
@@ -211,7 +213,15 @@ class TensorStore:
             raise CheckpointError(
                 f"{index_file}: corrupted index ({reason}); delete the store and convert again"
             ) from None
-        if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") not in _READABLE:
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise CheckpointError(f"{index_file}: not a version-{VERSION} flexrun store; convert again")
+        version = index.get("version")
+        if isinstance(version, int) and version > VERSION:
+            raise CheckpointError(
+                f"{index_file}: store version {version} was written by a newer flexrun (this one reads up to "
+                f"{VERSION}); upgrade flexrun or convert again"
+            )
+        if version not in _READABLE:
             raise CheckpointError(f"{index_file}: not a version-{VERSION} flexrun store; convert again")
         if not isinstance(index.get("config"), dict) or not isinstance(index.get("tensors"), dict):
             raise CheckpointError(f"{index_file}: corrupted index (no config or tensors); convert again")
