@@ -45,6 +45,8 @@ class FlexrunGroup(click.Group):
         except FlexrunError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except BrokenPipeError:  # the reader of stdout (or of a FIFO --output) went away: end quietly, as Unix tools do
+            ctx.exit(0)
         except KeyboardInterrupt:
             click.echo("Aborted.", err=True)
             ctx.exit(130)
@@ -140,7 +142,8 @@ def convert_cmd(model: str, out: str, dtype: str | None, compress_weight: str | 
     "--output",
     "-o",
     type=click.Path(dir_okay=False),
-    help="Write JSONL results here (default stdout); rerunning the same command resumes.",
+    help="Write JSONL results here (default or -: stdout); rerunning the same command resumes. One job per "
+    "file at a time; a pipe, FIFO or device is written straight through (no resume).",
 )
 @click.option("--overwrite", is_flag=True, help="Start the --output file afresh instead of resuming it.")
 @click.option("--max-new-tokens", default=32, show_default=True, callback=positive_int)

@@ -15,6 +15,7 @@ writes exactly the records, in the order, that an uninterrupted one would have.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -31,9 +32,9 @@ from flexrun.jobs.fingerprint import already_done, job_fingerprint, recorded_cho
 from flexrun.jobs.interrupt import StopRequest
 from flexrun.jobs.options import EngineOptions, JobOptions
 from flexrun.jobs.prompts import Sequence, load_tokenizer, prepare
-from flexrun.jobs.results import ResultWriter, check_output
+from flexrun.jobs.results import ResultWriter, check_output, emit, is_stream, lock_output, open_stream
 from flexrun.jobs.streaming import TextStream, cut_at_stop
-from flexrun.jobs.textio import check_unique_ids, read_prompts
+from flexrun.jobs.textio import PromptRecord, check_unique_ids, read_prompts
 from flexrun.placement import Placement
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.stats import RunStats
@@ -128,11 +129,38 @@ def run_generate(
     use_stdin = job.input_file == "-" or (not job.prompts and not job.input_file and not stdin.isatty())
     records = read_prompts(job.prompts, job.input_file, stdin if use_stdin else None)
     source = job.input_file if job.input_file and job.input_file != "-" else "<stdin>" if use_stdin else "--prompt"
-    out_path = Path(job.output) if job.output else None
-    if out_path is not None:
-        check_unique_ids(records)
-        check_output(out_path, job.input_file)
+    target = Path(job.output) if job.output and job.output != "-" else None  # "-" is stdout
+    if target is not None and is_stream(target):
+        notify(f"{target} is a pipe or device: records are written straight through, without a job file or resume")
+        sink = open_stream(target)
+        try:
+            return _generate(opts, job, records, source, None, sink, str(target), notify)
+        finally:
+            with contextlib.suppress(OSError):  # its failure was reported, or its reader is gone
+                sink.close()
+    if target is None:
+        return _generate(opts, job, records, source, None, stdout, "stdout", notify)
+    check_unique_ids(records)
+    check_output(target, job.input_file)
+    lock = lock_output(target)  # one job per output file
+    try:
+        return _generate(opts, job, records, source, target, stdout, str(target), notify)
+    finally:
+        lock.release()
 
+
+def _generate(
+    opts: EngineOptions,
+    job: JobOptions,
+    records: list[PromptRecord],
+    source: str,
+    out_path: Path | None,
+    stdout: IO[str],
+    name: str,
+    notify: Callable[[str], None],
+) -> GenerateResult:
+    """The job once its output is settled: a resumable file ``out_path`` (locked), else ``stdout`` (a pipe
+    or device ``--output`` opened in its place), called ``name`` in messages."""
     model = opts.model.source("generate")
     tokenizer = load_tokenizer(model)
     if job.params.stop and tokenizer is None:
@@ -156,7 +184,7 @@ def run_generate(
     pending = [s for s in seqs if s.key not in done]
     if job.order == "length":
         pending.sort(key=lambda s: (-len(s.ids), s.seed_index))
-    writer = ResultWriter(out_path, stdout=None if job.stream else stdout, job=fingerprint)
+    writer = ResultWriter(out_path, stdout=None if job.stream else stdout, job=fingerprint, name=name)
     if not pending:
         writer.open(keep_bytes, len(done))
         writer.close()
@@ -218,8 +246,7 @@ def _run_blocks(
             if text is not None:
 
                 def on_step(members: list[int], last: list[int], text: TextStream = text) -> None:
-                    stdout.write(text.push(last[0]))
-                    stdout.flush()
+                    emit(stdout, text.push(last[0]), run.writer.name, _kept(run.writer, run.writer.path))
 
             try:
                 new, part, _ = engine.generate(
@@ -229,6 +256,8 @@ def _run_blocks(
                     on_step=on_step,
                     stop_check=stop_check,
                 )
+            except BrokenPipeError:  # the reader of --stream's text went away: the CLI ends quietly
+                raise
             except OSError as exc:  # the offload dir filled up or went away mid-job
                 raise InputError(
                     f"offload dir: {exc.strerror}; {_kept(run.writer, run.writer.path)}, run the same command "
@@ -240,8 +269,7 @@ def _run_blocks(
                     "that is fixed"
                 ) from None
             if text is not None:
-                stdout.write(text.finish() + "\n")
-                stdout.flush()
+                emit(stdout, text.finish() + "\n", run.writer.name, _kept(run.writer, run.writer.path))
             with stop.writing():
                 run.writer.write([run.row(s, toks) for s, toks in zip(chunk, new, strict=True)])
             run.stats = part if run.stats is None else run.stats.merge(part)
@@ -254,5 +282,5 @@ def _run_blocks(
 
 def _kept(writer: ResultWriter, out_path: Path | None) -> str:
     if out_path is None:
-        return "the records already printed are complete"
+        return f"the {writer.written} records written before are complete"
     return f"{out_path} keeps the {writer.written} records finished before"

@@ -9,6 +9,11 @@ complete record. A record counts as written only with its newline.
 Next to the file, ``<output>.job.json`` describes the job that writes it (the model's weights and every
 setting that changes the records). It is written atomically before the first record and replaced only
 with ``--overwrite``, after the records are cut; a resume checks it, so two jobs never share one file.
+While a job runs, ``<output>.lock`` is locked (``lock_output``): a second job on the same file is refused.
+
+A pipe, FIFO or character device (``/dev/null``, ``/dev/stdout``) is no file to resume: records are written
+straight through (``open_stream``). A write error there ends the job; a reader that went away
+(``BrokenPipeError``) is left for the CLI to end quietly, as Unix tools do.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import json
 import logging
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from flexrun.errors import InputError
 from flexrun.jobs.textio import id_key
+from flexrun.weights.filelock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,62 @@ def check_output(path: Path, input_file: str | None) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def is_stream(path: Path) -> bool:
+    """Whether ``path`` is a pipe, FIFO or device (anything under /dev or /proc included) rather than a file
+    a job can resume: records go straight through to it."""
+    if str(path).startswith(("/dev/", "/proc/")):
+        return True
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False  # missing: a file is created
+
+
+def open_stream(path: Path) -> IO[str]:
+    """Open a pipe, FIFO or device for writing records (a FIFO waits here for its reader)."""
+    try:
+        return open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by the job
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def lock_output(path: Path) -> FileLock:
+    """Lock ``path`` for this job; another job writing it is refused, named."""
+    lock = FileLock(path.with_name(path.name + ".lock"))
+    if not lock.acquire(wait=False):
+        raise InputError(
+            f"{path} is being written by {lock.holder()} (another flexrun job); wait for it to finish "
+            "or choose another --output"
+        )
+    return lock
+
+
+def _silence(stream: IO[str]) -> None:
+    """Point a stream that failed at /dev/null, so what is still buffered in it cannot fail again at exit."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+
+
+def emit(stream: IO[str], text: str, name: str, kept: str) -> None:
+    """Write and flush ``text`` to a stream. A reader gone (EPIPE) is re-raised as ``BrokenPipeError``;
+    any other write error is one InputError naming the stream and ``kept`` (what is complete)."""
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:
+        _silence(stream)
+        raise
+    except OSError as exc:
+        _silence(stream)
+        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "I/O error")
+        raise InputError(f"cannot write {name}: {reason}; {kept}") from None
 
 
 def result_key(record: dict[str, Any]) -> tuple[str, int]:
@@ -145,9 +208,16 @@ class ResultWriter:
     text instead). ``written`` counts the records in the file. ``job`` is the description recorded next to
     the file (``write_job``) when it is opened."""
 
-    def __init__(self, path: Path | None, stdout: IO[str] | None = None, job: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        stdout: IO[str] | None = None,
+        job: dict[str, Any] | None = None,
+        name: str = "stdout",
+    ) -> None:
         self.path = path
         self.stdout = stdout
+        self.name = name  # the stream's name in messages
         self.job = job
         self.fd: int | None = None
         self.written = 0
@@ -177,8 +247,8 @@ class ResultWriter:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         if self.fd is None:
             if self.stdout is not None:
-                self.stdout.write(data)
-                self.stdout.flush()
+                emit(self.stdout, data, self.name, f"the {self.written} records written before are complete")
+            self.written += len(records)  # to stdout, or printed as text (``--stream``)
             return
         size = os.fstat(self.fd).st_size
         view = memoryview(data.encode("utf-8"))
