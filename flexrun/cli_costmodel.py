@@ -49,7 +49,7 @@ def _planned_kind(kind: str, both: str | None) -> Any:
     return None if value == AUTO_COMPRESSION else value
 
 
-def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int], rule_dtype: str) -> str:
+def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int], rule_dtype: str, host_source: str | None = None) -> str:
     from flexrun.costmodel.search import RELAXATION
     from flexrun.placement import TIERS
     from flexrun.units import format_bytes
@@ -65,6 +65,7 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int], rule_dtype: str) -> s
         f"{cfg.num_hidden_layers} layers)",
         f"hardware:   {hw.name}: {hw.source}",
         f"budgets:    {budgets} (the plan uses at most {relax}% of each)",
+        *([f"host from: {host_source}"] if host_source else []),
         f"workload:   prompt {pr.prompt_len} + generate {pr.gen_len} tokens",
         "",
         f"block:      {pl.gpu_batch_size} x {pl.num_gpu_batches} = {pl.block_size} sequences"
@@ -204,17 +205,21 @@ def plan_cmd(
             f"--prompt-len {prompt_len} + --gen-len {gen_len} exceeds {cfg.name}'s {cfg.max_seq_len} positions"
         )
     if hardware is None:
-        # This machine: the budgets `generate` would get (90% of free RAM, the offload dir's free disk).
+        # This machine: the budgets `generate` would get (90% of the RAM its cgroup / rlimits / the machine leave,
+        # the offload dir's free disk).
         from flexrun.paths import offload_root
         from flexrun.runtime.tiers import Budgets
 
         cuda = torch.cuda.is_available()
-        tiers = Budgets(device=device_mem, host=host_mem, disk=disk_mem).resolved(offload_root(None), cuda)
+        budgets = Budgets(device=device_mem, host=host_mem, disk=disk_mem)
+        tiers = budgets.resolved(offload_root(None), cuda)
+        host_source: str | None = budgets.host_budget()[1]
         hw = load_hardware(None).with_memory(
             device=tiers["device"] if cuda else None, host=tiers["host"], disk=tiers["disk"]
         )
     else:
         hw = hardware.with_memory(device=device_mem, host=host_mem, disk=disk_mem)
+        host_source = None
     # The CPU the spec describes is taken to be this one: its flags say whether 16-bit matmuls are native.
     cfg = with_compute_dtype(cfg, compute_dtype, torch.device("cpu" if hw.device_is_host else "cuda"))
     rule_dtype = cfg.run_dtype
@@ -241,11 +246,12 @@ def plan_cmd(
             "gen_len": gen_len,
             "total_bytes": kinds,
             "placed_bytes": placed,
+            "host_budget_source": host_source,
             **result.to_dict(),
         }
         click.echo(json.dumps(out, indent=2))
         return
-    click.echo(_plan_text(cfg, result, kinds, rule_dtype))
+    click.echo(_plan_text(cfg, result, kinds, rule_dtype, host_source))
 
 
 @click.command("calibrate")

@@ -30,6 +30,7 @@ from flexrun.errors import ConfigError
 from flexrun.kernels import select_kernels
 from flexrun.kernels.positions import additive_mask
 from flexrun.kernels.quantized import chunked_dequantized_linear
+from flexrun.memlimits import process_memory
 from flexrun.paths import offload_root
 from flexrun.quant.formats import QuantSpec, quantize
 from flexrun.weights.store import TORCH_DTYPES
@@ -202,7 +203,6 @@ def calibrate(
     ``offload_dir``: where the disk is measured (default: the cache dir's ``offload``). ``dtype``: the
     compute dtype (default bfloat16 without CUDA, float16 with). ``quick``: small sizes, for tests.
     """
-    import psutil
     from tqdm import tqdm
 
     sizes = QUICK if quick else FULL
@@ -284,7 +284,7 @@ def calibrate(
         name="calibrated",
         source=source,
         device_mem=int(torch.cuda.get_device_properties(device).total_memory) if has_cuda else 0,
-        host_mem=int(psutil.virtual_memory().total),
+        host_mem=process_memory().total,
         disk_mem=int(shutil.disk_usage(probe).free),
         device_is_host=not has_cuda,
         dtype=dtype,

@@ -389,15 +389,16 @@ def default_path() -> Path:
 
 
 def _machine_memory() -> tuple[int, int]:
-    """(total RAM, free disk under the cache dir) of this machine."""
+    """(RAM this process could hold, free disk under the cache dir): the machine's total RAM, or the
+    process's cgroup / rlimit memory limit when that is smaller."""
     import shutil
 
-    import psutil
+    from flexrun.memlimits import process_memory
 
     probe = cache_dir()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    return int(psutil.virtual_memory().total), int(shutil.disk_usage(probe).free)
+    return process_memory().total, int(shutil.disk_usage(probe).free)
 
 
 def _preset_for_gpu() -> HardwareSpec | None:

@@ -196,6 +196,7 @@ def choose_placement(
     has_cuda = torch.cuda.is_available()
     root = offload_root(offload_dir)
     tiers = budgets.resolved(root, has_cuda)
+    host_source = budgets.host_budget()[1]
     tiers = {t: max(b - (reserve or {}).get(t, 0), 0) for t, b in tiers.items()}
     hw = request.hardware or load_hardware(None)
     hw = hw.with_memory(device=tiers["device"] if has_cuda else None, host=tiers["host"], disk=tiers["disk"])
@@ -242,7 +243,8 @@ def choose_placement(
     pr = result.prediction
     why = result.reasons or reasons
     line = (
-        f"plan ({hw.name}, budgets {', '.join(f'{t} {format_bytes(b)}' for t, b in result.budgets.items())}): "
+        f"plan ({hw.name}, budgets {', '.join(f'{t} {format_bytes(b)}' for t, b in result.budgets.items())}; "
+        f"host from {host_source}): "
         f"{placement.describe()}; predicted {pr.throughput:.3g} tok/s, bottleneck {pr.bottleneck}"
         + "".join(f"; {r}" for r in why)
     )

@@ -13,10 +13,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
 
 from flexrun.errors import BudgetError, PlacementError
+from flexrun.memlimits import process_memory
 from flexrun.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -28,15 +28,20 @@ def compute_device() -> torch.device:
 
 @dataclass(frozen=True)
 class Budgets:
-    """Bytes flexrun may hold on each tier (``None``: what the machine has free)."""
+    """Bytes flexrun may hold on each tier (``None``: what the process may still take)."""
 
     device: int | None = None
     host: int | None = None
     disk: int | None = None
 
     def resolved(self, offload_dir: Path, has_cuda: bool) -> dict[str, int]:
-        """Concrete budgets: unset tiers get 90% of what is free now (device: the GPU's free memory)."""
-        host = self.host if self.host is not None else int(psutil.virtual_memory().available * 0.9)
+        """Concrete budgets: unset tiers get 90% of what is free now (host: what the machine has available and
+        the process's cgroup and rlimits leave, ``flexrun.memlimits``; device: the GPU's free memory).
+
+        Raises BudgetError when an explicit host budget exceeds the process's hard memory limit (a cgroup's
+        or an rlimit): the kernel would kill the run once it held that much.
+        """
+        host = self.host_budget()[0]
         if has_cuda:
             device = self.device if self.device is not None else int(torch.cuda.mem_get_info()[0] * 0.9)
         else:
@@ -46,6 +51,24 @@ class Budgets:
         free_disk = disk_free(offload_dir)
         disk = min(self.disk, free_disk) if self.disk is not None else free_disk
         return {"device": device, "host": host, "disk": disk}
+
+    def host_budget(self) -> tuple[int, str]:
+        """(host budget in bytes, where it comes from): the explicit one, checked against the hard limit, or
+        90% of what the tightest bound on this process leaves."""
+        mem = process_memory()
+        if self.host is not None:
+            hard = mem.hard_limit
+            if hard is not None and hard.limit is not None and self.host > hard.limit:
+                raise BudgetError(
+                    f"--host-mem {format_bytes(self.host)} exceeds this process's memory limit "
+                    f"{format_bytes(hard.limit)} ({hard.source}): the kernel would kill the run; "
+                    f"give at most {format_bytes(int(mem.available * 0.9))} or leave --host-mem unset",
+                    "host",
+                    self.host,
+                    hard.limit,
+                )
+            return self.host, "--host-mem"
+        return int(mem.available * 0.9), f"90% of what {mem.source} leaves"
 
 
 @dataclass
