@@ -213,6 +213,9 @@ def _engine_options(v: dict[str, Any], encoder: bool) -> Any:
     from flexrun.jobs.options import EngineOptions, ModelOptions, PlacementRequest
     from flexrun.runtime.tiers import Budgets
 
+    budgets = Budgets(device=v["device_mem"], host=v["host_mem"], disk=v["disk_mem"])
+    if budgets.host is not None:
+        budgets.host_budget()  # a --host-mem above the cgroup's or rlimit's limit: refused before any weight is read
     return EngineOptions(
         model=ModelOptions(
             model=v["model"],
@@ -234,6 +237,6 @@ def _engine_options(v: dict[str, Any], encoder: bool) -> Any:
             hardware=v.get("hardware"),
             compress_cache=compression_kind(v.get("compress_cache")),
         ),
-        budgets=Budgets(device=v["device_mem"], host=v["host_mem"], disk=v["disk_mem"]),
+        budgets=budgets,
         offload_dir=v["offload_dir"],
     )

@@ -227,15 +227,18 @@ def test_plan_inside_a_1gib_cgroup_reports_its_limit(tmp_path: Path) -> None:
     def enter() -> None:
         (group / "cgroup.procs").write_text(str(os.getpid()))
 
-    def plan(*extra: str) -> subprocess.CompletedProcess[str]:
+    def flexrun(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "flexrun", "plan", "-m", "opt-125m", "--prompt-len", "32", "--gen-len", "8", *extra],
+            [sys.executable, "-m", "flexrun", *args, "-m", "opt-125m", "--prompt-len", "32", "--gen-len", "8"],
             capture_output=True,
             text=True,
             preexec_fn=enter,
             timeout=300,
             env={**os.environ, "FLEXRUN_CACHE_DIR": str(tmp_path / "cache")},
         )
+
+    def plan(*extra: str) -> subprocess.CompletedProcess[str]:
+        return flexrun("plan", *extra)
 
     try:
         ok = plan()
@@ -249,5 +252,10 @@ def test_plan_inside_a_1gib_cgroup_reports_its_limit(tmp_path: Path) -> None:
         assert refused.returncode == 1
         assert "exceeds this process's memory limit 1.0 GiB" in refused.stderr and str(group) in refused.stderr
         assert "Traceback" not in refused.stderr
+        # A job asking for more than the limit is refused before its (dummy) store is written.
+        stores = tmp_path / "stores"
+        job = flexrun("bench", "--dummy-weights", "--store-dir", str(stores), "--host-mem", "2GiB")
+        assert job.returncode == 1 and "exceeds this process's memory limit 1.0 GiB" in job.stderr, job.stderr
+        assert not stores.exists() or not any(stores.iterdir())
     finally:
         group.rmdir()
