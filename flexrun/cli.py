@@ -111,25 +111,24 @@ def config_cmd(name: str, batch_size: int, prompt_len: int, gen_len: int, dtype:
 @click.option("--model", "-m", required=True, help="Checkpoint directory, GGUF file, packaged model or hub name.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output store directory.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Store dtype (default: the checkpoint's).")
+@click.option("--overwrite", is_flag=True, help="Replace a store already at --out (atomically).")
 @compress_options
-def convert_cmd(model: str, out: str, dtype: str | None, compress_weight: str | None, group_size: int | None) -> None:
+def convert_cmd(
+    model: str, out: str, dtype: str | None, overwrite: bool, compress_weight: str | None, group_size: int | None
+) -> None:
     """Convert a Hugging Face checkpoint (or a GGUF file, dequantized) into flexrun's tensor store, one
-    tensor at a time, optionally with its layers' matmul weights compressed."""
+    tensor at a time, optionally with its layers' matmul weights compressed. A store already at --out is
+    kept unless --overwrite; an interrupt leaves the old store or the new one, whole."""
     from flexrun.quant.formats import QuantSpec
-    from flexrun.resolver import local_source, resolve
-    from flexrun.weights.convert import convert_checkpoint
-    from flexrun.weights.hub import hub_download
+    from flexrun.resolver.stores import convert_into
 
     kind = compression_kind(compress_weight)
     if group_size and not kind:
         raise click.BadParameter("a group size needs --compress-weight", param_hint="--group-size")
     spec = QuantSpec.of(kind, group_size) if kind else None
-    src = local_source(model)
-    if src is None:
-        resolve(model)
-        src = hub_download(model)
-    path = convert_checkpoint(src, out, dtype=dtype, compress=spec)
-    click.echo(str(path))
+    if not convert_into(model, out, dtype, spec, overwrite):
+        click.echo(f"{out} is already converted from {model} with these settings; nothing to do", err=True)
+    click.echo(out)
 
 
 @cli.command("generate")

@@ -1,9 +1,15 @@
-"""The store cache: the tensor store for a model name, checkpoint or store, converted once on first use."""
+"""The store cache: the tensor store for a model name, checkpoint or store, converted once on first use.
+
+A store is converted under a lock (``NAME.lock`` beside it): a second process that needs the same store
+waits, saying once for whom, and then opens the finished store instead of converting it again.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flexrun.config import OptConfig
@@ -14,6 +20,7 @@ from flexrun.quant.formats import QuantSpec
 from flexrun.resolver.configs import resolve
 from flexrun.resolver.packaged import local_source
 from flexrun.weights.convert import convert_checkpoint, write_dummy_store
+from flexrun.weights.filelock import FileLock
 from flexrun.weights.gguf import is_gguf
 from flexrun.weights.hub import hub_download
 from flexrun.weights.store import TensorStore
@@ -25,6 +32,63 @@ def _store_key(cfg: OptConfig, source: str, compress: QuantSpec | None = None) -
     digest = hashlib.sha256(f"{source}|{sorted(cfg.to_dict().items())}".encode()).hexdigest()[:10]
     packed = f"-{compress.kind}g{compress.group_size}" if compress else ""
     return f"{cfg.name}-{cfg.dtype}{packed}-{digest}"
+
+
+@contextmanager
+def store_lock(out: Path) -> Iterator[None]:
+    """Hold the lock of the store ``out`` (converting it, or replacing it); while another process holds it,
+    wait, saying once that this one waits and for whom."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create {out.parent}: {exc.strerror}") from None
+    lock = FileLock(out.with_name(out.name + ".lock"))
+    if not lock.acquire(wait=False):
+        log.warning("waiting for %s, which is writing the tensor store %s", lock.holder(), out)
+        lock.acquire(wait=True)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _converted(out: Path, convert: Callable[[], object]) -> TensorStore:
+    """The store ``out``, converted by ``convert`` unless it is there (or another process finished it)."""
+    if not (out / "index.json").exists():
+        with store_lock(out):
+            if not (out / "index.json").exists():
+                convert()
+    return TensorStore(out)
+
+
+def convert_into(
+    model: str, out: str | Path, dtype: str | None, compress: QuantSpec | None, overwrite: bool, progress: bool = True
+) -> bool:
+    """Convert ``model`` into the store ``out`` (``flexrun convert``), under the store's lock; False when
+    ``out`` already holds that conversion. Another store there is replaced only with ``overwrite``, and then
+    atomically (``StoreWriter.finish``)."""
+    out = Path(out)
+    src = local_source(model)
+    if src is None:
+        resolve(model)  # an unknown name fails here, with close matches, before any download
+        src = hub_download(model)
+    with store_lock(out):
+        if (out / "index.json").is_file() and not overwrite:
+            try:
+                store = TensorStore(out)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}; add --overwrite to replace it") from None
+            source = store.index.get("source")
+            held = set(store.compressed().values())
+            same = source == str(src.resolve()) and store.config.dtype == (dtype or resolve(str(src)).dtype)
+            if same and held == ({compress} if compress else set()):
+                return False
+            raise CheckpointError(
+                f"{out} already holds a tensor store ({store.config.dtype}, converted from {source}); "
+                "add --overwrite to replace it, or choose another --out"
+            )
+        convert_checkpoint(src, out, dtype=dtype, progress=progress, compress=compress)
+    return True
 
 
 def check_task(cfg: OptConfig, task: str, model: str) -> None:
@@ -74,10 +138,12 @@ def ensure_store(
         cfg = resolve(model, **overrides)
         check_task(cfg, task, model)
         out = root / (_store_key(cfg, "dummy", compress) + "-dummy")
-        if not (out / "index.json").exists():
+
+        def write() -> None:
             log.info("writing dummy weights for %s to %s", cfg.name, out)
             write_dummy_store(cfg, out, progress=progress, compress=compress)
-        return TensorStore(out)
+
+        return _converted(out, write)
     local = local_source(model)
     if local is not None:
         src = local
@@ -89,7 +155,9 @@ def ensure_store(
     # A GGUF file's own blocks are kept where they map onto ``compress`` (weights.gguf_blocks).
     kept = "|gguf-blocks" if compress and is_gguf(src) else ""
     out = root / _store_key(cfg, str(src.resolve()) + kept, compress)
-    if not (out / "index.json").exists():
+
+    def convert() -> None:
         log.info("converting %s to a tensor store at %s", src, out)
         convert_checkpoint(src, out, dtype=cfg.dtype, progress=progress, compress=compress)
-    return TensorStore(out)
+
+    return _converted(out, convert)

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import threading
 import zlib
 from dataclasses import dataclass
@@ -145,10 +146,34 @@ class StoreWriter:
             **self.extra,
             "tensors": {m.name: m.to_index() for m in self.tensors.values()},
         }
-        (self.tmp / "index.json").write_text(json.dumps(index, indent=1))
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.tmp, self.path)
+        try:
+            with open(self.tmp / "index.json", "w", encoding="utf-8") as f:
+                f.write(json.dumps(index, indent=1))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise CheckpointError(f"cannot write {self.tmp / 'index.json'}: {exc.strerror}") from None
+        # An existing store is renamed aside, the new one renamed in, then the old one deleted; SIGINT and
+        # SIGTERM wait for both renames, so an interrupt leaves the old store or the new one, whole.
+        old = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            replaced = self.path.exists()
+            if replaced:
+                os.rename(self.path, old)
+            try:
+                os.rename(self.tmp, self.path)
+            except OSError:
+                if replaced:
+                    os.rename(old, self.path)
+                raise
+        except OSError as exc:
+            raise CheckpointError(f"cannot move the new store into {self.path}: {exc.strerror}") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if replaced:
+            shutil.rmtree(old, ignore_errors=True)
         return self.path
 
     def abort(self) -> None:
