@@ -143,3 +143,25 @@ def test_a_reader_closing_the_pipe_ends_the_run_quietly(job: list[str], stream: 
     assert p.wait(timeout=300) == 0, err
     _no_traceback(err)
     assert "Broken pipe" not in err and "Error" not in err, err
+
+
+def test_resume_reads_the_output_in_bounded_memory(tmp_path: Path) -> None:
+    """Resuming scans the existing output a line at a time and keeps only each record's key: the peak is a
+    fraction of the file (it used to hold the whole file and every record parsed, several times its size)."""
+    import tracemalloc
+
+    from flexrun.jobs.results import scan
+
+    out = tmp_path / "big.jsonl"
+    ids = list(range(1000, 1200))
+    with open(out, "w") as f:
+        for k in range(2000):
+            f.write(json.dumps({"id": k, "input_ids": ids, "output_ids": ids, "text": "x" * 300}) + "\n")
+    tracemalloc.start()
+    try:
+        existing = scan(out)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(existing.records) == 2000 and existing.good_bytes == out.stat().st_size
+    assert peak < out.stat().st_size / 8, (peak, out.stat().st_size)

@@ -189,19 +189,22 @@ def already_done(
     this one (an id the input does not have, or other prompt tokens for the same id), are an error:
     results of two jobs are never mixed in one file.
     """
-    existing = scan(path)
-    _check_same_job(path, existing, fingerprint)
     by_key = {s.key: s for s in seqs}
-    for key, (lineno, rec) in existing.records.items():
+    fix = "choose another --output, or --overwrite to start afresh"
+
+    def check(lineno: int, rec: dict[str, Any], key: tuple[str, int]) -> str | None:
         s = by_key.get(key)
         what = f"id {rec['id']!r}" + (f" seq {key[1]}" if key[1] else "")
-        fix = "choose another --output, or --overwrite to start afresh"
         if s is None:
-            raise InputError(f"{path}:{lineno}: {what} is not a sequence of this job ({source}); {fix}")
+            return f"{path}:{lineno}: {what} is not a sequence of this job ({source}); {fix}"
         if rec.get("input_ids") != s.ids:
-            raise InputError(
-                f"{path}:{lineno}: {what} was generated from other prompt tokens than {s.record.where}; {fix}"
-            )
+            return f"{path}:{lineno}: {what} was generated from other prompt tokens than {s.record.where}; {fix}"
+        return None
+
+    existing = scan(path, check)
+    _check_same_job(path, existing, fingerprint)  # another job's records: that is the complaint, first
+    if existing.problem is not None:
+        raise InputError(existing.problem)
     if existing.partial:
         log.info("%s ends with a partial record; it is cut off and generated again", path)
     return set(existing.records), existing.good_bytes

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -108,40 +109,49 @@ def result_key(record: dict[str, Any]) -> tuple[str, int]:
 
 @dataclass
 class Existing:
-    """The complete records already in an output file, and where the complete part ends."""
+    """The complete records already in an output file (their keys only: resuming over millions of records
+    keeps no record in memory), and where the complete part ends."""
 
-    records: dict[tuple[str, int], tuple[int, dict[str, Any]]]  # key -> (line number, record)
+    records: dict[tuple[str, int], int]  # key -> line number
     good_bytes: int  # length of the complete lines; anything after is a partial line
     partial: bool
+    problem: str | None = None  # the first complaint of ``scan``'s ``check``, for the caller to raise
 
 
-def scan(path: Path) -> Existing:
-    """Read the results already in ``path`` without changing it; a damaged line is an InputError."""
+def scan(path: Path, check: Callable[[int, dict[str, Any], tuple[str, int]], str | None] | None = None) -> Existing:
+    """Read the results already in ``path`` without changing it, a line at a time; a damaged line is an
+    InputError. ``check(lineno, record, key)`` may object to a record: its first objection is kept."""
+    records: dict[tuple[str, int], int] = {}
+    good, problem, partial = 0, None, False
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.endswith(b"\n"):
+                    partial = True
+                    break
+                good += len(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    rec = json.loads(raw)
+                    if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("output_ids"), list):
+                        raise ValueError
+                    key = result_key(rec)
+                except (ValueError, TypeError, RecursionError):
+                    raise InputError(
+                        f"{path}:{lineno}: not a flexrun result record; this file is not the output of a generate "
+                        "job (choose another --output, or --overwrite to replace it)"
+                    ) from None
+                if key in records:
+                    raise InputError(f"{path}:{lineno}: id {rec['id']!r} is already on line {records[key]}")
+                records[key] = lineno
+                if check is not None and problem is None:
+                    problem = check(lineno, rec, key)
     except FileNotFoundError:
         return Existing({}, 0, False)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
-    good = data.rfind(b"\n") + 1
-    records: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
-    for lineno, raw in enumerate(data[:good].splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-            if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("output_ids"), list):
-                raise ValueError
-            key = result_key(rec)
-        except (ValueError, TypeError, RecursionError):
-            raise InputError(
-                f"{path}:{lineno}: not a flexrun result record; this file is not the output of a generate job "
-                "(choose another --output, or --overwrite to replace it)"
-            ) from None
-        if key in records:
-            raise InputError(f"{path}:{lineno}: id {rec['id']!r} is already on line {records[key][0]}")
-        records[key] = (lineno, rec)
-    return Existing(records, good, good < len(data))
+    return Existing(records, good, partial, problem)
 
 
 JOB_FORMAT = "flexrun generate job"
