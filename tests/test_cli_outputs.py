@@ -165,3 +165,23 @@ def test_resume_reads_the_output_in_bounded_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert len(existing.records) == 2000 and existing.good_bytes == out.stat().st_size
     assert peak < out.stat().st_size / 8, (peak, out.stat().st_size)
+
+
+def test_embed_into_a_pipe_closed_early_ends_quietly(tmp_path: Path) -> None:
+    """``flexrun embed ... | head -c 5``: exit 0, no "Broken pipe" error."""
+    from tests.hf_encoders import tiny_bert_tokenizer, tiny_encoder
+
+    tiny_encoder("bert", seed=7).save_pretrained(tmp_path / "ckpt")
+    tiny_bert_tokenizer(tmp_path / "vocab").save_pretrained(tmp_path / "ckpt")
+    args = ["embed", "-m", str(tmp_path / "ckpt"), "--store-dir", str(tmp_path / "stores"), "--all-tokens"]
+    args += ["--gpu-batch-size", "1"]
+    for k in range(40):
+        args += ["-t", f"text number {k} " * 8]
+    p = subprocess.Popen(_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.read(5)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0, err
+    _no_traceback(err)
+    assert "Broken pipe" not in err and "Error" not in err, err

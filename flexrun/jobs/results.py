@@ -315,12 +315,15 @@ class RowWriter:
         """Write rows and flush them: to stdout they are out; to a file they wait for ``commit``."""
         if not rows:
             return
-        out = self.file or self.stdout
+        data = "".join(json.dumps(row) + "\n" for row in rows)
+        if self.file is None:  # a reader gone is BrokenPipeError, for the CLI to end quietly
+            emit(self.stdout, data, "stdout", "the rows written before are complete")
+            return
         try:
-            out.write("".join(json.dumps(row) + "\n" for row in rows))
-            out.flush()
+            self.file.write(data)
+            self.file.flush()
         except OSError as exc:
-            raise InputError(f"cannot write {self.path or 'stdout'}: {exc.strerror}") from None
+            raise InputError(f"cannot write {self.path}: {exc.strerror}") from None
 
     def commit(self) -> None:
         """Put the finished file in place of the output, atomically: a reader sees the old or the new one."""
