@@ -167,17 +167,24 @@ def test_resume_reads_the_output_in_bounded_memory(tmp_path: Path) -> None:
     assert peak < out.stat().st_size / 8, (peak, out.stat().st_size)
 
 
-def test_embed_into_a_pipe_closed_early_ends_quietly(tmp_path: Path) -> None:
-    """``flexrun embed ... | head -c 5``: exit 0, no "Broken pipe" error."""
+@pytest.fixture(scope="module")
+def embed_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """``flexrun embed`` of a tiny BERT: 40 texts, one per block, every token's state (long rows)."""
     from tests.hf_encoders import tiny_bert_tokenizer, tiny_encoder
 
-    tiny_encoder("bert", seed=7).save_pretrained(tmp_path / "ckpt")
-    tiny_bert_tokenizer(tmp_path / "vocab").save_pretrained(tmp_path / "ckpt")
-    args = ["embed", "-m", str(tmp_path / "ckpt"), "--store-dir", str(tmp_path / "stores"), "--all-tokens"]
+    tmp = tmp_path_factory.mktemp("embed-outputs")
+    tiny_encoder("bert", seed=7).save_pretrained(tmp / "ckpt")
+    tiny_bert_tokenizer(tmp / "vocab").save_pretrained(tmp / "ckpt")
+    args = ["embed", "-m", str(tmp / "ckpt"), "--store-dir", str(tmp / "stores"), "--all-tokens"]
     args += ["--gpu-batch-size", "1"]
     for k in range(40):
         args += ["-t", f"text number {k} " * 8]
-    p = subprocess.Popen(_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return args
+
+
+def test_embed_into_a_pipe_closed_early_ends_quietly(embed_args: list[str]) -> None:
+    """``flexrun embed ... | head -c 5``: exit 0, no "Broken pipe" error."""
+    p = subprocess.Popen(_cmd(*embed_args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdout is not None and p.stderr is not None
     p.stdout.read(5)
     p.stdout.close()
@@ -185,3 +192,19 @@ def test_embed_into_a_pipe_closed_early_ends_quietly(tmp_path: Path) -> None:
     assert p.wait(timeout=300) == 0, err
     _no_traceback(err)
     assert "Broken pipe" not in err and "Error" not in err, err
+
+
+def test_embed_output_dash_and_devices(embed_args: list[str], tmp_path: Path) -> None:
+    p = subprocess.run(_cmd(*embed_args, "-o", "-"), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert len(p.stdout.splitlines()) == 40 and list(tmp_path.iterdir()) == []
+    p = subprocess.run(_cmd(*embed_args, "-o", "/dev/null"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("/dev/null is a pipe or device: rows are written straight through") == 1, p.stderr
+    assert Path("/dev/null").is_char_device()  # written through, never replaced by a file
+    p = subprocess.run(_cmd(*embed_args, "-o", "/dev/full"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    _no_traceback(p.stderr)
+    assert [line for line in p.stderr.splitlines() if line.startswith("Error:")] == [
+        "Error: cannot write /dev/full: No space left on device; the rows written before are complete"
+    ]

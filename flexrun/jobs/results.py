@@ -18,6 +18,7 @@ straight through (``open_stream``). A write error there ends the job; a reader t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -294,6 +295,14 @@ class RowWriter:
         self.file: IO[str] | None = None
         self.tmp: Path | None = None
         self.committed = False
+        self.name = "stdout"
+        self.sink: IO[str] | None = None  # a pipe or device --output, opened in place of stdout
+        if path is not None and (str(path) == "-" or is_stream(path)):
+            if str(path) != "-":
+                log.warning("%s is a pipe or device: rows are written straight through", path)
+                self.stdout = self.sink = open_stream(path)
+                self.name = str(path)
+            self.path = path = None
         if path is None:
             self.created = False
             return
@@ -317,7 +326,7 @@ class RowWriter:
             return
         data = "".join(json.dumps(row) + "\n" for row in rows)
         if self.file is None:  # a reader gone is BrokenPipeError, for the CLI to end quietly
-            emit(self.stdout, data, "stdout", "the rows written before are complete")
+            emit(self.stdout, data, self.name, "the rows written before are complete")
             return
         try:
             self.file.write(data)
@@ -340,6 +349,10 @@ class RowWriter:
 
     def discard(self) -> None:
         """Drop an unfinished file (a no-op after ``commit``); an output this job created empty goes too."""
+        if self.sink is not None:
+            with contextlib.suppress(OSError):  # its failure was reported, or its reader is gone
+                self.sink.close()
+            self.sink = None
         if self.file is not None:
             self.file.close()
         if self.tmp is not None:
