@@ -389,8 +389,7 @@ def default_path() -> Path:
 
 
 def _machine_memory() -> tuple[int, int]:
-    """(RAM this process could hold, free disk under the cache dir): the machine's total RAM, or the
-    process's cgroup / rlimit memory limit when that is smaller."""
+    """(RAM this process could hold: the machine's or its cgroup / rlimit limit, free disk under the cache dir)."""
     import shutil
 
     from flexrun.memlimits import process_memory
