@@ -61,7 +61,8 @@ def is_stream(path: Path) -> bool:
 def open_stream(path: Path) -> IO[str]:
     """Open a pipe, FIFO or device for writing records (a FIFO waits here for its reader)."""
     try:
-        return open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by the job
+        # appending: /dev/stdout onto a file opened with >> must not cut it
+        return open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by the job
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror}") from None
 
