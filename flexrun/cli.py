@@ -131,123 +131,6 @@ def convert_cmd(
     click.echo(out)
 
 
-@cli.command("generate")
-@engine_options()
-@click.option("--prompt", "-p", "prompts", multiple=True, help="A prompt text (repeatable).")
-@click.option(
-    "--input", "-i", "input_file", help='JSONL file of {"prompt": ...} or {"input_ids": [...]} records (- for stdin).'
-)
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(dir_okay=False),
-    help="Write JSONL results here (default or -: stdout); rerunning the same command resumes. One job per "
-    "file at a time; a pipe, FIFO or device is written straight through (no resume).",
-)
-@click.option("--overwrite", is_flag=True, help="Start the --output file afresh instead of resuming it.")
-@click.option("--max-new-tokens", default=32, show_default=True, callback=positive_int)
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed; a rerun reproduces its outputs.")
-@click.option("--stop", multiple=True, help="Stop a sequence when this text appears (repeatable).")
-@click.option(
-    "--num-return-sequences",
-    "-n",
-    default=1,
-    show_default=True,
-    callback=positive_int,
-    help="Sampled completions per prompt (records carry their `seq` index).",
-)
-@click.option(
-    "--truncate",
-    type=click.Choice(["none", "left"]),
-    default="none",
-    show_default=True,
-    help="A prompt longer than the context: none = error, left = keep its end.",
-)
-@click.option(
-    "--order",
-    type=click.Choice(["length", "input"]),
-    default="length",
-    show_default=True,
-    help="length: longest prompts first (least padding); input: the input's order.",
-)
-@click.option("--stream", is_flag=True, help="Print each completion's text as it is generated (one at a time).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or plan line on stderr (the summary stays).")
-@click.option("--chat", is_flag=True, help="Wrap each text prompt as a user turn in the tokenizer's chat template.")
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    help="Print the summary as one JSON line on stderr (stdout is for the records).",
-)
-def generate_cmd(
-    prompts: tuple[str, ...],
-    input_file: str | None,
-    output: str | None,
-    overwrite: bool,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    repetition_penalty: float,
-    seed: int,
-    stop: tuple[str, ...],
-    num_return_sequences: int,
-    truncate: str,
-    order: str,
-    stream: bool,
-    quiet: bool,
-    chat: bool,
-    as_json: bool,
-    engine: Any,
-) -> None:
-    """Generate completions for prompts with an offloaded placement; JSONL results, summary on stderr.
-
-    Records are written block by block as they finish. With --output, rerunning the same command resumes
-    the job where it stopped (another model or other settings are refused: OUTPUT.job.json records them);
-    Ctrl-C (or SIGTERM) stops it after the block in flight.
-    """
-    from flexrun.jobs.generate import run_generate
-    from flexrun.jobs.options import JobOptions
-    from flexrun.runtime.sampling import SamplingParams
-
-    if num_return_sequences > 1 and temperature == 0:
-        raise click.BadParameter(
-            "more than one sequence per prompt needs sampling (--temperature > 0)", param_hint="--num-return-sequences"
-        )
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        stop=stop,
-    )
-    job = JobOptions(
-        params=params,
-        prompts=prompts,
-        input_file=input_file,
-        output=output,
-        num_return_sequences=num_return_sequences,
-        truncate=truncate,
-        order=order,
-        overwrite=overwrite,
-        stream=stream,
-        quiet=quiet,
-        chat=chat,
-    )
-    result = run_generate(engine, job)
-    if result.stats is not None and not stream:
-        # --json: one line on stderr, since the records may be on stdout.
-        _summary(result.cfg, result.placement, result.stats, as_json, err=True)
-    if result.interrupted is not None:
-        raise result.interrupted
-
-
 def _summary(
     cfg: Any, placement: Any, stats: Any, as_json: bool, err: bool, extra: dict[str, Any] | None = None
 ) -> None:
@@ -329,12 +212,23 @@ def embed_cmd(
 
 def _register_costmodel_commands() -> None:
     from flexrun.cli_costmodel import calibrate_cmd, plan_cmd
+    from flexrun.cli_generate import generate_cmd
 
+    cli.add_command(generate_cmd)
     cli.add_command(plan_cmd)
     cli.add_command(calibrate_cmd)
 
 
 _register_costmodel_commands()
+
+
+def _register_score_commands() -> None:
+    from flexrun.cli_score import score_cmd
+
+    cli.add_command(score_cmd)
+
+
+_register_score_commands()
 
 
 def main() -> None:

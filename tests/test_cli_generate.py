@@ -36,7 +36,9 @@ def test_generate_jsonl_matches_hf(ckpt, tmp_path: Path) -> None:
     ]
     # Uncompressed: the planner would compress weights read from disk, and HF's tokens are the plain model's.
     args += ["--compress-weight", "none", "--compress-cache", "none"]
-    result = run(*args, "--max-new-tokens", "4", "--weights", "disk=100", "--offload-dir", str(tmp_path / "off"))
+    result = run(
+        *args, "--max-new-tokens", "4", "--weights", "disk=100", "--offload-dir", str(tmp_path / "off"), "--verbose"
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", 3]
@@ -102,7 +104,7 @@ def test_auto_placement_plans_what_is_not_given(ckpt, tmp_path: Path) -> None:
         ref = model.generate(torch.tensor([r["input_ids"] for r in rows]), max_new_tokens=3, do_sample=False)
     assert [r["output_ids"] for r in rows] == ref[:, 3:].tolist()
     # What is given is held: weights on disk and micro-batches of 2; the block never exceeds the job.
-    result = run(*base, *prompts, "--weights", "disk=100", "--gpu-batch-size", "2", input=records)
+    result = run(*base, *prompts, "--weights", "disk=100", "--gpu-batch-size", "2", "--verbose", input=records)
     assert result.exit_code == 0, result.output
     assert "placement: weights disk=100 |" in result.stderr and "| batch 2 x" in result.stderr
     assert [json.loads(line)["output_ids"] for line in result.stdout.splitlines()] == ref[:, 3:].tolist()

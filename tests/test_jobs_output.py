@@ -89,10 +89,12 @@ def test_text_prompts_stop_strings_and_streaming_match_hf(job_ckpt, stores, tmp_
             assert row["text"] == tok.decode(row["output_ids"], skip_special_tokens=True)
     assert rows[p_stop]["finish_reason"] == "stop"
 
-    # --stream prints the same texts as they are produced, one completion per line, in input order.
-    r = gen(job_ckpt, stores, tmp_path, *[a for p in prompts for a in ("-p", p)], *args, "--stream", "--order", "input")
+    # --format text prints the same texts as they are produced, in input order, each under its prompt; the
+    # micro-batches stay the placement's (2 here), not one sequence at a time.
+    r = gen(job_ckpt, stores, tmp_path, *[a for p in prompts for a in ("-p", p)], *args, "--format", "text", "--verbose")
     assert r.exit_code == 0, r.output
-    assert r.stdout == "".join(rows[p]["text"] + "\n" for p in prompts)
+    assert r.stdout == "\n".join(f"> {p}\n" + rows[p]["text"] + "\n" for p in prompts)
+    assert "sequences: 4 in 2 block(s)" in r.stderr
 
 
 def test_a_prompt_that_is_a_path_is_text(job_ckpt, stores, tmp_path: Path) -> None:

@@ -150,6 +150,15 @@ class JobOptions:
     truncate: str = "none"  # "none": a prompt longer than the context is an error; "left": keep its end
     order: str = "length"  # "length" (longest first) or "input"
     overwrite: bool = False
-    stream: bool = False
+    text: bool = False  # completions as text on stdout (streamed, in order), for a person; records only to output
     quiet: bool = False
-    chat: bool = False  # wrap each text prompt as one user turn of the tokenizer's chat template
+    verbose: bool = False  # the plan line and the full summary, also at a terminal
+    # Wrap each text prompt as one user turn of the tokenizer's chat template; None: when a person typed the
+    # prompts (--prompt, plain text on stdin) and the checkpoint ships a template.
+    chat: bool | None = False
+    # Whether --max-new-tokens was given; if not, a chat answer gets CHAT_MAX_NEW_TOKENS (what the context
+    # leaves) instead of params.max_new_tokens.
+    max_new_tokens_given: bool = True
+
+    #: The answer length a chat gets when --max-new-tokens is not given.
+    CHAT_MAX_NEW_TOKENS = 512

@@ -53,6 +53,12 @@ def load_tokenizer(model: HasTokenizer) -> Any:
         ) from None
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer carries a chat template (from ``chat_template.jinja``, ``chat_template.json`` or
+    ``tokenizer_config.json``, wherever the checkpoint kept it)."""
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
 def prepare(records: list[PromptRecord], tokenizer: Any, cfg: OptConfig, job: JobOptions) -> list[Sequence]:
     """Token ids for every sequence of the job, each prompt checked (vocabulary, length) against the model."""
     max_new = job.params.max_new_tokens
@@ -61,7 +67,7 @@ def prepare(records: list[PromptRecord], tokenizer: Any, cfg: OptConfig, job: Jo
         raise InputError(
             f"--max-new-tokens {max_new} leaves no room for a prompt in the model's {cfg.max_seq_len} positions"
         )
-    if job.chat and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+    if job.chat and tokenizer is not None and not has_chat_template(tokenizer):
         raise InputError(f"{cfg.name}'s tokenizer has no chat template; drop --chat")
     seqs: list[Sequence] = []
     for r in records:

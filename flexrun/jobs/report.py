@@ -8,7 +8,7 @@ from typing import Any
 from flexrun.config import OptConfig
 from flexrun.costmodel.hardware import HardwareSpec
 from flexrun.costmodel.prediction import predict
-from flexrun.placement import Placement
+from flexrun.placement import TIERS, Placement
 from flexrun.runtime.stats import RunStats
 from flexrun.units import format_bytes
 
@@ -40,6 +40,17 @@ def summary_dict(cfg: OptConfig, placement: Placement, stats: RunStats) -> dict[
 def computed_in(cfg: OptConfig) -> str:
     """ " computed in X" when the arithmetic runs in another dtype than the weights are stored in, else ""."""
     return f" computed in {cfg.run_dtype}" if cfg.run_dtype != cfg.dtype else ""
+
+
+def summary_line(cfg: OptConfig, placement: Placement, stats: RunStats, new_tokens: int) -> str:
+    """One line for a person: the tokens generated, how fast, and where the weights were."""
+    rate = new_tokens / stats.total_s if stats.total_s > 0 else 0.0
+    where = ", ".join(f"{t} {placement.weights.get(t) * 100:g}%" for t in TIERS if placement.weights.get(t) > 0)
+    packed = f" {placement.compress_weight}" if placement.compress_weight else ""
+    return (
+        f"{new_tokens} tokens in {stats.total_s:.1f} s ({rate:.1f} tok/s) from {cfg.name}; "
+        f"weights{packed} on {where} (--verbose for the full report)"
+    )
 
 
 def summary_text(cfg: OptConfig, placement: Placement, stats: RunStats, pooling: str | None = None) -> str:

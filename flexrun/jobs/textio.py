@@ -141,20 +141,51 @@ def check_unique_ids(records: list[PromptRecord]) -> None:
         seen[key] = r.where
 
 
+def _stdin_text(stdin: IO[str]) -> str:
+    """All of stdin as text, bytes that are not UTF-8 kept as lone surrogates (named by ``read_jsonl``)."""
+    buffer = getattr(stdin, "buffer", None)
+    if buffer is None:
+        return stdin.read()
+    return bytes(buffer.read()).decode("utf-8", errors="surrogateescape")
+
+
+def _plain_text_record(text: str) -> PromptRecord | None:
+    """Stdin that is not JSONL (its first non-blank line is no JSON object) as one prompt, as ``llm`` and
+    ``ollama run`` read it; None for JSONL (or nothing)."""
+    first = next((line for line in text.splitlines() if line.strip()), None)
+    if first is None or first.lstrip("\ufeff").lstrip().startswith("{"):
+        return None
+    bad = _ESCAPED.search(text)
+    if bad:
+        lineno = text.count("\n", 0, bad.start()) + 1
+        raise InputError(f"<stdin>:{lineno}: not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x})")
+    return PromptRecord(id=1, prompt=text.rstrip("\n"), where="<stdin>", index=0)
+
+
 def read_prompts(
     prompts: tuple[str, ...],
     input_file: str | None,
     stdin: IO[str] | None,
     text_keys: tuple[str, ...] = ("prompt",),
     hint: str = "give --prompt TEXT, --input FILE.jsonl, or JSONL on stdin",
+    plain_stdin: bool = False,
 ) -> list[PromptRecord]:
-    """Prompts from ``--prompt`` texts, else a JSONL file (``-`` for stdin), else stdin lines (JSONL).
+    """Prompts from ``--prompt`` texts, else a JSONL file (``-`` for stdin), else stdin lines (JSONL; with
+    ``plain_stdin``, stdin that is not JSONL is one prompt).
 
-    ``text_keys`` are the record keys a text may come under; ``hint`` ends the error for an empty input."""
+    A record's default id is its place in the input counted from 1: the line number of a JSONL file, the
+    n-th ``--prompt``. ``text_keys`` are the record keys a text may come under; ``hint`` ends the error for
+    an empty input."""
     if prompts:
         for n, p in enumerate(prompts):  # bytes that are not UTF-8 reach argv as lone surrogates
             _check_unicode(p, f"--prompt {n + 1}")
-        return [PromptRecord(id=n, prompt=p, where=f"--prompt {n + 1}", index=n) for n, p in enumerate(prompts)]
+        return [PromptRecord(id=n + 1, prompt=p, where=f"--prompt {n + 1}", index=n) for n, p in enumerate(prompts)]
+    if plain_stdin and stdin is not None and not input_file:
+        text = _stdin_text(stdin)
+        plain = _plain_text_record(text)
+        if plain is not None:
+            return [plain]
+        stdin = io.StringIO(text)
     if input_file and input_file != "-":
         path = Path(input_file)
         try:

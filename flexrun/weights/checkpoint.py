@@ -29,6 +29,8 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "added_tokens.json",
     "generation_config.json",
+    "chat_template.jinja",  # where transformers >= 4.47 saves a checkpoint's chat template
+    "chat_template.json",
 )
 
 
