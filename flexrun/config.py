@@ -39,6 +39,8 @@ MAX_SIZES = {
     "word_embed_proj_dim": 1 << 20,
     "n_kv_head": 1 << 16,
     "type_vocab_size": 1 << 16,
+    "num_experts": 1 << 12,
+    "shared_expert_dim": 1 << 22,
 }
 MAX_MODEL_BYTES = 1 << 50  # 1 PiB of weights
 
@@ -129,6 +131,13 @@ class OptConfig:
     pooler: bool = False
     # RoBERTa: a token's position counts only the non-pad tokens up to it (pads sit at position -1).
     positions_skip_pad: bool = False
+    # Mixture of experts (0: a dense MLP): ``num_experts`` SwiGLU experts of width ffn_embed_dim per layer, a
+    # token routed to the top ``experts_per_token`` of a softmax (renormalised when ``norm_topk_prob``); Qwen2-MoE's
+    # shared expert of width ``shared_expert_dim`` is gated per token by sigmoid(shared_gate_w).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    norm_topk_prob: bool = True
+    shared_expert_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -149,6 +158,9 @@ class OptConfig:
             "window_size",
             "position_offset",
             "type_vocab_size",
+            "num_experts",
+            "experts_per_token",
+            "shared_expert_dim",
         ):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
@@ -205,6 +217,12 @@ class OptConfig:
             raise ConfigError("shared_norm (one layer norm for attention and MLP) needs parallel_attn")
         if self.position == "rotary" and self.rope_theta <= 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        if self.moe and not 0 < self.experts_per_token <= self.num_experts:
+            raise ConfigError(
+                f"experts_per_token must be in 1..num_experts {self.num_experts}, not {self.experts_per_token}"
+            )
+        if self.moe and (not self.gated_mlp or self.enable_bias or self.parallel_attn or not self.do_layer_norm_before):
+            raise ConfigError("mixture-of-experts layers need a pre-norm, sequential, bias-free SwiGLU MLP")
         object.__setattr__(self, "rope_scaling", _rope_pairs(self.rope_scaling))
         if self.rope_scaling:
             if self.position != "rotary":
@@ -280,8 +298,14 @@ class OptConfig:
             scale /= layer + 1
         return scale
 
+    @property
+    def moe(self) -> bool:
+        return self.num_experts > 0
+
     def layer_shapes(self) -> dict[str, Shape]:
-        """Shapes of one fused decoder layer's tensors, by slot name (Linear weights are [out, in])."""
+        """Shapes of one fused decoder layer's tensors, by slot name (Linear weights are [out, in]); a
+        mixture-of-experts layer has a router, its experts (last) and an optional shared expert in the
+        gate/fc1/fc2 slots, gated by ``shared_gate_w``."""
         h, f, bias = self.hidden_size, self.ffn_embed_dim, self.enable_bias
         qkv = self.hidden_size + 2 * self.kv_dim
         shapes: dict[str, Shape] = {"ln1_w": (h,)}
@@ -297,6 +321,14 @@ class OptConfig:
             shapes["ln2_w"] = (h,)
             if self.norm_bias:
                 shapes["ln2_b"] = (h,)
+        if self.moe:
+            shapes["router_w"] = (self.num_experts, h)
+            if self.shared_expert_dim:
+                s = self.shared_expert_dim
+                shapes.update(gate_w=(s, h), fc1_w=(s, h), fc2_w=(h, s), shared_gate_w=(1, h))
+            for e in range(self.num_experts):  # last: the layout makes each expert a group of its own
+                shapes.update({f"expert{e}_gate_w": (f, h), f"expert{e}_fc1_w": (f, h), f"expert{e}_fc2_w": (h, f)})
+            return shapes
         if self.gated_mlp:
             shapes["gate_w"] = (f, h)
             if bias:
@@ -357,7 +389,7 @@ class OptConfig:
     def working_bytes(self, batch_size: int, seq_len: int, cpu: bool) -> int:
         """Intermediates of one micro-batch's prefill (the largest step) on the compute device: what the
         engine reserves and the planner counts. ``cpu``: the compute device is a CPU."""
-        b, s = batch_size, seq_len
+        b, s, h = batch_size, seq_len, self.hidden_size
         ffn_buffers = 3 if self.gated_mlp else 2  # up (and gate), activated
         act = b * s * (6 * self.hidden_size + ffn_buffers * self.ffn_embed_dim) * self.run_dtype_bytes
         scores = b * self.n_head * s * s * 4  # (b, nh, s, s) in float32
@@ -371,13 +403,18 @@ class OptConfig:
         # the micro-batch's K and V, kept as scratch buffers (kernels.cpu.cached_attention).
         sixteen_bit = min(self.dtype_bytes, self.run_dtype_bytes) < 4
         attn_scratch = 2 * b * s * self.kv_dim * 4 if cpu and sixteen_bit else 0
-        return act + scores + logits + upcast + attn_scratch
+        # MoE: router logits and probabilities (float32), the experts' summed output, the shared expert.
+        moe = b * s * (8 * self.num_experts + (h + 3 * self.shared_expert_dim) * self.run_dtype_bytes) * self.moe
+        return act + scores + logits + upcast + attn_scratch + moe
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         # Left out when unset: stored indexes (and the store keys hashed from them) read as before.
         for key in ("extra", "compute_dtype", "eos_token_ids", "rope_scaling"):
             if not d[key]:
+                d.pop(key)
+        if not self.moe:
+            for key in ("num_experts", "experts_per_token", "norm_topk_prob", "shared_expert_dim"):
                 d.pop(key)
         if self.rope_scaling:
             d["rope_scaling"] = self.rope_parameters

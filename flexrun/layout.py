@@ -2,7 +2,8 @@
 
 The stack is walked in groups: the input group (token embeddings, their norm, positions, token types, the
 input projection), one group per decoder layer, and the output group (final norm, output projection, LM
-head, pooler). A tied LM head reads the input group's token embeddings again. The converter writes
+head, pooler). A mixture-of-experts layer's experts follow its group, one group each, loaded only when a
+token is routed to them (never by the walk). A tied LM head reads the input group's token embeddings again. The converter writes
 tensors in this order, the weight manager places and streams them by group, the cost model sizes its
 weight buffers by the largest group, and the schedule runs a group's compute on its weights.
 """
@@ -20,6 +21,7 @@ from flexrun.config import OptConfig, Shape
 INPUT_GLOBALS = ("embed_tokens", "embed_ln_w", "embed_ln_b", "embed_positions", "embed_token_types", "project_in")
 # The layer slots the fused layer multiplies with (``linear``): the ones weight compression applies to.
 MATMUL_SLOTS = ("qkv_w", "out_w", "gate_w", "fc1_w", "fc2_w")
+EXPERT_PREFIX = "expert"  # an expert's slots are expert{e}_gate_w, expert{e}_fc1_w, expert{e}_fc2_w
 
 
 @dataclass(frozen=True)
@@ -27,20 +29,32 @@ class Group:
     """One step of the walk: its kind, its layer index (-1 outside the stack) and its tensors' store names."""
 
     index: int
-    kind: str
+    kind: str  # input, layer, expert or output
     layer: int
     names: tuple[str, ...]
+    expert: int = -1
 
     @cached_property
     def slots(self) -> tuple[tuple[str, str], ...]:
-        """(store name, slot name) pairs: ``layers.3.qkv_w`` is slot ``qkv_w`` of layer 3."""
-        return tuple((n, n.rsplit(".", 1)[-1]) for n in self.names)
+        """(store name, slot name) pairs: ``layers.3.qkv_w`` is slot ``qkv_w`` of layer 3, ``layers.3.expert5_fc1_w``
+        slot ``fc1_w`` of expert 5 of layer 3."""
+        return tuple((n, expert_slot(n.rsplit(".", 1)[-1])) for n in self.names)
 
 
 @dataclass(frozen=True)
 class StackLayout:
     groups: tuple[Group, ...]
     shapes: dict[str, Shape]  # every stored tensor's shape, by store name
+
+    @cached_property
+    def walked(self) -> tuple[Group, ...]:
+        """The groups a step walks in order: all but the experts, which are loaded as they are routed to."""
+        return tuple(g for g in self.groups if g.kind != "expert")
+
+    @cached_property
+    def experts(self) -> dict[tuple[int, int], Group]:
+        """Expert groups by (layer, expert)."""
+        return {(g.layer, g.expert): g for g in self.groups if g.kind == "expert"}
 
     @property
     def store_order(self) -> list[str]:
@@ -50,7 +64,7 @@ class StackLayout:
     def compressible(self) -> list[str]:
         """The stored tensors weight compression applies to: every layer's matmul weights (embeddings, the
         head, norms and biases stay in the model's dtype)."""
-        return [n for g in self.groups if g.kind == "layer" for n, slot in g.slots if slot in MATMUL_SLOTS]
+        return [n for g in self.groups if g.kind in ("layer", "expert") for n, slot in g.slots if slot in MATMUL_SLOTS]
 
     def group_elements(self, group: Group) -> int:
         return sum(math.prod(self.shapes[n]) for n in group.names)
@@ -70,10 +84,46 @@ def stack_layout(cfg: OptConfig) -> StackLayout:
     if cfg.tie_word_embeddings and not cfg.encoder:
         last.append("embed_tokens")
     groups = [Group(0, "input", -1, first)]
+    dense = tuple(slot for slot in layer if not slot.startswith(EXPERT_PREFIX))
     for i in range(cfg.num_hidden_layers):
-        groups.append(Group(i + 1, "layer", i, tuple(f"layers.{i}.{slot}" for slot in layer)))
-    groups.append(Group(cfg.num_hidden_layers + 1, "output", -1, tuple(last)))
+        groups.append(Group(len(groups), "layer", i, tuple(f"layers.{i}.{slot}" for slot in dense)))
+        for e in range(cfg.num_experts):
+            names = tuple(f"layers.{i}.{EXPERT_PREFIX}{e}_{slot}" for slot in ("gate_w", "fc1_w", "fc2_w"))
+            groups.append(Group(len(groups), "expert", i, names, e))
+    groups.append(Group(len(groups), "output", -1, tuple(last)))
     shapes = dict(glob)
     for i in range(cfg.num_hidden_layers):
         shapes.update({f"layers.{i}.{slot}": s for slot, s in layer.items()})
     return StackLayout(tuple(groups), shapes)
+
+
+def expert_slot(slot: str) -> str:
+    """An expert's slot name without its expert prefix (``expert5_fc1_w`` -> ``fc1_w``); other slots as they are."""
+    if slot.startswith(EXPERT_PREFIX) and "_" in slot and slot[len(EXPERT_PREFIX) : slot.index("_")].isdigit():
+        return slot.split("_", 1)[1]
+    return slot
+
+
+# ---- mixture-of-experts sizes: what a step reads of a layer's experts ---------------------------------
+def expert_bytes(cfg: OptConfig) -> int:
+    """Bytes of one expert's weights (a SwiGLU MLP)."""
+    return 3 * cfg.hidden_size * cfg.ffn_embed_dim * cfg.dtype_bytes
+
+
+def expected_experts(cfg: OptConfig, tokens: float) -> float:
+    """Experts a layer reads for ``tokens`` tokens routed uniformly, top-k of E each: the expected size of the
+    union, E * (1 - (1 - k/E)^tokens); 0 for a dense model."""
+    e, k = cfg.num_experts, cfg.experts_per_token
+    return e * (1.0 - (1.0 - k / e) ** max(tokens, 0.0)) if e else 0.0
+
+
+def active_layer_bytes(cfg: OptConfig, tokens: float) -> float:
+    """One layer's weight bytes a step over ``tokens`` tokens reads: all but the experts none of them is
+    routed to (``layer_bytes`` for a dense layer)."""
+    return cfg.layer_bytes() - (cfg.num_experts - expected_experts(cfg, tokens)) * expert_bytes(cfg)
+
+
+def active_params(cfg: OptConfig) -> int:
+    """Parameters one token computes with: all but the experts it is not routed to."""
+    unused = (cfg.num_experts - cfg.experts_per_token) * expert_bytes(cfg) * cfg.num_hidden_layers
+    return (cfg.model_bytes() - unused) // cfg.dtype_bytes

@@ -94,8 +94,10 @@ def _register_builtin() -> None:
     from flexrun.policies.gptj import GptjPolicy
     from flexrun.policies.llama import LlamaPolicy
     from flexrun.policies.mistral import MistralPolicy
+    from flexrun.policies.mixtral import MixtralPolicy
     from flexrun.policies.opt import OptPolicy
     from flexrun.policies.qwen2 import Qwen2Policy
+    from flexrun.policies.qwen2_moe import Qwen2MoePolicy
 
     for policy in (
         OptPolicy,
@@ -107,6 +109,8 @@ def _register_builtin() -> None:
         LlamaPolicy,
         MistralPolicy,
         Qwen2Policy,
+        MixtralPolicy,
+        Qwen2MoePolicy,
         BertPolicy,
         RobertaPolicy,
     ):

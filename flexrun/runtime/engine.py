@@ -19,7 +19,8 @@ from flexrun.errors import InputError
 from flexrun.kernels import positions as P
 from flexrun.runtime.activations import ActivationStore
 from flexrun.runtime.kvcache import KV, KVCache
-from flexrun.runtime.layer import AttentionCore, FusedLayer, LayerSpec, LayerWeights, Rotary
+from flexrun.runtime.layer import AttentionCore, FusedLayer, LayerSpec, LayerWeights, Mlp, Rotary
+from flexrun.runtime.moe import ExpertStream, MoeMlp
 from flexrun.runtime.sampling import Sampler, SamplingParams
 from flexrun.runtime.stack import StackRunner, token_problem
 from flexrun.runtime.stats import RunStats, Timers
@@ -68,6 +69,12 @@ class Engine(StackRunner):
 
     def _allocate(self) -> None:
         self.cache.allocate()
+        # Mixture of experts: each layer's routed experts load after its router ran (runtime.moe).
+        self.moe = MoeMlp(self.cfg, self.kernels, ExpertStream(self.weights, self.layout)) if self.cfg.moe else None
+
+    def _mlp(self, layer: int, rows: torch.Tensor | None) -> Mlp | None:
+        """Layer ``layer``'s mixture of experts over the real tokens ``rows`` (b, q) (None: all), or None."""
+        return None if self.moe is None else self.moe.bind(layer, rows)
 
     def _bytes_read(self) -> int:
         return int(self.store.bytes_read + self.cache.bytes_read)
@@ -154,12 +161,14 @@ class Engine(StackRunner):
             layer = self.layers[i]
             if merged:
                 rotary = _cat_rotary([r for _, r in inputs])
-                x = layer(lw, x, self._block_core(i, layer, walk, offsets, inputs, past), rotary)
+                x = layer(lw, x, self._block_core(i, layer, walk, offsets, inputs, past), rotary, self._mlp(i, None))
                 continue
             for j in range(n_mb):
                 (k, v), turn = walk.next()
                 masks, rotary = inputs[j]
-                x = layer(lw, self.acts.take(j), layer.cached_core(k, v, past, masks[layer.spec.window]), rotary)
+                core = layer.cached_core(k, v, past, masks[layer.spec.window])
+                rows = valid[offsets[j] : offsets[j] + block.sizes[j], past:]  # padding routes nowhere
+                x = layer(lw, self.acts.take(j), core, rotary, self._mlp(i, rows))
                 self.cache.store(i, j, (k, v), turn, past, past + q)
                 self.acts.put(min(i + 1, n_layers - 1), j, x)
         return torch.cat(logits).cpu()
@@ -280,6 +289,7 @@ class Engine(StackRunner):
             logits = self._step(block, list(ids.split(sizes)), past=0)
         stats.prompt_tokens += n * s
         stats.input_tokens += sum(map(len, prompts))
+        moe_before = (self.moe.stream.read, self.moe.stream.loads) if self.moe else (0, 0)
         for t in range(params.max_new_tokens):
             if return_logits:
                 logits_log.append(logits)
@@ -302,6 +312,9 @@ class Engine(StackRunner):
             with timers.time("decode"):
                 logits = self._step(block, list(nxt[:, None].split(sizes)), past=s + t)
             stats.decode_steps += 1
+        if self.moe is not None:  # experts read per layer per decode step
+            stats.experts_read += self.moe.stream.read - moe_before[0]
+            stats.expert_loads += self.moe.stream.loads - moe_before[1]
         return out, logits_log
 
 

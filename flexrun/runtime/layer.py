@@ -34,8 +34,8 @@ class LayerWeights:
     ln1_w: torch.Tensor
     qkv_w: Weight
     out_w: Weight
-    fc1_w: Weight
-    fc2_w: Weight
+    fc1_w: Weight | None = None  # absent in a mixture-of-experts layer without a shared expert (Mixtral)
+    fc2_w: Weight | None = None
     ln2_w: torch.Tensor | None = None  # absent when one norm feeds attention and MLP (GPT-J)
     ln1_b: torch.Tensor | None = None
     qkv_b: torch.Tensor | None = None
@@ -45,6 +45,8 @@ class LayerWeights:
     fc2_b: torch.Tensor | None = None
     gate_w: Weight | None = None
     gate_b: torch.Tensor | None = None
+    router_w: Weight | None = None  # mixture of experts: (num_experts, h); the experts load as routed
+    shared_gate_w: Weight | None = None  # (1, h): Qwen2-MoE's gate on its shared expert (gate/fc1/fc2)
 
     @classmethod
     def from_slots(cls, slots: dict[str, Weight]) -> LayerWeights:
@@ -105,6 +107,9 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 # (b, s, kv_dim), keys already rotated: caches the new keys and values and returns (b, nh, s, d). The
 # engine supplies it, so one layer call can span micro-batches whose caches live in different buffers.
 AttentionCore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# The MLP of a layer whose MLP is not the slots' own (a mixture of experts): (weights, normed x (b, s, h)) ->
+# what it adds to the residual (b, s, h).
+Mlp = Callable[["LayerWeights", torch.Tensor], torch.Tensor]
 
 
 class FusedLayer:
@@ -124,9 +129,15 @@ class FusedLayer:
         self._act_ = kernels.activations[spec.activation]
 
     def __call__(
-        self, w: LayerWeights, x: torch.Tensor, core: AttentionCore, rotary: Rotary | None = None
+        self,
+        w: LayerWeights,
+        x: torch.Tensor,
+        core: AttentionCore,
+        rotary: Rotary | None = None,
+        mlp: Mlp | None = None,
     ) -> torch.Tensor:
-        """x: (b, s, h); rotary: cos and sin (b, 1, s, rotary_dim) of the new tokens' positions. Returns (b, s, h)."""
+        """x: (b, s, h); rotary: cos and sin (b, 1, s, rotary_dim) of the new tokens' positions; ``mlp``: the
+        MLP of a pre-norm sequential layer, when not the slots' own. Returns (b, s, h)."""
         sp = self.spec
         if sp.parallel_attn:
             # GPT-J: one norm feeds both branches; GPT-NeoX: ln1 feeds attention, ln2 the MLP.
@@ -141,6 +152,8 @@ class FusedLayer:
         x = self._residual(
             x, [(self._attend(w, self._norm(x, w.ln1_w, w.ln1_b, sp.eps), core, rotary), w.out_w, w.out_b)]
         )
+        if mlp is not None:
+            return x + mlp(w, self._norm2(w, x))
         return self._residual(x, [(self._up(w, self._norm2(w, x)), w.fc2_w, w.fc2_b)])
 
     def cached_core(self, k_slot: torch.Tensor, v_slot: torch.Tensor, past: int, mask: torch.Tensor) -> AttentionCore:
@@ -161,9 +174,12 @@ class FusedLayer:
         assert w.ln2_w is not None, "this layer has no second norm"
         return self._norm(x, w.ln2_w, w.ln2_b, self.spec.eps)
 
-    def _residual(self, x: torch.Tensor, parts: list[tuple[torch.Tensor, Weight, torch.Tensor | None]]) -> torch.Tensor:
+    def _residual(
+        self, x: torch.Tensor, parts: list[tuple[torch.Tensor, Weight | None, torch.Tensor | None]]
+    ) -> torch.Tensor:
         """x plus the row-parallel projections of ``parts`` (input, weight, bias), reduced once together with
         ``reduce``, each bias added after the reduction (once, not once per rank)."""
+        assert all(w is not None for _, w, _ in parts), "this layer has no such projection"
         if self.reduce is None:
             for a, w, b in parts:
                 x = x + self.k.linear(a, w, b)
@@ -196,6 +212,7 @@ class FusedLayer:
 
     def _up(self, w: LayerWeights, hs: torch.Tensor) -> torch.Tensor:
         """The MLP's activated first matrix (and gate): (b, s, ffn)."""
+        assert w.fc1_w is not None, "this layer has no dense MLP"
         up = self.k.linear(hs, w.fc1_w, w.fc1_b)  # (b, s, ffn)
         if self.spec.gated_mlp:
             assert w.gate_w is not None

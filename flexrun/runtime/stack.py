@@ -151,13 +151,13 @@ class StackRunner:
         """Every group of the stack in order with its weights by store name, the next group's load started
         before this one is handed out. With ``carry`` the last group starts loading the input group for the
         next walk (a decode step's embeddings load while the step before it computes its head)."""
-        weights, groups = self.weights, self.layout.groups
+        weights, groups = self.weights, self.layout.walked  # experts load as they are routed to
         fut = self._carried if self._carried is not None else weights.prefetch(0)
         self._carried = None
-        for group in groups:
+        for n, group in enumerate(groups):
             loaded = weights.wait(fut)
-            if group.index + 1 < len(groups):
-                fut = weights.prefetch(group.index + 1)
+            if n + 1 < len(groups):
+                fut = weights.prefetch(groups[n + 1].index)
             elif carry:
                 self._carried = weights.prefetch(0)
             vectors = self._vectors[group.index]

@@ -33,6 +33,9 @@ class RunStats:
     planned: dict[str, dict[str, int]] = field(default_factory=dict)
     budgets: dict[str, int] = field(default_factory=dict)
     direct_io: bool | None = None
+    # Mixture of experts, over decode steps: experts read, and (layer, step) loads they were read in.
+    experts_read: int = 0
+    expert_loads: int = 0
 
     @property
     def total_s(self) -> float:

@@ -54,6 +54,9 @@ class WeightManager:
         # Without CUDA the device tier is host RAM.
         self.tier = {n: (t if self.on_cuda or t != "device" else "host") for n, t in zip(order, tiers, strict=True)}
         self.groups = [list(g.names) for g in layout.groups]
+        # Experts (loaded as tokens are routed to them) stream through arenas of their own, so loading one
+        # never overwrites the layer whose router chose it.
+        self._pair = [int(g.kind == "expert") for g in layout.groups]
         self._order = order
         self.resident: dict[str, Weight] = {}
         self._raw: dict[str, torch.Tensor] = {}  # on CUDA, host-resident weights' bytes, copied to the device per step
@@ -65,15 +68,20 @@ class WeightManager:
         # Per group: the disk tensors (read each step) and, on CUDA, everything not on the device.
         self._disk = [[n for n in g if self.tier[n] == "disk"] for g in self.groups]
         self._streamed = [[n for n in g if self.tier[n] != "device"] for g in self.groups] if self.on_cuda else []
-        self._arena_bytes = max((sum(store.meta(n).padded_nbytes for n in names) for names in self._disk), default=0)
-        ledger.add("host", "weight buffers", 2 * self._arena_bytes)
-        self._gpu_arena_bytes = 0
+        disk_bytes = [sum(store.meta(n).padded_nbytes for n in names) for names in self._disk]
+        self._arena_bytes = _largest_per_pair(disk_bytes, self._pair)
+        ledger.add("host", "weight buffers", 2 * self._arena_bytes[0])
+        if self._arena_bytes[1]:
+            ledger.add("host", "expert buffers", 2 * self._arena_bytes[1])
+        self._gpu_arena_bytes = [0, 0]
         if self.on_cuda:
-            self._gpu_arena_bytes = max((self._gpu_offsets(names)[1] for names in self._streamed), default=0)
-            ledger.add("device", "weight buffers", 2 * self._gpu_arena_bytes)
-        self._arenas: list[torch.Tensor] = []
-        self._gpu_arenas: list[torch.Tensor] = []
-        self._turn = 0
+            sizes = [self._gpu_offsets(names)[1] for names in self._streamed]
+            self._gpu_arena_bytes = _largest_per_pair(sizes, self._pair)
+            ledger.add("device", "weight buffers", 2 * sum(self._gpu_arena_bytes))
+        self._arenas: list[list[torch.Tensor]] = [[], []]
+        self._gpu_arenas: list[list[torch.Tensor]] = [[], []]
+        self._turn = [0, 0]
+        # Every expert counted: a step reads only the routed ones (``layout.active_layer_bytes``).
         self.bytes_read_per_step = sum(store.meta(n).nbytes for names in self._disk for n in names)
 
     def load(self) -> None:
@@ -89,13 +97,13 @@ class WeightManager:
                 continue
             w = self.store.decode(name, raw.to(self.device) if tier == "device" else raw)
             self.resident[name] = self.kernels.prepare(w) if self._prepared(name) else w
-        if self._arena_bytes:
-            self._arenas = [diskio.aligned_empty(self._arena_bytes, pin=self.on_cuda) for _ in range(2)]
-        if self._gpu_arena_bytes:
-            self._gpu_arenas = [
-                torch.empty(self._gpu_arena_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)
-            ]
-            self._stream = torch.cuda.Stream(self.device)
+        for k in (0, 1):
+            if self._arena_bytes[k]:
+                self._arenas[k] = [diskio.aligned_empty(self._arena_bytes[k], pin=self.on_cuda) for _ in range(2)]
+            if self._gpu_arena_bytes[k]:
+                size = self._gpu_arena_bytes[k]
+                self._gpu_arenas[k] = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
+                self._stream = torch.cuda.Stream(self.device)
 
     def _read(self, name: str, buf: torch.Tensor) -> torch.Tensor:
         """``store.read_raw``, with a failing read (a disk error, a file replaced by a directory) named by its
@@ -118,9 +126,9 @@ class WeightManager:
         return offsets, off
 
     def prefetch(self, g: int) -> Future[_Loaded]:
-        """Start loading group ``g``'s weights into the next free arena."""
-        turn = self._turn
-        self._turn ^= 1
+        """Start loading group ``g``'s weights into the next free arena (of the experts' pair for an expert)."""
+        turn = self._turn[self._pair[g]]
+        self._turn[self._pair[g]] ^= 1
         # On CUDA the target device arena was last read by compute enqueued before now: wait for it.
         done_reading = None
         if self.on_cuda:
@@ -131,7 +139,7 @@ class WeightManager:
     def _load(self, g: int, turn: int, done_reading: Any = None) -> _Loaded:
         out = {n: self.resident[n] for n in self.groups[g] if n in self.resident}
         if self._disk[g]:
-            arena, off = self._arenas[turn], 0
+            arena, off = self._arenas[self._pair[g]][turn], 0
             for n in self._disk[g]:
                 size = self.store.meta(n).padded_nbytes
                 raw = self._read(n, arena[off : off + size])
@@ -140,7 +148,7 @@ class WeightManager:
         if not self.on_cuda or not self._streamed[g]:
             return _Loaded(out)
         offsets, _ = self._gpu_offsets(self._streamed[g])
-        gpu = self._gpu_arenas[turn]
+        gpu = self._gpu_arenas[self._pair[g]][turn]
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(done_reading)
             for n in self._streamed[g]:
@@ -160,3 +168,8 @@ class WeightManager:
         if loaded.event is not None:
             torch.cuda.current_stream().wait_event(loaded.event)
         return loaded.tensors
+
+
+def _largest_per_pair(sizes: list[int], pair: list[int]) -> list[int]:
+    """The largest size among the layers' groups and among the experts' (what each pair of arenas holds)."""
+    return [max((b for b, p in zip(sizes, pair, strict=True) if p == k), default=0) for k in (0, 1)]
