@@ -116,10 +116,11 @@ def build_engine(
     gen_len: int,
     num_prompts: int | None = None,
     planned: Planned | None = None,
+    runner: type[Engine] = Engine,
 ) -> tuple[Engine, str | None]:
-    """An engine for ``prompt_len + gen_len`` tokens computing in ``cfg``'s (resolved) compute dtype, with the
-    run's placement (``planned``, ``plan_job``'s, else ``choose_placement``'s), and the plan's line when the
-    planner chose it.
+    """An engine (of class ``runner``) for ``prompt_len + gen_len`` tokens computing in ``cfg``'s (resolved)
+    compute dtype, with the run's placement (``planned``, ``plan_job``'s, else ``choose_placement``'s), and the
+    plan's line when the planner chose it.
 
     The planner's memory model is linear in the shares, so it prorates buffers that the runtime reserves
     whole as soon as any share of a kind leaves a tier (streaming arenas, KV staging). When the runtime's
@@ -151,7 +152,7 @@ def build_engine(
                 raise
             raise refused from None  # the runtime's exact figures say more than the planner's on less
         try:
-            engine = Engine(
+            engine = runner(
                 store,
                 planned.placement,
                 prompt_len + gen_len,

@@ -120,9 +120,20 @@ class Existing:
     problem: str | None = None  # the first complaint of ``scan``'s ``check``, for the caller to raise
 
 
-def scan(path: Path, check: Callable[[int, dict[str, Any], tuple[str, int]], str | None] | None = None) -> Existing:
+#: What each job's records must hold to be its records.
+RECORD_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
+    "generate": ("output_ids", list),
+    "score": ("logprob", (int, float)),
+}
+
+
+def scan(
+    path: Path, check: Callable[[int, dict[str, Any], tuple[str, int]], str | None] | None = None, kind: str = "generate"
+) -> Existing:
     """Read the results already in ``path`` without changing it, a line at a time; a damaged line is an
-    InputError. ``check(lineno, record, key)`` may object to a record: its first objection is kept."""
+    InputError. ``check(lineno, record, key)`` may object to a record: its first objection is kept. ``kind``:
+    the job whose records these must be (``RECORD_FIELDS``)."""
+    field, types = RECORD_FIELDS[kind]
     records: dict[tuple[str, int], int] = {}
     good, problem, partial = 0, None, False
     try:
@@ -136,12 +147,12 @@ def scan(path: Path, check: Callable[[int, dict[str, Any], tuple[str, int]], str
                     continue
                 try:
                     rec = json.loads(raw)
-                    if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("output_ids"), list):
+                    if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get(field), types):
                         raise ValueError
                     key = result_key(rec)
                 except (ValueError, TypeError, RecursionError):
                     raise InputError(
-                        f"{path}:{lineno}: not a flexrun result record; this file is not the output of a generate "
+                        f"{path}:{lineno}: not a flexrun result record; this file is not the output of a {kind} "
                         "job (choose another --output, or --overwrite to replace it)"
                     ) from None
                 if key in records:

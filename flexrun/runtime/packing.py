@@ -1,6 +1,7 @@
 """Scoring requests packed into rows, each row a prefix tree of its requests' tokens, every shared prefix once.
 
-A row lays out the trie of its requests' token sequences (context then continuation) in depth-first order:
+A row lays out the trie of its requests' input sequences (context then continuation, less the last token,
+which is only predicted) in depth-first order:
 a token shared by several requests' prefixes (a multiple-choice question's context, the few-shot examples
 a task repeats) is one entry, computed once. A token attends to its ancestors in the trie and itself (a
 node's subtree is the row range [node, end)), and sits at its depth as position, so each request scores
@@ -27,8 +28,14 @@ class ScoreRequest:
     def tokens(self) -> tuple[int, ...]:
         return self.context + self.continuation
 
+    @property
+    def inputs(self) -> tuple[int, ...]:
+        """What the model reads: every token but the last, which is only predicted."""
+        return self.tokens[:-1]
+
     def __len__(self) -> int:
-        return len(self.context) + len(self.continuation)
+        """The tokens the model reads."""
+        return len(self.context) + len(self.continuation) - 1
 
 
 @dataclass
@@ -61,7 +68,7 @@ def _build(requests: list[ScoreRequest], members: list[int]) -> Row:
     open_nodes: list[int] = []  # nodes whose subtree is still open, by depth
     for r in members:
         req = requests[r]
-        seq = req.tokens
+        seq = req.inputs
         keep = _common(prev, seq)
         # Nodes deeper than the shared part are closed: their subtrees end here.
         for node in open_nodes[keep:]:
@@ -75,7 +82,7 @@ def _build(requests: list[ScoreRequest], members: list[int]) -> Row:
             path.append(node)
             open_nodes.append(node)
         c = len(req.context)
-        row.scored.append(path[c - 1 : len(seq) - 1])  # the token before each continuation token
+        row.scored.append(path[c - 1 :])  # the token before each continuation token
         row.targets.append(list(req.continuation))
         prev = seq
     for node in open_nodes:
@@ -94,13 +101,13 @@ def pack(requests: list[ScoreRequest], limit: int, share: bool = True) -> list[R
     for n, req in enumerate(requests):
         if not req.context or not req.continuation:
             raise InputError(f"request {n}: empty {'context' if not req.context else 'continuation'}")
-    order = sorted(range(len(requests)), key=lambda n: requests[n].tokens)
+    order = sorted(range(len(requests)), key=lambda n: requests[n].inputs)
     groups: list[list[int]] = []
     length = 0  # the current row's length
     for n in order:
         req = requests[n]
         if groups and share:
-            common = _common(requests[groups[-1][-1]].tokens, req.tokens)
+            common = _common(requests[groups[-1][-1]].inputs, req.inputs)
             grown = length + len(req) - common
             if common >= 1 and 2 * common >= len(req.context) and grown <= limit:
                 groups[-1].append(n)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flexrun.config import OptConfig
 from flexrun.errors import InputError
 from flexrun.kernels import positions as P
 from flexrun.runtime.activations import ActivationStore
@@ -47,6 +48,11 @@ class Scored:
 _LENGTH_DEPENDENT = ("dynamic", "longrope")
 
 
+def can_share(cfg: OptConfig) -> bool:
+    """Whether requests may share a prefix: not under a rotary scaling that depends on the length."""
+    return cfg.position != "rotary" or cfg.rope_type not in _LENGTH_DEPENDENT
+
+
 class Scorer(Engine):
     """Scores continuations with a placement over device / host / disk. Use as a context manager."""
 
@@ -73,11 +79,6 @@ class Scorer(Engine):
 
     def _bytes_read(self) -> int:
         return int(self.store.bytes_read)
-
-    @property
-    def can_share(self) -> bool:
-        """Whether requests may share a prefix: not under a rotary scaling that depends on the length."""
-        return self.cfg.position != "rotary" or self.cfg.rope_type not in _LENGTH_DEPENDENT
 
     # ---- the LM head at the scored positions ---------------------------------------------------------
     def _score_rows(
@@ -168,7 +169,7 @@ class Scorer(Engine):
                 if problem:
                     raise InputError(f"request {n}: {part}: {problem}")
             if len(req) > self.max_len:
-                raise InputError(f"request {n} has {len(req)} tokens, over the {self.max_len} this run was sized for")
+                raise InputError(f"request {n} reads {len(req)} tokens, over the {self.max_len} this run was sized for")
 
     def score_rows(
         self, requests: list[ScoreRequest], rows: list[Row], on_block: Callable[[list[int], list[Scored]], None]
@@ -204,6 +205,6 @@ class Scorer(Engine):
             for m, sc in zip(members, scored, strict=True):
                 results[m] = sc
 
-        rows = pack(requests, self.max_len, share and self.can_share)
+        rows = pack(requests, self.max_len, share and can_share(self.cfg))
         stats = self.score_rows(requests, rows, keep)
         return [r for r in results if r is not None], stats
