@@ -175,13 +175,15 @@ def test_experts_read_are_the_union_of_routed_experts(case: dict[str, Any], tmp_
     read: list[str] = []
     raw = store.read_raw
 
-    def counting(name: str, buf: torch.Tensor) -> torch.Tensor:
+    def counting(name: str, buf: torch.Tensor | None = None) -> torch.Tensor:
         read.append(name)
         return raw(name, buf)
 
     store.read_raw = counting  # type: ignore[method-assign]
+    log: list[tuple[int, tuple[int, ...]]] = []
     with Engine(store, pl, max_seq_len=MAX_LEN, offload_dir=tmp_path) as engine:
-        engine.moe.stream.log = log = []  # type: ignore[union-attr]
+        assert engine.moe is not None
+        engine.moe.stream.log = log
         out, stats, _ = engine.generate(PROMPTS, SamplingParams(max_new_tokens=NEW, stop_at_eos=False))
     assert out == case["tokens"]
     # What HF routes: each prompt with its generated tokens (all but the last, never fed back) run alone.
