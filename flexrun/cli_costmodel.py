@@ -191,7 +191,7 @@ def plan_cmd(
     import torch
 
     from flexrun.costmodel.choice import compute_dtype_candidates
-    from flexrun.costmodel.hardware import load_hardware
+    from flexrun.costmodel.machine import hardware_for
     from flexrun.costmodel.prediction import kind_bytes
     from flexrun.costmodel.search import plan
     from flexrun.precision import with_compute_dtype
@@ -214,7 +214,7 @@ def plan_cmd(
         budgets = Budgets(device=device_mem, host=host_mem, disk=disk_mem)
         tiers = budgets.resolved(offload_root(None), cuda)
         host_source: str | None = budgets.host_budget()[1]
-        hw = load_hardware(None).with_memory(
+        hw = hardware_for(None).with_memory(
             device=tiers["device"] if cuda else None, host=tiers["host"], disk=tiers["disk"]
         )
     else:
@@ -258,7 +258,12 @@ def plan_cmd(
 @click.option(
     "--offload-dir", type=click.Path(file_okay=False), help="Where to measure the disk (default: the cache dir)."
 )
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Where to save the JSON (default: the cache dir).")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="Also save the spec as a JSON file, for `--hardware FILE` (planning for this machine from another).",
+)
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype (default: bfloat16 on CPU, float16 on CUDA).")
 @click.option("--quick", is_flag=True, help="Small sizes, a few seconds; the figures understate the machine.")
 @click.option("--json", "as_json", is_flag=True, help="Print the measured spec as JSON.")
@@ -267,14 +272,16 @@ def calibrate_cmd(offload_dir: str | None, out: str | None, dtype: str | None, q
 
     Measures disk read (O_DIRECT) and write (fsync) bandwidth in the offload dir, host<->device copies
     when there is a GPU, and matmul and attention FLOP/s at prefill- and decode-like shapes, in well
-    under a minute. `flexrun plan` and `generate` then use the saved figures.
+    under a minute. `flexrun plan`, `generate` and `bench` then use the saved figures on this machine (a
+    job that finds none measures a shorter set on first use); the runs they record since are cleared.
     """
+    from flexrun.costmodel.calcache import path_for
     from flexrun.costmodel.calibrate import calibrate
-    from flexrun.costmodel.hardware import default_path
+    from flexrun.costmodel.machine_id import machine_fingerprint
     from flexrun.units import format_bytes
 
-    path = out or str(default_path())
-    spec = calibrate(offload_dir=offload_dir, out=path, dtype=dtype, quick=quick)
+    spec = calibrate(offload_dir=offload_dir, out=out, dtype=dtype, quick=quick)
+    path = str(path_for(machine_fingerprint())) + (f" and {out}" if out else "")
     if as_json:
         click.echo(json.dumps({"path": path, **spec.to_dict()}, indent=2))
         return

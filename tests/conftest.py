@@ -8,6 +8,10 @@ import os
 # machine two threads per process thrash (decode steps 40x slower measured). Set before torch loads, so
 # the subprocesses that tests start inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The planner plans with the `cpu` preset in tests, not with this machine's calibration (measured on first use
+# and corrected by recorded runs): a test's placement must not depend on the machine or on earlier runs.
+# tests/test_calibration_cache.py removes it to test the calibration itself.
+os.environ.setdefault("FLEXRUN_HARDWARE", "cpu")
 
 from pathlib import Path  # noqa: E402
 

@@ -91,7 +91,8 @@ def test_plan_help_is_the_docstring(group: FlexrunGroup) -> None:
     assert result.exit_code == 0 and "linear program" in result.output and "--hardware" in result.output
 
 
-def test_calibrate_quick_function(tmp_path: Path) -> None:
+def test_calibrate_quick_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEXRUN_CACHE_DIR", str(tmp_path / "cache"))
     spec = calibrate(offload_dir=tmp_path / "off", out=tmp_path / "hw.json", quick=True, progress=False)
     assert (tmp_path / "hw.json").is_file()
     assert HardwareSpec.load(tmp_path / "hw.json") == spec
@@ -110,7 +111,8 @@ def test_calibrate_quick_function(tmp_path: Path) -> None:
         assert all(r["dequant"] > 0 and r["fused_mm_flops"] > 0 for r in spec.quant_rates.values())
 
 
-def test_calibrate_cli_then_plan_with_it(group: FlexrunGroup, tmp_path: Path) -> None:
+def test_calibrate_cli_then_plan_with_it(group: FlexrunGroup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEXRUN_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "hw.json"
     result = run("calibrate", "--quick", "--offload-dir", str(tmp_path / "off"), "--out", str(out), command=group)
     assert result.exit_code == 0, result.output

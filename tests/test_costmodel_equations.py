@@ -220,19 +220,6 @@ def test_bad_specs_are_reported(tmp_path) -> None:
         dataclasses.replace(PRESETS["t4"], mm_flops_decode=0.0)
 
 
-def test_load_hardware_default_prefers_the_calibrated_spec(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("FLEXRUN_CACHE_DIR", str(tmp_path))
-    saved = dataclasses.replace(PRESETS["t4"], name="calibrated")
-    saved.save(tmp_path / "hardware.json")
-    assert load_hardware(None) == saved
-    (tmp_path / "hardware.json").unlink()
-    import torch
-
-    if not torch.cuda.is_available():
-        spec = load_hardware(None)
-        assert spec.name == "cpu" and spec.device_is_host and spec.host_mem > 0
-
-
 def test_for_dtype_swaps_in_that_dtypes_compute_rates() -> None:
     # BOX's own rates are fp16's; float32 runs 4x slower on its matmuls, 2x on attention.
     slow = {"mm_flops_prefill": 2.5e11, "mm_flops_decode": 2.5e10, "bmm_flops_decode": 5e9}

@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +26,9 @@ from pathlib import Path
 import torch
 
 from flexrun import diskio
-from flexrun.costmodel.hardware import HardwareSpec, default_path
+from flexrun.costmodel.calcache import Calibration, DiskFigures
+from flexrun.costmodel.hardware import HardwareSpec
+from flexrun.costmodel.machine_id import filesystem_key, machine_fingerprint
 from flexrun.errors import ConfigError
 from flexrun.kernels import select_kernels
 from flexrun.kernels.positions import additive_mask
@@ -53,10 +56,13 @@ class Sizes:
     context_len: int  # decode attention over a cache of this many tokens
     min_seconds: float  # repeat each compute measurement at least this long
     decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the decode matmul rate's row counts
+    disk_repeats: int = 5  # reads of the file, for a median and a spread (a virtual disk moves 2x between runs)
 
 
 FULL = Sizes(512 << 20, 32 << 20, 256 << 20, 2048, 512, 64, 16, 512, 1024, 0.5)
-QUICK = Sizes(8 << 20, 4 << 20, 8 << 20, 256, 64, 16, 4, 64, 128, 0.02, (1, 4, 16))
+# What a job measures on first use, before its first plan: the engine's shapes, a few seconds in all.
+FIRST = Sizes(128 << 20, 16 << 20, 128 << 20, 2048, 256, 64, 16, 256, 512, 0.1, (1, 4, 16, 64, 256), 3)
+QUICK = Sizes(8 << 20, 4 << 20, 8 << 20, 256, 64, 16, 4, 64, 128, 0.02, (1, 4, 16), 2)
 
 
 def _sync(device: torch.device) -> None:
@@ -79,8 +85,9 @@ def _best_time(fn: Callable[[], object], device: torch.device, min_seconds: floa
 
 
 # ---- disk ------------------------------------------------------------------------------------------
-def measure_disk(directory: Path, sizes: Sizes) -> tuple[float, float, bool]:
-    """(read bytes/s with O_DIRECT, write bytes/s ending in fsync, whether reads bypassed the page cache)."""
+def measure_disk(directory: Path, sizes: Sizes) -> tuple[list[float], float, bool]:
+    """(read bytes/s with O_DIRECT of each of ``sizes.disk_repeats`` reads, write bytes/s ending in fsync,
+    whether reads bypassed the page cache)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"calibrate-{os.getpid()}.bin"
     chunk = diskio.aligned_empty(sizes.disk_chunk)
@@ -98,25 +105,27 @@ def measure_disk(directory: Path, sizes: Sizes) -> tuple[float, float, bool]:
         finally:
             os.close(fd)
         write_bw = total / (time.perf_counter() - start)
-        fd = os.open(path, os.O_RDONLY)
-        if hasattr(os, "posix_fadvise"):  # drop what the writes left in the page cache
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-        fd, direct = diskio.open_for_read(path, direct=True)
-        try:
-            start = time.perf_counter()
-            offset = 0
-            while offset < total:
-                n = diskio.read_into(fd, chunk, offset, min(chunk.numel(), total - offset))
-                if n == 0:
-                    break
-                offset += n
-            read_bw = offset / (time.perf_counter() - start)
-        finally:
+        reads: list[float] = []
+        for _ in range(max(sizes.disk_repeats, 1)):
+            fd = os.open(path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):  # drop what the writes (or the last read) left in the page cache
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
+            fd, direct = diskio.open_for_read(path, direct=True)
+            try:
+                start = time.perf_counter()
+                offset = 0
+                while offset < total:
+                    n = diskio.read_into(fd, chunk, offset, min(chunk.numel(), total - offset))
+                    if n == 0:
+                        break
+                    offset += n
+                reads.append(offset / (time.perf_counter() - start))
+            finally:
+                os.close(fd)
     finally:
         path.unlink(missing_ok=True)
-    return read_bw, write_bw, direct
+    return reads, write_bw, direct
 
 
 # ---- memory and links ------------------------------------------------------------------------------
@@ -198,26 +207,42 @@ def calibrate(
     save: bool = True,
     progress: bool = True,
 ) -> HardwareSpec:
-    """Measure this machine and return its ``HardwareSpec``; save it as JSON (default ``default_path()``).
+    """Measure this machine and return its ``HardwareSpec``; save it as this machine's calibration in the
+    cache (``calcache``: the runs recorded against an earlier one start afresh) and, given ``out``, as a
+    spec JSON file for ``--hardware``.
 
     ``offload_dir``: where the disk is measured (default: the cache dir's ``offload``). ``dtype``: the
     compute dtype (default bfloat16 without CUDA, float16 with). ``quick``: small sizes, for tests.
     """
+    directory = offload_root(offload_dir)
+    label = "`flexrun calibrate`" + (" --quick" if quick else "")
+    spec, disk = measure_machine(directory, QUICK if quick else FULL, dtype, progress, label)
+    if save:
+        path = Calibration(machine_fingerprint(), spec, {filesystem_key(directory): disk}).save()
+        log.info("saved %s", path)
+        if out:
+            spec.save(Path(out).expanduser())
+    return spec
+
+
+def measure_machine(
+    directory: Path, sizes: Sizes, dtype: str | None = None, progress: bool = True, label: str = "flexrun"
+) -> tuple[HardwareSpec, DiskFigures]:
+    """This machine's spec (its disk measured under ``directory``) and that disk's figures, at ``sizes``."""
     from tqdm import tqdm
 
-    sizes = QUICK if quick else FULL
     has_cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if has_cuda else torch.device("cpu")
     dtype = dtype or ("float16" if has_cuda else "bfloat16")
     if dtype not in TORCH_DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
-    directory = offload_root(offload_dir)
     figures: dict[str, float] = {}
-    direct = True
+    disks: list[DiskFigures] = []
 
     def disk() -> None:
-        nonlocal direct
-        figures["disk_to_host_bw"], figures["host_to_disk_bw"], direct = measure_disk(directory, sizes)
+        reads, write, direct = measure_disk(directory, sizes)
+        disks.append(DiskFigures(statistics.median(reads), write, reads, direct, time.strftime("%Y-%m-%d")))
+        figures["disk_to_host_bw"], figures["host_to_disk_bw"] = disks[0].read_bw, write
 
     def links() -> None:
         if has_cuda:
@@ -277,8 +302,13 @@ def calibrate(
         if has_cuda
         else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     )
-    source = f"measured by `flexrun calibrate`{' --quick' if quick else ''} on {where} in {dtype}, {time.strftime('%Y-%m-%d')}"
-    if not direct:
+    source = f"measured by {label} on {where} in {dtype}, {time.strftime('%Y-%m-%d')}"
+    low, high = disks[0].spread()
+    source += (
+        f"; disk read median of {len(disks[0].read_samples)}: {disks[0].read_bw / 2**30:.2f} GiB/s "
+        f"(runs {low / 2**30:.2f}-{high / 2**30:.2f})"
+    )
+    if not disks[0].direct:
         source += f"; O_DIRECT unsupported under {directory}, disk reads may be flattered by the page cache"
     spec = HardwareSpec(
         name="calibrated",
@@ -294,7 +324,4 @@ def calibrate(
         **figures,
     )
     log.info("calibrated in %.1f s: %s", time.perf_counter() - start, spec.source)
-    if save:
-        path = spec.save(Path(out).expanduser() if out else default_path())
-        log.info("saved %s", path)
-    return spec
+    return spec, disks[0]

@@ -2,8 +2,8 @@
 
 A spec holds the memory of each tier, the bandwidth of each link between tiers and the compute rates of
 the device (and of the host, for attention over a host-resident KV cache). ``flexrun calibrate``
-measures one for this machine and saves it as JSON in the cache dir, where ``load_hardware(None)``
-finds it; the presets below describe known machines, each saying where its figures come from.
+measures one for this machine and saves it in the calibration cache (``calcache``), where
+``machine.hardware_for(None)`` finds it; the presets below describe known machines, each saying where its figures come from.
 
 Units: bytes, bytes/s and FLOP/s. FlexGen's constants are quoted in its units, where GB = 2**30 bytes and
 T = 1e12, and are converted here exactly as its cost model does.
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from flexrun.errors import ConfigError, FlexrunError
-from flexrun.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -383,68 +382,15 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-def default_path() -> Path:
-    """Where ``flexrun calibrate`` saves this machine's spec and where ``load_hardware(None)`` looks."""
-    return cache_dir() / "hardware.json"
-
-
-def _machine_memory() -> tuple[int, int]:
-    """(RAM this process could hold: the machine's or its cgroup / rlimit limit, free disk under the cache dir)."""
-    import shutil
-
-    from flexrun.memlimits import process_memory
-
-    probe = cache_dir()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return process_memory().total, int(shutil.disk_usage(probe).free)
-
-
-def _preset_for_gpu() -> HardwareSpec | None:
-    """The preset matching this machine's CUDA device by name, if any."""
-    import torch
-
-    props = torch.cuda.get_device_properties(0)
-    name = props.name.upper()
-    if "H100" in name:
-        return PRESETS["h100-80gb"]
-    if "A100" in name:
-        return PRESETS["a100-80gb" if props.total_memory > 48 * GiB else "a100-40gb"]
-    if "T4" in name:
-        return PRESETS["t4"]
-    return None
-
-
-def load_hardware(spec: str | None = None) -> HardwareSpec:
-    """The hardware spec named by ``spec``: a preset name, a JSON file, or ``None`` for this machine.
-
-    ``None``: the calibrated spec at ``default_path()`` if there is one; else, without CUDA, the ``cpu``
-    preset with this machine's RAM and free disk; else the preset matching the GPU's name. Raises
-    FlexrunError when nothing matches, listing the presets.
-    """
+def load_hardware(spec: str) -> HardwareSpec:
+    """The hardware spec named by ``spec``: a preset name or a JSON file (from ``flexrun calibrate --out``).
+    Raises FlexrunError when nothing matches, listing the presets. This machine's own spec, calibrated on
+    first use, is ``costmodel.machine.hardware_for(None)``."""
     names = ", ".join(PRESETS)
-    if spec is not None:
-        key = spec.strip().lower()
-        if key in PRESETS:
-            return PRESETS[key]
-        path = Path(spec).expanduser()
-        if path.is_file() or spec.endswith(".json"):
-            return HardwareSpec.load(path)
-        raise FlexrunError(f"unknown hardware {spec!r}: use a preset ({names}) or a JSON file from `flexrun calibrate`")
-    saved = default_path()
-    if saved.is_file():
-        log.info("hardware: calibrated spec %s", saved)
-        return HardwareSpec.load(saved)
-    import torch
-
-    if not torch.cuda.is_available():
-        host, disk = _machine_memory()
-        log.info("hardware: no calibration found, using the cpu preset with this machine's memory")
-        return dataclasses.replace(PRESETS["cpu"], host_mem=host, disk_mem=disk)
-    preset = _preset_for_gpu()
-    if preset is None:
-        raise FlexrunError(
-            f"no hardware figures for this GPU: run `flexrun calibrate` (saves {saved}) or pass --hardware ({names})"
-        )
-    log.warning("hardware: no calibration found, using the %s preset (data-sheet figures)", preset.name)
-    return preset
+    key = spec.strip().lower()
+    if key in PRESETS:
+        return PRESETS[key]
+    path = Path(spec).expanduser()
+    if path.is_file() or spec.endswith(".json"):
+        return HardwareSpec.load(path)
+    raise FlexrunError(f"unknown hardware {spec!r}: use a preset ({names}) or a JSON file from `flexrun calibrate`")

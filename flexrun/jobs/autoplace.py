@@ -18,7 +18,7 @@ import torch
 
 from flexrun.config import OptConfig
 from flexrun.costmodel.choice import compute_dtype_candidates
-from flexrun.costmodel.hardware import load_hardware
+from flexrun.costmodel.machine import hardware_for
 from flexrun.costmodel.search import plan
 from flexrun.errors import BudgetError, PlacementError
 from flexrun.jobs.options import AUTO, EngineOptions, PlacementRequest
@@ -199,7 +199,7 @@ def choose_placement(
     tiers = budgets.resolved(root, has_cuda)
     host_source = budgets.host_budget()[1]
     tiers = {t: max(b - (reserve or {}).get(t, 0), 0) for t, b in tiers.items()}
-    hw = request.hardware or load_hardware(None)
+    hw = hardware_for(request.hardware, offload_dir)
     hw = hw.with_memory(device=tiers["device"] if has_cuda else None, host=tiers["host"], disk=tiers["disk"])
     fixed = {k: getattr(request, k) for k in KINDS if getattr(request, k) is not None}
     gbs = request.gpu_batch_size

@@ -10,8 +10,8 @@ from typing import IO, Any
 import torch
 
 from flexrun.config import OptConfig
-from flexrun.costmodel.hardware import load_hardware
 from flexrun.jobs.autoplace import build_engine, plan_job
+from flexrun.jobs.calibration import job_hardware, record_run
 from flexrun.jobs.options import EngineOptions
 from flexrun.jobs.report import roofline
 from flexrun.placement import Placement
@@ -44,6 +44,7 @@ def run_bench(opts: EngineOptions, prompt_len: int, gen_len: int, stderr: IO[str
         n = engine.placement.block_size
         prompts = torch.randint(4, cfg.vocab_size, (n, prompt_len), generator=gen).tolist()
         _, stats, _ = engine.generate(prompts, SamplingParams(max_new_tokens=gen_len, stop_at_eos=False))
-    hw = settled.opts.placement.hardware or load_hardware(None)
+    record_run(settled.opts, engine.cfg, engine.placement, stats, prompt_len, gen_len)
+    hw = job_hardware(settled.opts)
     roof = roofline(engine.cfg, engine.placement, stats, hw, prompt_len, gen_len)
     return BenchResult(engine.cfg, engine.placement, stats, roof, plan_line)

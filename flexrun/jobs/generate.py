@@ -29,6 +29,7 @@ from tqdm import tqdm
 from flexrun.config import OptConfig
 from flexrun.errors import CheckpointError, FlexrunError, InputError
 from flexrun.jobs.autoplace import build_engine, plan_job
+from flexrun.jobs.calibration import record_run
 from flexrun.jobs.fingerprint import already_done, job_fingerprint, recorded_choices
 from flexrun.jobs.interrupt import StopRequest
 from flexrun.jobs.options import EngineOptions, JobOptions
@@ -37,6 +38,7 @@ from flexrun.jobs.results import ResultWriter, check_output, emit, is_stream, lo
 from flexrun.jobs.streaming import cut_at_stop
 from flexrun.jobs.textio import PromptRecord, check_unique_ids, read_prompts
 from flexrun.jobs.textout import TextPrinter
+from flexrun.jobs.tp import tensor_parallel, world
 from flexrun.placement import Placement
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.stats import RunStats
@@ -117,6 +119,7 @@ class _Job:
         return check
 
 
+@tensor_parallel
 def run_generate(
     opts: EngineOptions,
     job: JobOptions,
@@ -179,7 +182,7 @@ def _generate(
     settled = plan_job(opts, model, longest, job.params.max_new_tokens, blocks)
     store = settled.opts.model.open_store("generate", progress=not job.quiet)
     cfg = settled.opts.model.run_config(store, compute_device())
-    fingerprint = job_fingerprint(store, job, cfg.run_dtype, settled.opts.placement.compress_cache)
+    fingerprint = job_fingerprint(store, job, cfg.run_dtype, settled.opts.placement.compress_cache, world())
 
     done: set[tuple[str, int]] = set()
     keep_bytes: int | None = 0 if job.overwrite else None
@@ -214,6 +217,8 @@ def _generate(
     finally:
         writer.close()
     result = GenerateResult(engine.cfg, engine.placement, run.stats, new_tokens=run.new_tokens)
+    if run.stats is not None and not (stop.requested or abandoned):
+        record_run(settled.opts, engine.cfg, engine.placement, run.stats, longest, job.params.max_new_tokens)
     if stop.requested or abandoned:
         how = "abandoning the block in flight" if abandoned else "after the block in flight"
         resume = "; run the same command again to resume" if out_path is not None else ""
