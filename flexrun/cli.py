@@ -43,7 +43,8 @@ class FlexrunGroup(click.Group):
         try:
             return super().invoke(ctx)
         except FlexrunError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            if str(exc):  # a tensor-parallel rank other than 0 leaves the saying to rank 0
+                click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except BrokenPipeError:  # the reader of stdout (or of a FIFO --output) went away: end quietly, as Unix tools do
             ctx.exit(0)

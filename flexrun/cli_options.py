@@ -4,6 +4,7 @@ the engine options, typed once here into the library's option dataclasses."""
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,7 @@ _ENGINE_KEYS = (
     "device_mem",
     "host_mem",
     "disk_mem",
+    "tp",
     "compress_weight",
     "group_size",
     "compress_cache",
@@ -189,18 +191,49 @@ def engine_options(encoder: bool = False) -> Callable[[Callable[..., Any]], Call
         click.option("--host-mem", callback=byte_size, help="Host memory budget, e.g. 8GiB."),
         click.option("--disk-mem", callback=byte_size, help="Disk budget in the offload dir."),
     ]
+    if not encoder:
+        options.append(
+            click.option(
+                "--tp",
+                default=1,
+                show_default=True,
+                callback=positive_int,
+                help="Tensor-parallel ranks: N local processes, each holding 1/N of every layer (budgets are per "
+                "rank). Under torchrun, its WORLD_SIZE.",
+            )
+        )
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def command(**values: Any) -> Any:
             given = {k: values.pop(k) for k in _ENGINE_KEYS if k in values}
-            return fn(engine=_engine_options(given, encoder), **values)
+            engine = _engine_options(given, encoder)
+            if engine.tp > 1:
+                _launch_ranks(engine)
+            return fn(engine=engine, **values)
 
         for option in reversed(options):
             command = option(command)
         return command
 
     return decorate
+
+
+def _launch_ranks(engine: Any) -> None:
+    """With --tp N outside a launcher (no WORLD_SIZE): the command again in N local ranks, then exit with
+    their status. Under torchrun (or in a rank) the command runs as this rank."""
+    from flexrun.parallel import check_split, launched
+    from flexrun.parallel.launch import run_local
+
+    if launched():
+        return
+    check_split(engine.model.source("generate").config, engine.tp)  # refused here, once, before any rank starts
+    root = click.get_current_context().find_root().command
+
+    def entry(argv: list[str]) -> None:
+        root.main(args=argv, prog_name="flexrun")
+
+    raise SystemExit(run_local(engine.tp, entry, sys.argv[1:]))
 
 
 def compression_kind(value: str | None) -> str:
@@ -239,4 +272,5 @@ def _engine_options(v: dict[str, Any], encoder: bool) -> Any:
         ),
         budgets=budgets,
         offload_dir=v["offload_dir"],
+        tp=v.get("tp") or 1,
     )

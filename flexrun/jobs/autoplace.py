@@ -22,6 +22,8 @@ from flexrun.costmodel.machine import hardware_for
 from flexrun.costmodel.search import plan
 from flexrun.errors import BudgetError, PlacementError
 from flexrun.jobs.options import AUTO, EngineOptions, PlacementRequest
+from flexrun.jobs.tp import announce
+from flexrun.parallel import current
 from flexrun.paths import offload_root
 from flexrun.placement import Placement
 from flexrun.precision import with_compute_dtype
@@ -159,6 +161,7 @@ def build_engine(
                 budgets=opts.budgets,
                 offload_dir=opts.offload_dir,
                 compute_dtype=cfg.run_dtype,
+                tp=current(),
             )
         except BudgetError as exc:
             if not opts.placement.planned:
@@ -168,6 +171,11 @@ def build_engine(
             reserve[exc.tier] = reserve.get(exc.tier, 0) + short + short // 4 + 4096
             log.info("planned placement is %s short on %s; planning again", format_bytes(short), exc.tier)
             continue
+        try:
+            announce(engine, opts)  # the other tensor-parallel ranks build the same engine
+        except BaseException:
+            engine.close()
+            raise
         return engine, planned.line
     assert refused is not None
     raise refused

@@ -14,6 +14,7 @@ from flexrun.jobs.autoplace import build_engine, plan_job
 from flexrun.jobs.calibration import job_hardware, record_run
 from flexrun.jobs.options import EngineOptions
 from flexrun.jobs.report import roofline
+from flexrun.jobs.tp import tensor_parallel
 from flexrun.placement import Placement
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.runtime.stats import RunStats
@@ -29,6 +30,7 @@ class BenchResult:
     plan_line: str | None  # the planner's line, when it chose the placement
 
 
+@tensor_parallel
 def run_bench(opts: EngineOptions, prompt_len: int, gen_len: int, stderr: IO[str] | None = None) -> BenchResult:
     """Generate ``gen_len`` tokens after random ``prompt_len``-token prompts for one block (seeded, so
     every run times the same work), never stopping early at an EOS. The plan goes to ``stderr`` first."""
@@ -44,7 +46,7 @@ def run_bench(opts: EngineOptions, prompt_len: int, gen_len: int, stderr: IO[str
         n = engine.placement.block_size
         prompts = torch.randint(4, cfg.vocab_size, (n, prompt_len), generator=gen).tolist()
         _, stats, _ = engine.generate(prompts, SamplingParams(max_new_tokens=gen_len, stop_at_eos=False))
-    record_run(settled.opts, engine.cfg, engine.placement, stats, prompt_len, gen_len)
-    hw = job_hardware(settled.opts)
+    hw = job_hardware(settled.opts)  # as the planner stands before this run corrects it
     roof = roofline(engine.cfg, engine.placement, stats, hw, prompt_len, gen_len)
+    record_run(settled.opts, engine.cfg, engine.placement, stats, prompt_len, gen_len)
     return BenchResult(engine.cfg, engine.placement, stats, roof, plan_line)

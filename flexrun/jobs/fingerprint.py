@@ -42,14 +42,15 @@ def tokenizer_digest(store: TensorStore) -> str | None:
 
 
 def job_fingerprint(
-    store: TensorStore, job: JobOptions, compute_dtype: str | None = None, compress_cache: str = ""
+    store: TensorStore, job: JobOptions, compute_dtype: str | None = None, compress_cache: str = "", tp: int = 1
 ) -> dict[str, Any]:
     """Everything apart from the prompts (checked record by record) that decides a job's records. The
     placement and ``--order`` are left out: they change how fast the records come, not what they hold; so
     are the sampling options of a greedy job, which only the repetition penalty affects. The compute dtype
     is recorded only when it differs from the weights' (so jobs that never had one still resume), the
     weight and cache compression only when there is one (the weights' is in their digest too: it is
-    recorded by name for a resume to choose it again), the tokenizer only when the store has one."""
+    recorded by name for a resume to choose it again), the tokenizer only when the store has one, the
+    tensor-parallel ranks only when there are several (their sums round differently)."""
     p = job.params
     fp: dict[str, Any] = {"model": store.config.name, "weights": weights_digest(store)}
     tokenizer = tokenizer_digest(store)
@@ -67,6 +68,8 @@ def job_fingerprint(
         fp["compress_weight"] = store.weight_compression
     if compress_cache:
         fp["compress_cache"] = compress_cache
+    if tp > 1:
+        fp["tp"] = tp
     if not p.greedy:
         fp.update(top_p=p.top_p, top_k=p.top_k, seed=p.seed)
     fp.update(
@@ -95,6 +98,7 @@ _OPTION = {
     "num_return_sequences": "--num-return-sequences",
     "chat": "--chat",
     "truncate": "--truncate",
+    "tp": "--tp",
 }
 
 
@@ -124,8 +128,11 @@ def job_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[s
     cache = [f.get("compress_cache") or "off" for f in (recorded, current)]
     if cache[0] != cache[1]:
         diffs.append(f"--compress-cache {cache[0]} there, {cache[1]} here")
+    ranks = [f.get("tp", 1) for f in (recorded, current)]
+    if ranks[0] != ranks[1]:
+        diffs.append(f"--tp {ranks[0]} there, {ranks[1]} here")
     for key, value in current.items():
-        skip = ("model", "weights", "tokenizer", "compute_dtype", "compress_weight", "compress_cache")
+        skip = ("model", "weights", "tokenizer", "compute_dtype", "compress_weight", "compress_cache", "tp")
         if key in skip or key not in recorded or recorded[key] == value:
             continue
         diffs.append(f"{_OPTION.get(key, key)} {_show(recorded[key])} there, {_show(value)} here")

@@ -118,6 +118,7 @@ class EngineOptions:
     placement: PlacementRequest = field(default_factory=PlacementRequest)
     budgets: Budgets = field(default_factory=Budgets)
     offload_dir: str | None = None
+    tp: int = 1  # tensor-parallel ranks (each holds 1/tp of every layer; budgets are per rank)
 
     def settled(
         self, compress_weight: str = AUTO, compress_cache: str = AUTO, compute_dtype: str = AUTO

@@ -8,6 +8,7 @@ off the same loads run in line, in the same order, and give identical tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,11 +62,17 @@ class Engine(StackRunner):
             ledger.add("device", "kv dequantized", 2 * 4 * gbs * self.max_len * cfg.kv_dim)
         # One layer per index: the attention scale and window may vary along the stack.
         self.layers = [
-            FusedLayer(LayerSpec.from_config(cfg, i), self.kernels, self.kv_format)
+            FusedLayer(self._spec(i), self.kernels, self.kv_format, self.tp.reduce)
             for i in range(cfg.num_hidden_layers)
         ]
         self.windows = sorted({layer.spec.window for layer in self.layers})
         self.rope = P.Rope(cfg) if cfg.position == "rotary" else None
+
+    def _spec(self, i: int) -> LayerSpec:
+        """Layer ``i``'s spec; a tensor-parallel rank computes its own heads (its part of the MLP follows from
+        its weights' shapes)."""
+        spec, world = LayerSpec.from_config(self.cfg, i), self.tp.world
+        return dataclasses.replace(spec, n_head=spec.n_head // world, n_kv_head=spec.n_kv_head // world)
 
     def _allocate(self) -> None:
         self.cache.allocate()
@@ -81,7 +88,7 @@ class Engine(StackRunner):
 
     # ---- compute of the non-layer groups ---------------------------------------------------------
     def _embed(self, w: dict[str, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(ids, w["embed_tokens"]).to(self.dtype)  # (b, q, word_embed_proj_dim)
+        x = self.tp.embed(ids, w["embed_tokens"], self.cfg.vocab_size).to(self.dtype)  # (b, q, word_embed_proj_dim)
         if "embed_ln_w" in w:
             x = self.kernels.norms[self.cfg.norm](x, w["embed_ln_w"], w.get("embed_ln_b"), self.cfg.layer_norm_eps)
         if "project_in" in w:
@@ -99,7 +106,7 @@ class Engine(StackRunner):
         if "project_out" in w:
             x = self.kernels.linear(x, w["project_out"], None)
         head = w["lm_head"] if "lm_head" in w else w["embed_tokens"]
-        return self.kernels.linear(x, head, w.get("lm_head_b")).float()  # (b, vocab)
+        return self.kernels.linear(x, head, w.get("lm_head_b")).float()  # (b, vocab): this rank's part of it
 
     def _attention_inputs(
         self, valid: torch.Tensor, positions: torch.Tensor, query_len: int
@@ -112,7 +119,8 @@ class Engine(StackRunner):
         cfg = self.cfg
         masks = {win: P.additive_mask(valid, query_len, self.dtype, win) for win in self.windows}
         if cfg.position == "alibi":
-            bias = P.alibi_bias(positions, cfg.n_head, self.dtype)  # (b, nh, 1, t)
+            h0, h1 = self.tp.shard.part(cfg.n_head)  # a rank's heads keep their global slopes
+            bias = P.alibi_bias(positions, cfg.n_head, self.dtype)[:, h0:h1]  # (b, nh, 1, t)
             masks = {win: m + bias for win, m in masks.items()}  # (b, nh, q, t)
         rotary = None
         if self.rope is not None:
@@ -220,9 +228,12 @@ class Engine(StackRunner):
         """Generate for every prompt, one block (placement.block_size sequences) at a time.
 
         Returns the new tokens of each prompt (ending at EOS or a stop), the measured stats and, when asked,
-        the logits of every step per block. ``seq_ids`` seed each sequence's sampler (default: index).
+        the logits of every step per block. ``seq_ids`` seed each sequence's sampler (default: index). Under
+        tensor parallelism rank 0 is called and hands the same work to the other ranks (``follow``).
         """
         self._check_prompts(prompts, params.max_new_tokens)
+        if self.tp.world > 1 and self.tp.rank == 0:
+            self.tp.broadcast((prompts, params, seq_ids, return_logits))
         stats, read_before = self._start_stats(len(prompts))
         timers = Timers(self.device)
         block_size = self.placement.block_size
@@ -253,6 +264,13 @@ class Engine(StackRunner):
         stats.prefill_s = timers.seconds["prefill"]
         stats.decode_s = timers.seconds["decode"]
         return outputs, self._finish_stats(stats, read_before), all_logits
+
+    def follow(self) -> None:
+        """On a tensor-parallel rank other than 0: run the work rank 0's ``generate`` calls hand out, until
+        rank 0 broadcasts None (no more work)."""
+        while (work := self.tp.broadcast()) is not None:
+            prompts, params, seq_ids, return_logits = work
+            self.generate(prompts, params, seq_ids, return_logits=return_logits)
 
     def _generate_block(
         self,
@@ -292,8 +310,10 @@ class Engine(StackRunner):
         moe_before = (self.moe.stream.read, self.moe.stream.loads) if self.moe else (0, 0)
         for t in range(params.max_new_tokens):
             if return_logits:
-                logits_log.append(logits)
-            nxt = sampler(logits, history)
+                logits_log.append(self.tp.gather_vocab(logits, self.cfg.vocab_size))
+            nxt = self.tp.choose(
+                sampler, logits, history, self.cfg.vocab_size, params.greedy, params.repetition_penalty
+            )
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             stats.generated_tokens += n
             for r in range(n):
@@ -303,6 +323,8 @@ class Engine(StackRunner):
                         stop_check is not None and stop_check(members[r], out[r])
                     ):
                         finished[r] = True
+            if self.tp.world > 1 and params.stop:  # stop strings are found on rank 0, which has the tokenizer
+                finished = torch.tensor(self.tp.broadcast(finished.tolist()))
             if on_step is not None:
                 on_step(members, [o[-1] if o else pad for o in out])
             if bool(finished.all()) or t == params.max_new_tokens - 1:

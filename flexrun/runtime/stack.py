@@ -21,6 +21,7 @@ import torch
 from flexrun.errors import InputError, PlacementError
 from flexrun.kernels import select_kernels
 from flexrun.layout import Group, stack_layout
+from flexrun.parallel import SINGLE, TensorParallel, rank_store
 from flexrun.paths import offload_root
 from flexrun.placement import Placement
 from flexrun.precision import with_compute_dtype
@@ -82,10 +83,13 @@ class StackRunner:
         offload_dir: str | Path | None = None,
         device: torch.device | None = None,
         compute_dtype: str | None = None,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         """``compute_dtype``: what hidden states are computed in; "auto" or None for ``resolve_compute_dtype``'s
-        choice (float32 for a 16-bit model on a CPU without 16-bit matmul hardware)."""
+        choice (float32 for a 16-bit model on a CPU without 16-bit matmul hardware). ``tp``: this rank's place in
+        a tensor-parallel group; a whole model's store is then sliced to the rank's part in the run's workdir."""
         self.store = store
+        self.tp = tp
         release_large_frees()
         self.base_rss = current_rss()
         self.device = device or compute_device()
@@ -98,12 +102,14 @@ class StackRunner:
         self.dtype = TORCH_DTYPES[cfg.run_dtype]
         self.layout = stack_layout(cfg)
         self.kernels = select_kernels(self.device)
-        self.kv_format = kv_format(TORCH_DTYPES[cfg.dtype], cfg.n_kv_head, cfg.head_dim, placement.compress_cache)
+        kv_heads = cfg.n_kv_head // tp.world  # a rank caches its own heads only
+        self.kv_format = kv_format(TORCH_DTYPES[cfg.dtype], kv_heads, cfg.head_dim, placement.compress_cache)
         root = offload_root(offload_dir)
         self.workdir = make_workdir(root, self.workdir_prefix)
         self.pool = IOPool(placement.overlap)
         ledger = Ledger()
         try:
+            self.store = store = rank_store(store, tp.shard, self.workdir)
             cpu = self.device.type == "cpu"
             ledger.add("device", "working memory", cfg.working_bytes(placement.gpu_batch_size, self.max_len, cpu))
             self._plan(ledger)

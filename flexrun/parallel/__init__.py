@@ -1,0 +1,19 @@
+"""Tensor parallelism over torch.distributed: which part of each tensor a rank holds (``shard``), the group and
+its collectives (``group``), and starting local ranks (``launch``)."""
+
+from flexrun.parallel.group import SINGLE, RankLost, TensorParallel, current, init_from_env, launched
+from flexrun.parallel.shard import Shard, check_split, rank_store, split_of, write_shard
+
+__all__ = [
+    "SINGLE",
+    "RankLost",
+    "Shard",
+    "TensorParallel",
+    "check_split",
+    "current",
+    "init_from_env",
+    "launched",
+    "rank_store",
+    "split_of",
+    "write_shard",
+]

@@ -1,0 +1,206 @@
+"""Which rows and columns of each stored tensor a tensor-parallel rank holds (Megatron-style), and a rank's store.
+
+The store holds every layer in the fused layer's canonical layout (QKV as [Q | K | V], BLOOM's and GPT-NeoX's
+per-head interleaving already undone by their policies), so one rule slices every family:
+
+- ``qkv_w`` / ``qkv_b``: the rank's query heads from the Q block and its key/value heads from the K and V
+  blocks (grouped-query attention splits the KV heads); each block's slice is rows, contiguous.
+- ``out_w`` and ``fc2_w``: row-parallel (the columns of an [out, in] weight); their partial products are
+  summed across ranks (one all-reduce each, one per parallel-residual layer) and their biases, replicated,
+  added once after the sum.
+- ``fc1_w`` / ``gate_w`` and their biases: column-parallel (rows of the [out, in] weight).
+- ``embed_tokens``, ``lm_head`` and ``lm_head_b``: vocab-parallel (rows; a tied head shares the shard).
+- everything else (norms, positions, projections in and out of the stack) is replicated.
+
+A rank's store is a real tensor store (same names, smaller shapes) whose index names the split; it is
+written once, at load time from a store converted without a split, or by ``flexrun convert --tp N``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexrun.config import OptConfig
+from flexrun.errors import CheckpointError, ConfigError
+from flexrun.quant.formats import Int4Weight, Int8Weight, QuantWeight, take_rows
+from flexrun.weights.store import StoreWriter, TensorStore
+
+log = logging.getLogger(__name__)
+
+#: The index key a rank's store records its split under.
+INDEX_KEY = "tensor_parallel"
+
+Weight = torch.Tensor | QuantWeight
+# The fused layer's slots this module knows how to split (or replicate).
+_LAYER_SLOTS = frozenset(
+    ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "qkv_w", "qkv_b", "out_w", "out_b")
+    + ("fc1_w", "fc1_b", "gate_w", "gate_b", "fc2_w", "fc2_b")
+)
+# (start, stop) ranges along one dimension, concatenated in order.
+Ranges = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rank ``rank`` of ``world`` tensor-parallel ranks."""
+
+    rank: int = 0
+    world: int = 1
+
+    def part(self, n: int) -> tuple[int, int]:
+        """This rank's (start, stop) of ``n`` items split evenly (the caller checked divisibility)."""
+        size = n // self.world
+        return self.rank * size, (self.rank + 1) * size
+
+    def vocab(self, n: int) -> tuple[int, int]:
+        """This rank's (start, stop) of a vocabulary of ``n``: the first ``n % world`` ranks take one more."""
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (self.rank < extra)
+
+
+def check_split(cfg: OptConfig, world: int) -> None:
+    """Refuse a split the model's heads or MLP width cannot take evenly, naming the sizes."""
+    if world < 1:
+        raise ConfigError(f"--tp must be at least 1, got {world}")
+    if world == 1:
+        return
+    if cfg.encoder:
+        raise ConfigError(f"{cfg.name} is an encoder; tensor parallelism runs decoders (generate) only")
+    for what, n in (
+        ("attention heads", cfg.n_head),
+        ("key/value heads", cfg.n_kv_head),
+        ("MLP width", cfg.ffn_embed_dim),
+    ):
+        if n % world:
+            raise ConfigError(
+                f"{cfg.name} has {n} {what}, which {world} ranks cannot split evenly; use a --tp dividing {n}"
+            )
+    unknown = sorted(set(cfg.layer_shapes()) - _LAYER_SLOTS)
+    if unknown:
+        raise ConfigError(
+            f"{cfg.name}: tensor parallelism does not split {', '.join(unknown)}; run it with one process"
+        )
+    if cfg.vocab_size < world:
+        raise ConfigError(f"{cfg.name}'s vocabulary of {cfg.vocab_size} is smaller than {world} ranks")
+
+
+def row_ranges(cfg: OptConfig, slot: str, shard: Shard) -> Ranges | None:
+    """The rows of the [out, in] weight (or the vector) ``slot`` this rank holds; None when not split by rows."""
+    d = cfg.head_dim
+    if slot in ("qkv_w", "qkv_b"):
+        q0, q1 = shard.part(cfg.n_head)
+        k0, k1 = shard.part(cfg.n_kv_head)
+        q, kv = cfg.n_head * d, cfg.n_kv_head * d
+        return ((q0 * d, q1 * d), (q + k0 * d, q + k1 * d), (q + kv + k0 * d, q + kv + k1 * d))
+    if slot in ("fc1_w", "fc1_b", "gate_w", "gate_b"):
+        return (shard.part(cfg.ffn_embed_dim),)
+    if slot in ("embed_tokens", "lm_head", "lm_head_b"):
+        return (shard.vocab(cfg.vocab_size),)
+    return None
+
+
+def col_range(cfg: OptConfig, slot: str, shard: Shard) -> tuple[int, int] | None:
+    """The columns of the [out, in] weight ``slot`` this rank holds; None when not split by columns."""
+    if slot == "out_w":
+        h0, h1 = shard.part(cfg.n_head)
+        return h0 * cfg.head_dim, h1 * cfg.head_dim
+    if slot == "fc2_w":
+        return shard.part(cfg.ffn_embed_dim)
+    return None
+
+
+def take(cfg: OptConfig, name: str, w: Weight, shard: Shard) -> Weight:
+    """Tensor ``name`` (store name, e.g. ``layers.3.qkv_w``) cut to this rank's part."""
+    if shard.world == 1:
+        return w
+    slot = name.rsplit(".", 1)[-1]
+    rows = row_ranges(cfg, slot, shard)
+    if rows is not None:
+        if isinstance(w, torch.Tensor):
+            return torch.cat([w[a:b] for a, b in rows])
+        index = torch.cat([torch.arange(a, b) for a, b in rows])
+        return take_rows(w, index)
+    cols = col_range(cfg, slot, shard)
+    if cols is not None:
+        return w[:, cols[0] : cols[1]] if isinstance(w, torch.Tensor) else _take_cols(name, w, *cols)
+    return w
+
+
+def _take_cols(name: str, w: QuantWeight, start: int, stop: int) -> QuantWeight:
+    """Columns [start, stop) of a compressed [N, K] weight: whole groups along K, so nothing is re-quantized."""
+    g = w.group_size or w.shape[1]
+    if start % g or stop % g:
+        raise ConfigError(
+            f"{name}: the rank's columns {start}..{stop} cut the compression's groups of {g}; use a smaller "
+            "--group-size or another --tp"
+        )
+    if isinstance(w, Int4Weight):
+        return Int4Weight(
+            w.q[:, start // 2 : stop // 2],
+            w.scale[:, start // g : stop // g],
+            w.low[:, start // g : stop // g],
+            w.group_size,
+        )
+    assert isinstance(w, Int8Weight)
+    scale = w.scale if w.scale.shape[1] == 1 else w.scale[:, start // g : stop // g]
+    return Int8Weight(w.q[:, start:stop], scale, w.group_size)
+
+
+def split_of(store: TensorStore) -> Shard | None:
+    """The split a rank's store holds, or None for a whole model's store."""
+    entry = store.index.get(INDEX_KEY)
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return Shard(int(entry["rank"]), int(entry["world"]))
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{store.path}: corrupted {INDEX_KEY} entry in index.json; convert again") from None
+
+
+def write_shard(store: TensorStore, shard: Shard, out: str | Path) -> Path:
+    """Write rank ``shard``'s store at ``out`` from a whole model's ``store``, tensor by tensor."""
+    cfg = store.config
+    check_split(cfg, shard.world)
+    if split_of(store) is not None:
+        raise CheckpointError(f"{store.path} holds one rank's part already; give the whole model's store")
+    writer = StoreWriter(out, cfg, extra={INDEX_KEY: {"rank": shard.rank, "world": shard.world}})
+    try:
+        for name in store.tensors:
+            part = take(cfg, name, store.read(name), shard)
+            if isinstance(part, torch.Tensor):
+                writer.add(name, part)
+            else:
+                writer.add_compressed(name, part)
+        tokenizer = store.tokenizer_dir()
+        if tokenizer is not None:
+            shutil.copytree(tokenizer, writer.tmp / "tokenizer")
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def rank_store(store: TensorStore, shard: Shard, scratch: Path) -> TensorStore:
+    """This rank's store: ``store`` itself when it holds this rank's part (``convert --tp``) or there is one
+    rank, else its part written under ``scratch`` (which the caller deletes after the run). Row slices are
+    contiguous reads of the whole store; the column-parallel matrices are read whole once, here, so each
+    step reads only this rank's bytes."""
+    held = split_of(store)
+    if held is not None:
+        if held != shard:
+            raise CheckpointError(
+                f"{store.path} holds rank {held.rank} of {held.world}, but this is rank {shard.rank} of {shard.world}"
+            )
+        return store
+    if shard.world == 1:
+        return store
+    out = scratch / f"tp{shard.world}-rank{shard.rank}"
+    log.info("slicing %s for rank %d of %d into %s", store.path, shard.rank, shard.world, out)
+    write_shard(store, shard, out)
+    return TensorStore(out)

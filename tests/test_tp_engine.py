@@ -1,0 +1,138 @@
+"""Tensor parallelism against one process: 2 ranks (gloo on loopback, forked once for the whole module) run
+every family under a couple of placements, and must give the same greedy tokens and logits within 1e-4 as one
+process (itself checked against Hugging Face in test_engine_vs_hf / test_policies_vs_hf), and the same seeded
+samples.
+
+The ranks are started once by ``flexrun.parallel.launch.run_local`` (as ``generate --tp 2`` starts them) and run
+all the cases in turn, rank 0 saving each case's tokens and logits; the tests then compare case by case.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from flexrun.parallel import Shard, check_split, init_from_env, write_shard
+from flexrun.parallel.launch import run_local
+from flexrun.placement import Placement
+from flexrun.runtime.engine import Engine
+from flexrun.runtime.sampling import SamplingParams
+from flexrun.weights.store import TensorStore
+from tests.helpers import place, save_and_convert
+from tests.hf_decoders import tiny_decoder
+from tests.hf_reference import tiny_opt
+
+# Mixed lengths, so blocks are left-padded (and several micro-batches share a block).
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [40, 41], [7, 8, 9, 10, 11, 12]]
+NEW = 5
+WORLD = 2
+
+# Each family with head counts 2 ranks can split (the tiny models elsewhere have 3 heads); GPT-NeoX keeps its
+# parallel residual, LLaMA its grouped-query attention (4 query heads over 2 KV heads), BLOOM its ALiBi.
+MODELS: dict[str, dict[str, Any]] = {
+    "opt": {"n_head": 4},
+    "gpt2": {"n_head": 4},
+    "bloom": {"n_head": 4},
+    "gptj": {"n_head": 4},
+    "gpt_neo": {"num_heads": 4},
+    "gpt_neox": {"hidden_size": 64, "num_attention_heads": 4},
+    "llama": {"num_attention_heads": 4, "num_key_value_heads": 2},
+}
+PLACEMENTS: dict[str, Placement] = {
+    "host": place(b=2, n=3),
+    "disk": place(weights="host=30,disk=70", cache="disk=100", acts="disk=100", b=3, n=1),
+}
+GREEDY = SamplingParams(max_new_tokens=NEW, stop_at_eos=False)
+SAMPLED = SamplingParams(
+    max_new_tokens=NEW, temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=7, stop_at_eos=False
+)
+PENALISED = SamplingParams(max_new_tokens=NEW, repetition_penalty=1.5, stop_at_eos=False)
+# (model, placement, sampling): every family under both placements greedily, and the samplers on two families.
+CASES = [(m, p, "greedy") for m in MODELS for p in PLACEMENTS] + [
+    ("llama", "host", "sampled"),
+    ("bloom", "disk", "sampled"),
+    ("opt", "host", "penalised"),
+]
+PARAMS = {"greedy": GREEDY, "sampled": SAMPLED, "penalised": PENALISED}
+
+
+def _model(name: str) -> Any:
+    if name == "opt":
+        return tiny_opt(seed=3, **MODELS[name])[1]
+    return tiny_decoder(name, seed=3, **MODELS[name])
+
+
+def _run(store: TensorStore, placement: Placement, params: SamplingParams, off: Path, tp: Any = None) -> tuple:
+    """One process's tokens and logits, or (``tp``) rank 0's; the other ranks follow rank 0's calls."""
+    kw = {} if tp is None else {"tp": tp}
+    with Engine(store, placement, max_seq_len=16, offload_dir=off, **kw) as engine:
+        if tp is not None and tp.rank > 0:
+            engine.follow()
+            return [], []
+        out, _, logits = engine.generate(PROMPTS, params, return_logits=True)
+        if tp is not None:
+            tp.broadcast(None)  # no more work
+    return out, logits
+
+
+def _ranks(root: Path, argv: list[str]) -> None:
+    """One rank: every case, rank 0 saving what it generated."""
+    tp = init_from_env(WORLD)
+    try:
+        for model, pl, kind in CASES:
+            store = TensorStore(root / model / "store")
+            out = _run(store, PLACEMENTS[pl], PARAMS[kind], root / f"off{tp.rank}", tp=tp)
+            if tp.rank == 0:
+                torch.save(out, root / f"{model}-{pl}-{kind}.pt")
+    finally:
+        tp.close()
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tp")
+    for name in MODELS:
+        save_and_convert(_model(name), root / name)
+    env = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK") if k in os.environ}
+    try:
+        status = run_local(WORLD, lambda argv: _ranks(root, argv), [])
+    finally:
+        os.environ.update(env)
+    assert status == 0
+    return root
+
+
+@pytest.mark.parametrize(("model", "pl", "kind"), CASES)
+def test_two_ranks_match_one_process(ranked: Path, model: str, pl: str, kind: str) -> None:
+    store = TensorStore(ranked / model / "store")
+    want_tokens, want_logits = _run(store, PLACEMENTS[pl], PARAMS[kind], ranked / "off")
+    got_tokens, got_logits = torch.load(ranked / f"{model}-{pl}-{kind}.pt")
+    assert got_tokens == want_tokens
+    assert len(got_logits) == len(want_logits)
+    for got, want in zip(got_logits, want_logits, strict=True):
+        # float32 on both sides: the ranks' partial sums add up in another order than one matmul's, ~1e-6
+        # relative on logits of magnitude ~10.
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_rank_store_is_about_half(ranked: Path, tmp_path: Path) -> None:
+    store = TensorStore(ranked / "llama" / "store")
+    parts = [TensorStore(write_shard(store, Shard(r, WORLD), tmp_path / f"r{r}")) for r in range(WORLD)]
+    whole = store.total_bytes()
+    for part in parts:
+        # The norms are replicated; everything else (embeddings included) is split.
+        assert whole / 2 <= part.total_bytes() < whole / 2 * 1.05
+    cfg = store.config
+    qkv = [p.meta("layers.0.qkv_w").shape for p in parts]
+    assert qkv == [((2 + 2 * 1) * cfg.head_dim, cfg.hidden_size)] * WORLD  # 2 query heads, 1 KV head each
+    assert [p.meta("embed_tokens").shape[0] for p in parts] == [106, 105]  # 211 tokens, the first rank one more
+
+
+def test_heads_that_do_not_split_are_refused(ranked: Path) -> None:
+    cfg = TensorStore(ranked / "llama" / "store").config
+    with pytest.raises(Exception, match="4 attention heads, which 3 ranks cannot split evenly"):
+        check_split(cfg, 3)
