@@ -23,6 +23,7 @@ from flexrun.runtime.activations import ActivationStore
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.kvformat import PlainKV
 from flexrun.runtime.layer import FusedLayer, LayerSpec, LayerWeights
+from flexrun.runtime.moe import ExpertStream, MoeMlp
 from flexrun.runtime.packing import Row, ScoreRequest, pack, tree_mask
 from flexrun.runtime.stack import token_problem
 from flexrun.runtime.stats import RunStats
@@ -76,6 +77,8 @@ class Scorer(Engine):
 
     def _allocate(self) -> None:
         self._kv = torch.empty(2, self._kv_elems, dtype=self.dtype, device=self.device)
+        # Mixture of experts: each layer's routed experts load after its router ran (runtime.moe).
+        self.moe = MoeMlp(self.cfg, self.kernels, ExpertStream(self.weights, self.layout)) if self.cfg.moe else None
 
     def _bytes_read(self) -> int:
         return int(self.store.bytes_read)
@@ -156,7 +159,8 @@ class Scorer(Engine):
             for j, (a, b) in enumerate(bounds):
                 k, v = (self._scratch_kv.slot(buf, s, b - a) for buf in self._kv)  # (s, b, kv_dim) each
                 masks, rotary = inputs[j]
-                x = layer(lw, self.acts.take(j), layer.cached_core(k, v, 0, masks[layer.spec.window]), rotary)
+                core = layer.cached_core(k, v, 0, masks[layer.spec.window])
+                x = layer(lw, self.acts.take(j), core, rotary, self._mlp(i, pos[j] >= 0))  # padding routes nowhere
                 self.acts.put(min(i + 1, n_layers - 1), j, x)
         return out
 
