@@ -121,6 +121,11 @@ def roofline(
         "calibrated_disk_bw": hw.disk_to_host_bw,
         "measured_s": measured,
         "measured_over_bound": measured / bound if bound > 0 else 0.0,
+        # What the planner predicted for this run (its spec as it stood before the run was recorded).
+        "hardware_source": hw.source,
+        "predicted_total_tok_s": pred.throughput,
+        "predicted_prefill_s": pred.prefill_s,
+        "predicted_decode_step_s": pred.decode_s / max(gen_len - 1, 1),
     }
 
 
