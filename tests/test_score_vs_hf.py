@@ -36,7 +36,7 @@ PLACEMENTS = {
 
 
 def _mixtral() -> Any:
-    config = T.MixtralConfig(
+    fields: dict[str, Any] = dict(
         vocab_size=VOCAB,
         initializer_range=0.3,
         num_hidden_layers=2,
@@ -50,6 +50,7 @@ def _mixtral() -> Any:
         max_position_embeddings=64,
         **IDS,
     )
+    config = T.MixtralConfig(**fields)
     torch.manual_seed(0)
     return T.MixtralForCausalLM(config).eval()
 
