@@ -25,10 +25,12 @@ install: $(STAMP)
 # A real chat model answering real prompts, half its weights streamed from disk every step. Its layers'
 # weights stay the GGUF file's own 4-bit (Q4_1) blocks, kept as int4 in groups of 32 without a float32
 # copy: 5 bits a weight to read. The first run converts the GGUF file into a tensor store (~30 s).
+# At a terminal the answers are printed as text, streamed, under their prompts (the chat template applied,
+# each answer ending where the model ends it), then one summary line; piped, the same command writes JSONL.
 run: install
-	$(BIN)/flexrun generate --model smollm2-135m-instruct --chat --dtype float32 --compress-weight int4 --group-size 32 \
+	$(BIN)/flexrun generate --model smollm2-135m-instruct --dtype float32 --compress-weight int4 --group-size 32 \
 		--weights host=50,disk=50 --cache host=100 --activations host=100 --gpu-batch-size 1 --num-gpu-batches 2 \
-		--max-new-tokens 48 --prompt "What is the capital of France?" --prompt "Write a haiku about the sea."
+		"What is the capital of France?" "Write a haiku about the sea."
 
 lint: install
 	$(BIN)/ruff check flexrun tests benchmarks

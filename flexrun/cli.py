@@ -84,6 +84,7 @@ def config_cmd(name: str, batch_size: int, prompt_len: int, gen_len: int, dtype:
     The KV cache is sized for BATCH_SIZE sequences of PROMPT_LEN + GEN_LEN tokens; the hidden state for
     one prefill step (BATCH_SIZE x PROMPT_LEN).
     """
+    from flexrun.layout import active_params
     from flexrun.resolver import resolve
     from flexrun.units import format_bytes
 
@@ -93,6 +94,9 @@ def config_cmd(name: str, batch_size: int, prompt_len: int, gen_len: int, dtype:
         "model_bytes": cfg.model_bytes(),
         "cache_bytes": cfg.cache_bytes(batch_size, seq),
         "hidden_bytes": cfg.hidden_bytes(batch_size, prompt_len),
+        # A mixture of experts computes each token with its routed experts only.
+        "params": cfg.model_bytes() // cfg.dtype_bytes,
+        "active_params": active_params(cfg),
     }
     if as_json:
         shape = {"batch_size": batch_size, "prompt_len": prompt_len, "gen_len": gen_len}
@@ -102,6 +106,8 @@ def config_cmd(name: str, batch_size: int, prompt_len: int, gen_len: int, dtype:
         click.echo(f"{key:<22} {value}")
     click.echo("")
     click.echo(f"{'weights':<22} {format_bytes(sizes['model_bytes'])}")
+    active = f"  ({sizes['active_params'] / 1e6:,.2f}M active per token)" if cfg.moe else ""
+    click.echo(f"{'parameters':<22} {sizes['params'] / 1e6:,.2f}M{active}")
     click.echo(f"{'kv cache':<22} {format_bytes(sizes['cache_bytes'])}  (batch {batch_size} x {seq} tokens)")
     click.echo(
         f"{'hidden state':<22} {format_bytes(sizes['hidden_bytes'])}  (batch {batch_size} x {prompt_len} tokens)"
@@ -213,9 +219,10 @@ def embed_cmd(
 
 def _register_costmodel_commands() -> None:
     from flexrun.cli_costmodel import calibrate_cmd, plan_cmd
-    from flexrun.cli_generate import generate_cmd
+    from flexrun.cli_generate import chat_cmd, generate_cmd
 
     cli.add_command(generate_cmd)
+    cli.add_command(chat_cmd)
     cli.add_command(plan_cmd)
     cli.add_command(calibrate_cmd)
 

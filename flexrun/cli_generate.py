@@ -1,4 +1,4 @@
-"""``flexrun generate``: text for a person at a terminal, JSONL records for programs."""
+"""``flexrun generate`` (text for a person at a terminal, JSONL records for programs) and ``flexrun chat``."""
 
 from __future__ import annotations
 
@@ -181,3 +181,63 @@ def generate_cmd(
             click.echo(summary_line(result.cfg, result.placement, result.stats, result.new_tokens), err=True)
     if result.interrupted is not None:
         raise result.interrupted
+
+
+@click.command("chat")
+@engine_options()
+@click.option("--system", help="A system message opening the conversation.")
+@click.option(
+    "--max-new-tokens",
+    callback=positive_int,
+    type=int,
+    help="The longest reply [default: 512, or a quarter of the model's context if less].",
+)
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
+@click.option("--verbose", is_flag=True, help="Print the plan line on stderr.")
+def chat_cmd(
+    system: str | None,
+    max_new_tokens: int | None,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    repetition_penalty: float,
+    seed: int,
+    verbose: bool,
+    engine: Any,
+) -> None:
+    """Chat with a model: type a message, read its reply as it is generated.
+
+    The conversation goes through the checkpoint's chat template, history kept (the oldest turns dropped
+    when the context is full). Ctrl-C ends a reply, Ctrl-D ends the session. Messages are read a line at a
+    time, so piped input works too: `printf 'Hi\\nAnd then?\\n' | flexrun chat -m MODEL`.
+    """
+    from flexrun.jobs.chat import ChatOptions, run_chat
+    from flexrun.runtime.sampling import SamplingParams
+
+    if getattr(engine, "tp", 1) > 1:
+        raise click.BadParameter("a chat runs in one process", param_hint="--tp")
+
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens or SamplingParams.max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    options = ChatOptions(params, system, max_new_tokens is not None, verbose=verbose)
+
+    def notify(line: str) -> None:
+        click.echo(line, err=True)
+
+    result = run_chat(engine, options, sys.stdin, sys.stdout, notify)
+    rate = result.new_tokens / result.seconds if result.seconds > 0 else 0.0
+    click.echo(
+        f"{result.turns} replies, {result.new_tokens} tokens in {result.seconds:.1f} s ({rate:.1f} tok/s) "
+        f"from {result.model}",
+        err=True,
+    )
