@@ -206,7 +206,7 @@ def _score(
     settled = plan_job(opts, model, prompt_len, 1, len(rows))
     store = settled.opts.model.open_store("generate", progress=not job.quiet)
     run_cfg = settled.opts.model.run_config(store, compute_device())
-    fingerprint = score_fingerprint(store, run_cfg.run_dtype, job, job.window and window)
+    fingerprint = score_fingerprint(store, run_cfg.run_dtype, job, window)
 
     done: set[str] = set()
     keep_bytes: int | None = 0 if job.overwrite else None
