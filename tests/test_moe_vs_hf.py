@@ -8,6 +8,7 @@ step reads counted against the union of the experts HF's routers chose for the s
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ import pytest
 import torch
 import transformers as T
 
+from flexrun.costmodel.equations import cost_terms
+from flexrun.costmodel.hardware import PRESETS
+from flexrun.costmodel.prediction import placement_shares
 from flexrun.errors import ConfigError
 from flexrun.layout import active_layer_bytes, active_params, expected_experts, stack_layout
 from flexrun.policies import config_from_hf, policy_for_hf_config, policy_for_layer
@@ -24,7 +28,7 @@ from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.weights.convert import convert_model
 from flexrun.weights.store import TensorStore
-from tests.helpers import place, save_and_convert
+from tests.helpers import place, run, save_and_convert
 from tests.hf_reference import hf_greedy, hf_param_bytes, logits_by_prompt
 
 VOCAB = 211
@@ -301,3 +305,33 @@ def test_expected_experts_and_active_parameters() -> None:
     expert = 3 * 40 * 24 * cfg.dtype_bytes
     assert active_layer_bytes(cfg, 1) == pytest.approx(cfg.layer_bytes() - 4 * expert)
     assert active_params(cfg) == (cfg.model_bytes() - 2 * 4 * expert) // cfg.dtype_bytes
+
+
+def test_cost_model_reads_the_expected_routed_experts() -> None:
+    """Weights on disk: a decode step's disk reads per layer are the expert-free part plus the expected union of
+    the block's routed experts, a prefill's once per micro-batch over its tokens; the matmul FLOPs count the
+    k routed experts only."""
+    cfg = dataclasses.replace(config_from_hf(_hf("mixtral-top2"), "m"), dtype="float32")  # 6 experts, top 2
+    hw = dataclasses.replace(PRESETS["cpu"], disk_to_host_bw=1e8)
+    pl = place("disk=100", "host=100", b=2, n=3)
+    terms = cost_terms(cfg, hw, 2, 3, prompt_len=4, gen_len=3)
+    glob = (cfg.model_bytes() - cfg.num_hidden_layers * cfg.layer_bytes()) / cfg.num_hidden_layers
+    expert = 3 * 40 * 24 * 4
+    dense = cfg.layer_bytes() - 6 * expert
+    decode = terms.decode.links["disk->host"].value(placement_shares(pl))
+    assert decode == pytest.approx((glob + dense + expected_experts(cfg, 6) * expert) / 1e8)
+    prefill = terms.prefill.links["disk->host"].value(placement_shares(pl))
+    assert prefill == pytest.approx((glob + dense + 3 * expected_experts(cfg, 8) * expert) / 1e8)
+    assert 2 < expected_experts(cfg, 6) < 6
+
+
+def test_flexrun_config_prints_total_and_active_parameters(tmp_path: Path) -> None:
+    model = tiny("qwen2_moe-top2-shared")
+    model.config.save_pretrained(tmp_path / "cfg")
+    info = json.loads(run("config", str(tmp_path / "cfg"), "--json").stdout)
+    total = sum(p.numel() for p in model.parameters())
+    unrouted = 2 * (5 - 2) * 3 * 48 * 20  # 3 experts of 3 (20 x 48) matrices in each of 2 layers
+    assert (info["params"], info["active_params"]) == (total, total - unrouted)
+    assert info["config"]["num_experts"] == 5 and info["config"]["shared_expert_dim"] == 28
+    text = run("config", str(tmp_path / "cfg")).stdout
+    assert f"{(total - unrouted) / 1e6:,.2f}M active per token" in text

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from flexrun.config import OptConfig
 from flexrun.costmodel.hardware import HardwareSpec
-from flexrun.layout import stack_layout
+from flexrun.layout import active_layer_bytes, expected_experts, expert_bytes, stack_layout
 from flexrun.placement import TIERS
 
 KINDS = ("weights", "cache", "activations")
@@ -143,8 +143,10 @@ class CostTerms:
 
 
 def _linear_params(cfg: OptConfig) -> int:
-    """Weights of one layer's matmuls (qkv, out, MLP): the per-token matmul FLOPs are twice this."""
-    return sum(math.prod(s) for name, s in cfg.layer_shapes().items() if len(s) == 2)
+    """Weights of one layer's matmuls a token multiplies by (qkv, out, MLP; of a mixture of experts, the router
+    and the k experts it is routed to): the per-token matmul FLOPs are twice this."""
+    unrouted = (cfg.num_experts - cfg.experts_per_token) * expert_bytes(cfg) // cfg.dtype_bytes
+    return sum(math.prod(s) for name, s in cfg.layer_shapes().items() if len(s) == 2) - unrouted
 
 
 def _head_params(cfg: OptConfig) -> int:
@@ -154,8 +156,11 @@ def _head_params(cfg: OptConfig) -> int:
 
 
 def _max_group_bytes(cfg: OptConfig) -> int:
-    """The largest weight group the engine loads at once (a layer, the input embeddings or the head)."""
-    return stack_layout(cfg).max_group_elements() * cfg.dtype_bytes
+    """The largest weight group the engine loads at once (a layer, the input embeddings or the head), plus one
+    expert of a mixture (experts stream through arenas of their own)."""
+    layout = stack_layout(cfg)
+    largest = max(layout.group_elements(g) for g in layout.walked) * cfg.dtype_bytes
+    return largest + (expert_bytes(cfg) if cfg.moe else 0)
 
 
 def _compressed_matmul(
@@ -210,6 +215,11 @@ def cost_terms(
 
     weights_total = cfg.model_bytes() * w_frac
     w_layer = weights_total / l  # per layer, with the embeddings and head spread over the stack
+    # A mixture of experts reads only the experts its tokens are routed to: in prefill the expected union over
+    # each micro-batch's b x s tokens (once per micro-batch), at a decode step the union over the block's B.
+    experts = cfg.num_experts * expert_bytes(cfg) * w_frac
+    w_layer_p = w_layer - experts + nb * expected_experts(cfg, b * s) * expert_bytes(cfg) * w_frac
+    w_layer_d = w_layer - experts + expected_experts(cfg, B) * expert_bytes(cfg) * w_frac
     kv_tok = 2 * kvd * dt * c_frac  # K and V of one token in one layer  # (2, kv_dim)
     h_tok = h * cfg.run_dtype_bytes  # the hidden state of one token  # (h,)
     off_device = ("host", "disk")
@@ -218,10 +228,10 @@ def cost_terms(
     # A prefill micro-batch's matmuls read the layer's weights from device memory once: with small
     # micro-batches that, not the FLOP rate, bounds them (a roofline per micro-batch, summed over the block).
     # A decode step's matmuls run once over the whole block's rows (the engine merges its micro-batches).
-    weight_read = cfg.layer_bytes() / hw.device_mem_bw
+    weight_read = active_layer_bytes(cfg, b * s) / hw.device_mem_bw
     mm_p = max(2 * B * s * _linear_params(cfg) / hw.mm_flops_prefill, nb * weight_read)
     mm_rate_d = hw.mm_decode_rate(B)
-    mm_d = max(2 * B * _linear_params(cfg) / mm_rate_d, weight_read)
+    mm_d = max(2 * B * _linear_params(cfg) / mm_rate_d, active_layer_bytes(cfg, B) / hw.device_mem_bw)
     head = 2 * B * _head_params(cfg) / l / mm_rate_d  # logits of the last position only
     attn_p = 4 * B * s * s * h / hw.bmm_flops_prefill  # Q K^T and P V over (s, s) per head
     attn_d = 4 * B * L * h  # FLOPs over the cache, on whichever side holds it
@@ -255,8 +265,8 @@ def cost_terms(
         hw.cache_write_bw("host->disk"),
     )
     disk2h = hw.disk_to_host_bw
-    weights_in = Affine.share("weights", off_device, w_layer / h2d)
-    weights_disk = Affine.share("weights", ["disk"], w_layer / disk2h)
+    weights_in = Affine.share("weights", off_device, w_layer_p / h2d)
+    weights_disk = Affine.share("weights", ["disk"], w_layer_p / disk2h)
 
     def acts(tokens: float) -> dict[str, Affine]:
         """The block's hidden state in at the layer's start and out at its end, from/to its tier."""
@@ -289,6 +299,8 @@ def cost_terms(
     )
 
     a_d, c_d = acts(1), cache_out(1)
+    weights_in = Affine.share("weights", off_device, w_layer_d / h2d)
+    weights_disk = Affine.share("weights", ["disk"], w_layer_d / disk2h)
     cache_read = B * L * kv_tok  # the context's K/V, read by each decode step
     disk_cache = Affine.share("cache", ["disk"], cache_read / disk2h)
     if cpu_cache_compute:
