@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from flexrun.config import OptConfig
 from flexrun.errors import InputError
-from flexrun.jobs.autoplace import build_engine, plan_job
+from flexrun.jobs.autoplace import Planned, build_engine, plan_job
 from flexrun.jobs.fingerprint import _check_same_job, recorded_choices, tokenizer_digest, weights_digest
 from flexrun.jobs.generate import JobInterrupted
 from flexrun.jobs.interrupt import StopRequest
@@ -34,6 +34,7 @@ from flexrun.jobs.results import ResultWriter, check_output, is_stream, lock_out
 from flexrun.jobs.score_input import Scoring, Tokenize, read_records
 from flexrun.jobs.textio import PromptRecord, check_unique_ids, id_key
 from flexrun.placement import Placement
+from flexrun.resolver import ModelSource
 from flexrun.runtime.packing import Row, ScoreRequest, pack
 from flexrun.runtime.scorer import Scored, Scorer, can_share
 from flexrun.runtime.stats import RunStats
@@ -134,6 +135,60 @@ def row_limit(cfg: OptConfig, longest: int) -> int:
     return min(cfg.max_seq_len, max(2 * longest, 256))
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A set of requests packed and planned for: the store the plan chose opened, its config as run."""
+
+    rows: list[Row]
+    prompt_len: int
+    opts: EngineOptions
+    planned: Planned | None
+    store: TensorStore
+    cfg: OptConfig
+
+
+def _prepare(
+    opts: EngineOptions, model: ModelSource, requests: list[ScoreRequest], share: bool, progress: bool
+) -> _Prepared:
+    """Pack ``requests`` into rows and plan for them (each row is a prompt; one token of generation, which
+    the planner needs, is the row's last token)."""
+    cfg = model.config
+    longest = max(len(r) for r in requests)
+    rows = pack(requests, row_limit(cfg, longest), share and can_share(cfg))
+    prompt_len = max(max(len(row) for row in rows) - 1, 1)
+    settled = plan_job(opts, model, prompt_len, 1, len(rows))
+    store = settled.opts.model.open_store("generate", progress=progress)
+    run_cfg = settled.opts.model.run_config(store, compute_device())
+    return _Prepared(rows, prompt_len, settled.opts, settled.planned, store, run_cfg)
+
+
+def _build(prep: _Prepared) -> tuple[Scorer, str | None]:
+    engine, line = build_engine(
+        prep.store, prep.cfg, prep.opts, prep.prompt_len, 1, len(prep.rows), prep.planned, runner=Scorer
+    )
+    assert isinstance(engine, Scorer)
+    return engine, line
+
+
+def score_requests(
+    opts: EngineOptions, requests: list[ScoreRequest], share: bool = True
+) -> tuple[list[Scored], RunStats, Placement]:
+    """Score requests held in memory (the lm-eval backend's path): planned for them, every result in
+    input order, the stats and the placement run."""
+    opts = dataclasses.replace(opts, placement=dataclasses.replace(opts.placement, compress_cache=""))
+    prep = _prepare(opts, opts.model.source("generate"), requests, share, progress=False)
+    results: list[Scored | None] = [None] * len(requests)
+
+    def keep(members: list[int], scored: list[Scored]) -> None:
+        for m, sc in zip(members, scored, strict=True):
+            results[m] = sc
+
+    engine, _ = _build(prep)
+    with engine:
+        stats = engine.score_rows(requests, prep.rows, keep)
+    return [r for r in results if r is not None], stats, engine.placement
+
+
 def run_score(
     opts: EngineOptions,
     job: ScoreOptions,
@@ -197,16 +252,12 @@ def _score(
     for n, s in enumerate(scorings):
         requests += s.requests
         owner += [n] * len(s.requests)
-    longest = max(len(r) for r in requests)
-    rows = pack(requests, row_limit(cfg, longest), job.share and can_share(cfg))
     if out_path is not None and not job.overwrite:
         opts = opts.settled(**recorded_choices(out_path))
     # Planned for the whole job, so a resumed job runs the blocks an uninterrupted one would have.
-    prompt_len = max(max(len(row) for row in rows) - 1, 1)
-    settled = plan_job(opts, model, prompt_len, 1, len(rows))
-    store = settled.opts.model.open_store("generate", progress=not job.quiet)
-    run_cfg = settled.opts.model.run_config(store, compute_device())
-    fingerprint = score_fingerprint(store, run_cfg.run_dtype, job, window)
+    prep = _prepare(opts, model, requests, job.share, progress=not job.quiet)
+    rows, run_cfg = prep.rows, prep.cfg
+    fingerprint = score_fingerprint(prep.store, run_cfg.run_dtype, job, window)
 
     done: set[str] = set()
     keep_bytes: int | None = 0 if job.overwrite else None
@@ -222,10 +273,7 @@ def _score(
         return result
     if done and not job.quiet:
         notify(f"resuming: {len(done)} of {len(scorings)} records are already in {out_path}")
-    engine, plan_line = build_engine(
-        store, run_cfg, settled.opts, prompt_len, 1, len(rows), settled.planned, runner=Scorer
-    )
-    assert isinstance(engine, Scorer)
+    engine, plan_line = _build(prep)
     if plan_line and not job.quiet:
         notify(plan_line)
     bs = engine.placement.block_size
