@@ -1,7 +1,9 @@
 """Tiny random Hugging Face decoders, one per supported family, built from each family's real config class.
 
 Odd sizes on purpose: head counts that are not powers of two (3, so ALiBi's extra slopes are used), head
-dims of 16 and 24, partial rotary dims, grouped-query attention, a vocabulary that is not a multiple of 64.
+dims of 16 and 24, partial rotary dims, grouped-query attention, a vocabulary that is not a multiple of 64,
+sliding windows shorter than the prompts (Mistral, Qwen2), top-1 and top-2 mixtures of experts (Mixtral,
+Qwen2-MoE with its shared expert).
 """
 
 from __future__ import annotations
@@ -63,6 +65,64 @@ FAMILIES: dict[str, tuple[Any, Any, dict[str, Any]]] = {
             num_key_value_heads=1,
             intermediate_size=80,
             rope_theta=500.0,
+            max_position_embeddings=64,
+        ),
+    ),
+    "mistral": (
+        T.MistralConfig,
+        T.MistralForCausalLM,
+        dict(
+            num_hidden_layers=2,
+            hidden_size=48,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            intermediate_size=80,
+            sliding_window=4,
+            max_position_embeddings=64,
+        ),
+    ),
+    "qwen2": (
+        T.Qwen2Config,
+        T.Qwen2ForCausalLM,
+        dict(
+            num_hidden_layers=2,
+            hidden_size=40,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            intermediate_size=72,
+            use_sliding_window=True,
+            sliding_window=3,
+            max_window_layers=1,
+            max_position_embeddings=64,
+        ),
+    ),
+    "mixtral": (
+        T.MixtralConfig,
+        T.MixtralForCausalLM,
+        dict(
+            num_hidden_layers=2,
+            hidden_size=48,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            intermediate_size=24,
+            num_local_experts=5,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+        ),
+    ),
+    "qwen2_moe": (
+        T.Qwen2MoeConfig,
+        T.Qwen2MoeForCausalLM,
+        dict(
+            num_hidden_layers=2,
+            hidden_size=40,
+            num_attention_heads=5,
+            num_key_value_heads=5,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=1,
             max_position_embeddings=64,
         ),
     ),
