@@ -38,7 +38,7 @@ from flexrun.weights.store import TensorStore
 from tests.helpers import save_and_convert
 from tests.hf_reference import logits_by_prompt
 
-FAMILIES = ("opt", "gpt2", "bloom", "gptj", "gpt_neo", "gpt_neox", "llama")
+FAMILIES = ("opt", "gpt2", "bloom", "gptj", "gpt_neo", "gpt_neox", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
 MODEL_CLASSES: dict[str, tuple[Any, Any]] = {
     "opt": (T.OPTConfig, T.OPTForCausalLM),
     "gpt2": (T.GPT2Config, T.GPT2LMHeadModel),
@@ -47,6 +47,10 @@ MODEL_CLASSES: dict[str, tuple[Any, Any]] = {
     "gpt_neo": (T.GPTNeoConfig, T.GPTNeoForCausalLM),
     "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM),
     "llama": (T.LlamaConfig, T.LlamaForCausalLM),
+    "mistral": (T.MistralConfig, T.MistralForCausalLM),
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),
+    "mixtral": (T.MixtralConfig, T.MixtralForCausalLM),
+    "qwen2_moe": (T.Qwen2MoeConfig, T.Qwen2MoeForCausalLM),
 }
 # float32 on both sides: logits differ only by summation order (fused QKV, SDPA vs HF's eager kernels,
 # padding columns, one matmul over a block's rows), ~1e-6 relative; 1e-4 of the largest logit leaves room
@@ -309,7 +313,53 @@ def hf_config(draw: st.DrawFn, family: str, positions: int) -> dict[str, Any]:
             "max_position_embeddings": n_pos,
             "rms_norm_eps": eps,
         }
-    raise AssertionError(family)
+    return _llama_like(draw, family, ids, layers, ffn, n_pos, eps)
+
+
+def _llama_like(
+    draw: st.DrawFn, family: str, ids: dict[str, Any], layers: int, ffn: int, n_pos: int, eps: float
+) -> dict[str, Any]:
+    """Mistral, Qwen2, Mixtral, Qwen2-MoE: LLaMA's layer with sliding windows (every layer, or the layers
+    Qwen2's rules pick) and, for the last two, a mixture of 4-8 experts routing each token to 1 or 2."""
+    heads, hd = draw(heads_and_dim(even_dim=True))
+    kv = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
+    window = draw(st.integers(1, 8))
+    out = {
+        **ids,
+        "pad_token_id": draw(special_id(ids["vocab_size"], allow_outside=False)),
+        "hidden_size": heads * hd,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "num_hidden_layers": layers,
+        "intermediate_size": ffn,
+        "rope_theta": draw(st.sampled_from([10000.0, 500.0, 37.5])),
+        "max_position_embeddings": n_pos,
+        "rms_norm_eps": eps,
+    }
+    if family in ("mistral", "mixtral"):
+        out["sliding_window"] = draw(st.one_of(st.none(), st.just(window)))
+    else:  # Qwen2's windows: only with use_sliding_window, in the layers max_window_layers / layer_types pick
+        out |= {
+            "use_sliding_window": draw(st.booleans()),
+            "sliding_window": window,
+            "max_window_layers": draw(st.integers(0, layers)),
+        }
+    if family in ("mixtral", "qwen2_moe"):
+        experts = draw(st.integers(4, 8))
+        # HF's default experts kernel (torch._grouped_mm) needs 16-byte strides, which odd sizes break; its
+        # eager loop is the reference.
+        out |= {"num_experts_per_tok": draw(st.integers(1, 2)), "experts_implementation": "eager"}
+        if family == "mixtral":
+            out["num_local_experts"] = experts
+        else:
+            out |= {
+                "num_experts": experts,
+                "moe_intermediate_size": draw(st.integers(1, 32)),
+                "shared_expert_intermediate_size": draw(st.integers(1, 32)),
+                "norm_topk_prob": draw(st.booleans()),
+                "qkv_bias": draw(st.booleans()),
+            }
+    return out
 
 
 def rotary_fraction(rot: int, head_dim: int) -> float:

@@ -21,6 +21,7 @@ from flexrun.costmodel.equations import cost_terms
 from flexrun.costmodel.hardware import PRESETS
 from flexrun.costmodel.prediction import placement_shares
 from flexrun.errors import ConfigError
+from flexrun.jobs.report import summary_dict, summary_text
 from flexrun.layout import active_layer_bytes, active_params, expected_experts, stack_layout
 from flexrun.policies import config_from_hf, policy_for_hf_config, policy_for_layer
 from flexrun.resolver import config_from_path
@@ -216,6 +217,12 @@ def test_experts_read_are_the_union_of_routed_experts(case: dict[str, Any], tmp_
     assert any(len(experts) < cfg.num_experts for _, experts in want)
     assert stats.experts_read == decode  # the summary's figure: experts read over the decode steps
     assert stats.expert_loads == len(PROMPTS) // pl.block_size * layers * (NEW - 1)
+    per_step = decode / stats.expert_loads
+    assert summary_dict(cfg, pl, stats)["experts_read_per_layer_step"] == per_step
+    assert f"experts: {per_step:.2f} of {cfg.num_experts} read per layer per decode step" in summary_text(
+        cfg, pl, stats
+    )
+    assert 0 < stats.decode_bytes_read < stats.disk_bytes_read
 
 
 def test_live_model_converts_like_its_checkpoint(case: dict[str, Any], tmp_path: Path) -> None:

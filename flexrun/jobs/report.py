@@ -29,12 +29,22 @@ def summary_dict(cfg: OptConfig, placement: Placement, stats: RunStats) -> dict[
         "decode_steps": stats.decode_steps,
         **stats.throughput(),
         "disk_bytes_read": stats.disk_bytes_read,
+        "decode_bytes_read": stats.decode_bytes_read,
+        **_experts(cfg, stats),
         "direct_io": stats.direct_io,
         "peak_rss_bytes": stats.peak_rss,
         "base_rss_bytes": stats.base_rss,
         "planned_bytes": {tier: sum(v.values()) for tier, v in stats.planned.items()},
         "budget_bytes": stats.budgets,
     }
+
+
+def _experts(cfg: OptConfig, stats: RunStats) -> dict[str, Any]:
+    """A mixture of experts' experts per layer and those a decode step read per layer, on average."""
+    if not cfg.moe:
+        return {}
+    per_step = stats.experts_read / stats.expert_loads if stats.expert_loads else 0.0
+    return {"num_experts": cfg.num_experts, "experts_read_per_layer_step": per_step}
 
 
 def computed_in(cfg: OptConfig) -> str:
@@ -82,6 +92,9 @@ def summary_text(cfg: OptConfig, placement: Placement, stats: RunStats, pooling:
             f"({stats.prompt_tokens} with padding)",
             f"latency: {stats.prefill_s:.3f} s  throughput: {rate:.2f} token/s",
         ]
+    if cfg.moe and pooling is None:
+        per_step = _experts(cfg, stats)["experts_read_per_layer_step"]
+        lines.append(f"experts: {per_step:.2f} of {cfg.num_experts} read per layer per decode step")
     lines += [
         f"disk read: {format_bytes(stats.disk_bytes_read)} ({io})",
         "planned memory: " + ", ".join(f"{tier} {format_bytes(b)}" for tier, b in planned.items() if b),

@@ -308,6 +308,7 @@ class Engine(StackRunner):
         stats.prompt_tokens += n * s
         stats.input_tokens += sum(map(len, prompts))
         moe_before = (self.moe.stream.read, self.moe.stream.loads) if self.moe else (0, 0)
+        read_before = self._bytes_read()
         for t in range(params.max_new_tokens):
             if return_logits:
                 logits_log.append(self.tp.gather_vocab(logits, self.cfg.vocab_size))
@@ -334,6 +335,7 @@ class Engine(StackRunner):
             with timers.time("decode"):
                 logits = self._step(block, list(nxt[:, None].split(sizes)), past=s + t)
             stats.decode_steps += 1
+        stats.decode_bytes_read += self._bytes_read() - read_before
         if self.moe is not None:  # experts read per layer per decode step
             stats.experts_read += self.moe.stream.read - moe_before[0]
             stats.expert_loads += self.moe.stream.loads - moe_before[1]

@@ -28,6 +28,7 @@ class RunStats:
     decode_s: float = 0.0
     decode_steps: int = 0
     disk_bytes_read: int = 0
+    decode_bytes_read: int = 0  # of which by the decode steps (weights and cache)
     peak_rss: int = 0
     base_rss: int = 0  # resident memory before the engine allocated anything (interpreter, libraries)
     planned: dict[str, dict[str, int]] = field(default_factory=dict)
