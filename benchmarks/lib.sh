@@ -56,14 +56,16 @@ machine() {
   echo "machine: $cpu, $cores cores, $ram RAM, load average $(cut -d' ' -f1-3 /proc/loadavg)"
   # What decides a 16-bit matmul's speed on a CPU (README "Dtypes"): native bf16/fp16 instructions or not.
   echo "cpu matmul flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_bf16|avx512_fp16|amx_bf16|amx_fp16)$' | xargs)"
-  [[ -f $FLEXRUN_CACHE_DIR/hardware.json ]] || flexrun calibrate >/dev/null 2>&1
-  "$PYTHON" - "$FLEXRUN_CACHE_DIR/hardware.json" <<'PY'
-import json, sys
+  # This machine's calibration as the planner holds it (measured now on first use; corrected by recorded runs).
+  (cd "$ROOT" && "$PYTHON" - "${OFFLOAD_DIR:-/tmp/flexrun-bench/offload}") <<'PY'
+import sys
 import accelerate, torch, transformers
-hw = json.load(open(sys.argv[1]))
-f32 = hw.get("rates_by_dtype", {}).get("float32", {})
-print(f"disk (flexrun calibrate, O_DIRECT): read {hw['disk_to_host_bw'] / 2**30:.2f} GiB/s, "
-      f"write {hw['host_to_disk_bw'] / 2**30:.2f} GiB/s; matmul {hw['dtype']} {hw['mm_flops_prefill'] / 1e9:.0f} GFLOP/s"
+from flexrun.costmodel.machine import hardware_for
+hw = hardware_for(None, sys.argv[1])
+f32 = hw.rates_by_dtype.get("float32", {})
+print(f"hardware: {hw.source}")
+print(f"disk (O_DIRECT): read {hw.disk_to_host_bw / 2**30:.2f} GiB/s, "
+      f"write {hw.host_to_disk_bw / 2**30:.2f} GiB/s; matmul {hw.dtype} {hw.mm_flops_prefill / 1e9:.0f} GFLOP/s"
       + (f", float32 {f32['mm_flops_prefill'] / 1e9:.0f} GFLOP/s" if f32 else ""))
 print(f"gpu: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; "
       f"torch {torch.__version__}, transformers {transformers.__version__}, accelerate {accelerate.__version__}")
