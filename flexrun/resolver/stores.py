@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from flexrun.config import OptConfig
+from flexrun.costmodel.equations import compressed_fraction
 from flexrun.errors import CheckpointError
 from flexrun.paths import cache_dir
 from flexrun.policies import policy_by_name
 from flexrun.quant.formats import QuantSpec
 from flexrun.resolver.configs import resolve
 from flexrun.resolver.packaged import local_source
+from flexrun.units import format_bytes
 from flexrun.weights.convert import convert_checkpoint, write_dummy_store
 from flexrun.weights.filelock import FileLock
 from flexrun.weights.gguf import is_gguf
@@ -52,9 +55,29 @@ def store_lock(out: Path) -> Iterator[None]:
         lock.release()
 
 
-def _converted(out: Path, convert: Callable[[], object]) -> TensorStore:
-    """The store ``out``, converted by ``convert`` unless it is there (or another process finished it)."""
+def store_bytes(cfg: OptConfig, compress: QuantSpec | None) -> int:
+    """At least what a store of ``cfg`` takes on disk: its weights, the layers' matrices at the compressed
+    size (a lower bound with compression: embeddings and norms stay in the model's dtype)."""
+    full = cfg.model_bytes()
+    return int(full * compressed_fraction(cfg.dtype_bytes, compress.kind)) if compress else full
+
+
+def check_room(out: Path, need: int, what: str, fix: str) -> None:
+    """Refuse, before anything is written, a store of ``need`` bytes where ``out``'s disk has less free."""
+    where = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise CheckpointError(
+            f"{what} needs {format_bytes(need)} in {out.parent}, whose disk has {format_bytes(free)} free (short by "
+            f"{format_bytes(need - free)}); {fix}"
+        )
+
+
+def _converted(out: Path, convert: Callable[[], object], need: int = 0, what: str = "") -> TensorStore:
+    """The store ``out``, converted by ``convert`` unless it is there (or another process finished it);
+    ``need`` bytes of room are checked first."""
     if not (out / "index.json").exists():
+        check_room(out, need, what, "free some space, or give --store-dir (or FLEXRUN_CACHE_DIR) on a disk with room")
         with store_lock(out):
             if not (out / "index.json").exists():
                 convert()
@@ -87,6 +110,12 @@ def convert_into(
                 f"{out} already holds a tensor store ({store.config.dtype}, converted from {source}); "
                 "add --overwrite to replace it, or choose another --out"
             )
+        check_room(
+            out,
+            store_bytes(resolve(str(src), **({"dtype": dtype} if dtype else {})), compress),
+            f"converting {model}",
+            "free some space or give --out on a disk with room",
+        )
         convert_checkpoint(src, out, dtype=dtype, progress=progress, compress=compress)
     return True
 
@@ -143,7 +172,7 @@ def ensure_store(
             log.info("writing dummy weights for %s to %s", cfg.name, out)
             write_dummy_store(cfg, out, progress=progress, compress=compress)
 
-        return _converted(out, write)
+        return _converted(out, write, store_bytes(cfg, compress), f"writing {cfg.name}'s dummy weights")
     local = local_source(model)
     if local is not None:
         src = local
@@ -160,4 +189,4 @@ def ensure_store(
         log.info("converting %s to a tensor store at %s", src, out)
         convert_checkpoint(src, out, dtype=cfg.dtype, progress=progress, compress=compress)
 
-    return _converted(out, convert)
+    return _converted(out, convert, store_bytes(cfg, compress), f"converting {model}")

@@ -46,7 +46,10 @@ class Checkpoint:
             from safetensors import safe_open
 
             for f in files:
-                handle = safe_open(str(f), framework="pt")
+                try:
+                    handle = safe_open(str(f), framework="pt")
+                except Exception as exc:  # safetensors' own error class for a damaged or foreign file; OSError
+                    raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
                 self._open[f] = handle
                 for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
                     self._where[key] = f
