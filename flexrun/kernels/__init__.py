@@ -46,6 +46,7 @@ class KernelSet:
     norms: Mapping[str, NormFn]
     activations: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
     cached_attention: AttentionFn
+    #: x (b, s, heads, d), cos, sin (b, s, 1, rotary dims), interleaved -> x rotated (a set may write into x)
     apply_rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor] = reference.apply_rotary
     linears: Mapping[type, LinearFn] = field(default_factory=dict)
     #: A resident compressed weight in the layout this set computes it fastest in, derived once at load,
@@ -77,6 +78,7 @@ CPU = KernelSet(
     norms=reference.NORMS,
     activations=cpu.ACTIVATIONS,
     cached_attention=cpu.cached_attention,
+    apply_rotary=cpu.apply_rotary_,
     linears={
         Int4Weight: quantized.cpu_canonical_int4_linear,
         Int8Weight: quantized.cpu_canonical_int8_linear,

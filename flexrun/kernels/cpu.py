@@ -104,3 +104,21 @@ def cached_attention(
     vf = scratch("attn_v", values.numel(), f32, q.device).view(values.shape).copy_(values)
     out = reference.attention(q.float(), kf.permute(1, 2, 0, 3), vf.permute(1, 2, 0, 3), mask.float(), scale)
     return out.to(q.dtype)  # (b, nh, s, d)
+
+
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """``reference.apply_rotary`` written into x (b, s, heads, d) and returned: four ops for all heads, q's
+    and k's together, each value the same sum of the same two products as the reference's."""
+    rd = cos.shape[-1]
+    rot = x[..., :rd]  # (b, s, heads, rd), a view into x
+    turned = rot * sin  # rot's halves (or pairs) times sin, before rot changes
+    rot.mul_(cos)
+    if interleaved:
+        pairs, tp = rot.unflatten(-1, (rd // 2, 2)), turned.unflatten(-1, (rd // 2, 2))
+        pairs[..., 0].sub_(tp[..., 1])
+        pairs[..., 1].add_(tp[..., 0])
+    else:
+        half = rd // 2
+        rot[..., :half].sub_(turned[..., half:])
+        rot[..., half:].add_(turned[..., :half])
+    return x

@@ -94,7 +94,7 @@ class Rope:
         # Lengths up to this one run on the initial frequencies; 0: every length does.
         self._threshold = _trained_positions(cfg) if self.rope_type in ("dynamic", "longrope") else 0
         self._by_length: dict[int, torch.Tensor] = {}
-        self._on_device: dict[torch.device, torch.Tensor] = {}
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _frequencies(self, seq_len: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         """inv_freq (dim / 2,) float32 on the CPU, and the factor cos and sin are scaled by. ``seq_len`` is a
@@ -120,13 +120,14 @@ class Rope:
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``rotary_cos_sin`` of ``positions`` (b, s), the newest tokens of each sequence, left-padded (padding
         at position -1), so that a row's last position + 1 is its length so far."""
-        if self._threshold:
-            lengths = (positions[:, -1] + 1).tolist()
-            inv_freq = torch.stack([self._for_length(int(n)) for n in lengths])  # (b, dim / 2)
-        else:
-            if positions.device not in self._on_device:
-                self._on_device[positions.device] = self.inv_freq.to(positions.device)
-            inv_freq = self._on_device[positions.device]
+        if not self._threshold:
+            # One frequency set for every length: rows of a table of every position so far, each row the
+            # same float32 values as computing it alone. Padding (-1) reads row 0; it is never attended to.
+            cos, sin = self._table(int(positions.max()) + 1, positions.device, dtype)
+            at = positions.clamp(min=0)
+            return cos[at][:, None], sin[at][:, None]
+        lengths = (positions[:, -1] + 1).tolist()
+        inv_freq = torch.stack([self._for_length(int(n)) for n in lengths])  # (b, dim / 2)
         return rotary_cos_sin(
             positions,
             self.dim,
@@ -136,6 +137,25 @@ class Rope:
             inv_freq=inv_freq,
             attention_factor=self.attention_factor,
         )
+
+    def _table(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (>= n, dim) of positions 0, 1, ..., in ``dtype``; grown by doubling, kept per device and dtype."""
+        table = self._tables.get((device, dtype))
+        if table is None or table[0].shape[0] < n:
+            size = max(n, 256, 2 * table[0].shape[0] if table is not None else 0)
+            positions = torch.arange(size, device=device)[None]  # (1, size)
+            inv_freq = self.inv_freq.to(device)
+            cos, sin = rotary_cos_sin(
+                positions,
+                self.dim,
+                self.theta,
+                self.interleaved,
+                dtype,
+                inv_freq=inv_freq,
+                attention_factor=self.attention_factor,
+            )
+            table = self._tables[(device, dtype)] = (cos[0, 0], sin[0, 0])  # (size, dim)
+        return table
 
 
 def _hf_rope_config(cfg: OptConfig) -> Any:

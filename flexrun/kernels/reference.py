@@ -45,12 +45,18 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     return F.linear(x, w.to(x.dtype), b)
 
 
+# SDPA's grouped-query mode (torch >= 2.5); before it the KV heads are expanded to the query heads.
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Masked attention with grouped heads.
 
     q: (b, nh, s, d); k, v: (b, nkv, t, d); mask: additive float (b, 1 or nh, s, t). Returns (b, nh, s, d).
     """
     groups = q.shape[1] // k.shape[1]
+    if groups > 1 and _SDPA_GQA:  # each KV head serves its group of query heads in place: no expanded copy
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
@@ -66,7 +72,8 @@ def cached_attention(
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` dims of each head of x (b, nh, s, d); the rest pass through."""
+    """Rotate the first ``cos.shape[-1]`` dims of each head of x (b, s, heads, d) by cos and sin (b, s, 1, rd);
+    the rest pass through."""
     rd = cos.shape[-1]
     rot, rest = x[..., :rd], x[..., rd:]
     if interleaved:

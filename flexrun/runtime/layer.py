@@ -197,16 +197,16 @@ class FusedLayer:
         """Attention before its output projection: (b, s, h) from hs (b, s, h)."""
         sp = self.spec
         b, s, _ = hs.shape
-        qkv = self.k.linear(hs, w.qkv_w, w.qkv_b)  # (b, s, (nh + 2 * nkv) * d)
-        kv_dim = sp.n_kv_head * sp.head_dim
-        q, k, v = qkv.split([sp.n_head * sp.head_dim, kv_dim, kv_dim], dim=-1)
-        q = q.view(b, s, sp.n_head, sp.head_dim).transpose(1, 2)  # (b, nh, s, d)
-        if sp.rotary:
+        qkv = self.k.linear(hs, w.qkv_w, w.qkv_b).contiguous()  # (b, s, (nh + 2 * nkv) * d)
+        q_dim, kv_dim = sp.n_head * sp.head_dim, sp.n_kv_head * sp.head_dim
+        qk = qkv[..., : q_dim + kv_dim].view(b, s, sp.n_head + sp.n_kv_head, sp.head_dim)
+        if sp.rotary:  # q's and k's heads rotated together, in the (b, s, heads, d) layout the matmul wrote
             assert rotary is not None, "a rotary layer needs the rotary angles"
             cos, sin = rotary
-            q = self.k.apply_rotary(q, cos, sin, sp.rotary_interleaved)
-            k4 = k.view(b, s, sp.n_kv_head, sp.head_dim).transpose(1, 2)  # (b, nkv, s, d)
-            k = self.k.apply_rotary(k4, cos, sin, sp.rotary_interleaved).transpose(1, 2).reshape(b, s, kv_dim)
+            qk = self.k.apply_rotary(qk, cos.transpose(1, 2), sin.transpose(1, 2), sp.rotary_interleaved)
+        q = qk[:, :, : sp.n_head].transpose(1, 2)  # (b, nh, s, d)
+        k = qk[:, :, sp.n_head :].reshape(b, s, kv_dim)  # (b, s, kv_dim)
+        v = qkv[..., q_dim + kv_dim :]  # (b, s, kv_dim)
         attn = core(q, k, v)  # (b, nh, s, d)
         return attn.transpose(1, 2).reshape(b, s, sp.n_head * sp.head_dim)  # (b, s, h)
 

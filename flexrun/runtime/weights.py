@@ -21,7 +21,7 @@ from flexrun.errors import CheckpointError
 from flexrun.kernels import KernelSet, Weight
 from flexrun.layout import stack_layout
 from flexrun.placement import Shares
-from flexrun.runtime.iopool import IOPool
+from flexrun.runtime.iopool import IOPool, done
 from flexrun.runtime.tiers import Ledger
 from flexrun.weights.store import TensorStore
 
@@ -127,6 +127,10 @@ class WeightManager:
 
     def prefetch(self, g: int) -> Future[_Loaded]:
         """Start loading group ``g``'s weights into the next free arena (of the experts' pair for an expert)."""
+        if not self._disk[g] and not (self.on_cuda and self._streamed[g]):
+            # Nothing to read or copy: handing the lookup to an I/O thread would only cost a GIL hand-off
+            # (milliseconds on a busy machine, for every group of every decode step).
+            return done(self._load(g, 0))
         turn = self._turn[self._pair[g]]
         self._turn[self._pair[g]] ^= 1
         # On CUDA the target device arena was last read by compute enqueued before now: wait for it.
