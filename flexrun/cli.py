@@ -219,10 +219,12 @@ def embed_cmd(
 
 def _register_costmodel_commands() -> None:
     from flexrun.cli_costmodel import calibrate_cmd, plan_cmd
+    from flexrun.cli_cache import cache_cmd
     from flexrun.cli_generate import chat_cmd, generate_cmd
 
     cli.add_command(generate_cmd)
     cli.add_command(chat_cmd)
+    cli.add_command(cache_cmd)
     cli.add_command(plan_cmd)
     cli.add_command(calibrate_cmd)
 

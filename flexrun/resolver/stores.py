@@ -19,6 +19,7 @@ from flexrun.errors import CheckpointError
 from flexrun.paths import cache_dir
 from flexrun.policies import policy_by_name
 from flexrun.quant.formats import QuantSpec
+from flexrun.resolver.cache import touch
 from flexrun.resolver.configs import resolve
 from flexrun.resolver.packaged import local_source
 from flexrun.units import format_bytes
@@ -81,6 +82,7 @@ def _converted(out: Path, convert: Callable[[], object], need: int = 0, what: st
         with store_lock(out):
             if not (out / "index.json").exists():
                 convert()
+    touch(out)  # for `flexrun cache ls` and `prune`
     return TensorStore(out)
 
 
