@@ -218,8 +218,8 @@ def embed_cmd(
 
 
 def _register_costmodel_commands() -> None:
-    from flexrun.cli_costmodel import calibrate_cmd, plan_cmd
     from flexrun.cli_cache import cache_cmd
+    from flexrun.cli_costmodel import calibrate_cmd, plan_cmd
     from flexrun.cli_generate import chat_cmd, generate_cmd
 
     cli.add_command(generate_cmd)
