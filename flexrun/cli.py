@@ -233,9 +233,10 @@ _register_costmodel_commands()
 
 
 def _register_score_commands() -> None:
-    from flexrun.cli_score import score_cmd
+    from flexrun.cli_score import eval_cmd, score_cmd
 
     cli.add_command(score_cmd)
+    cli.add_command(eval_cmd)
 
 
 _register_score_commands()

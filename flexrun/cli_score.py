@@ -76,7 +76,8 @@ def score_cmd(
     continuation's summed log-probability after the context, whether greedy decoding would produce it, and
     its token count. A {"text"} record gets its log-probability, token count and "perplexity", scored in
     windows of the model's context (each window after as many earlier tokens as fit). Text is tokenized
-    as lm-evaluation-harness does (no special tokens; an empty context is the BOS token).
+    as lm-evaluation-harness's hf backend does (the tokenizer's special tokens, the pair encoded whole; an
+    empty context is the BOS token).
 
     Requests sharing a prefix (the choices of a question) compute it once. The LM head runs only where a
     token is scored, its log-softmax in float32. Results are written as their blocks finish; with --output,
@@ -123,3 +124,28 @@ def _summary(result: Any, as_json: bool) -> None:
     # The disk, planned-memory and peak-memory lines, as every job prints them.
     tail = summary_text(result.cfg, pl, stats, pooling="none").splitlines()[-3:]
     click.echo("\n".join(lines + tail), err=True)
+
+
+@click.command(
+    "eval",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def eval_cmd(args: tuple[str, ...]) -> None:
+    """Run lm-evaluation-harness (lm-eval run ARGS) with flexrun registered as the model `flexrun`.
+
+    --model defaults to flexrun; its options go in --model_args: pretrained=MODEL (a name, checkpoint
+    directory or store), placement, weights / activations (tier shares spelled host:40/disk:60),
+    gpu_batch_size (or --batch_size), num_gpu_batches, host_mem, dtype, compute_dtype, store_dir,
+    offload_dir, max_length, share_prefixes. Every other option is lm-eval's (--tasks, --include_path,
+    --limit, --output_path, --log_samples, ...): `flexrun eval --help` shows them. Needs the eval extra
+    (pip install 'flexrun[eval]').
+    """
+    from flexrun.errors import InputError
+
+    try:
+        from flexrun.jobs.lmeval import run_cli
+    except ImportError as exc:
+        raise InputError(f"flexrun eval needs lm-eval ({exc}); install it with: pip install 'flexrun[eval]'") from None
+    run_cli(list(args))

@@ -49,10 +49,11 @@ def test_records_score_as_hf(job_ckpt: OptCheckpoint, stores: Path, tmp_path: Pa
     tok, model = job_ckpt.tokenizer, job_ckpt.model
     assert tok is not None
 
-    def enc(text: str) -> list[int]:
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+    def enc(text: str, special: bool = True) -> list[int]:
+        return list(tok(text, add_special_tokens=special)["input_ids"])
 
-    # lm-eval's pairing: the context's trailing space goes to the continuation, the pair is encoded whole.
+    # lm-eval's pairing: the context's trailing space goes to the continuation, the pair is encoded whole
+    # with the tokenizer's special tokens (this one starts every text with </s>, as OPT's does).
     ctx = enc("the quick brown fox")
     for rid, cont_text in (("q-a", " jumps"), ("q-b", " sleeps over the dog")):
         cont = enc("the quick brown fox" + cont_text)[len(ctx) :]
@@ -60,7 +61,10 @@ def test_records_score_as_hf(job_ckpt: OptCheckpoint, stores: Path, tmp_path: Pa
         assert got[rid]["logprob"] == pytest.approx(hf_logprob(model, ctx, cont), abs=1e-4)
     assert got["ids"]["logprob"] == pytest.approx(hf_logprob(model, [5, 6, 7], [8, 9]), abs=1e-4)
     bos = tok.bos_token_id
-    assert got["no-context"]["logprob"] == pytest.approx(hf_logprob(model, [bos], enc("hello world")), abs=1e-4)
+    assert ctx[0] == bos
+    assert got["no-context"]["logprob"] == pytest.approx(
+        hf_logprob(model, [bos], enc("hello world", special=False)), abs=1e-4
+    )
     text = got["text"]
     assert text["tokens"] == len(enc(RECORDS[4]["text"])) and text["windows"] == math.ceil(text["tokens"] / 16)
     assert text["perplexity"] == pytest.approx(math.exp(-text["logprob"] / text["tokens"]))

@@ -128,10 +128,11 @@ def rolling_windows(tokens: list[int], prefix: int, size: int) -> list[ScoreRequ
 
 
 class Tokenize:
-    """Records -> token ids, as lm-evaluation-harness's ``hf`` backend tokenizes them: no special tokens
-    added; a context's trailing spaces moved to the continuation and the pair encoded whole (so a word
-    split across the boundary is scored as the model reads it); an empty context is the prefix token
-    (the tokenizer's BOS, else the config's)."""
+    """Records -> token ids, as lm-evaluation-harness's ``hf`` backend tokenizes them: a text with the
+    tokenizer's own special tokens (none when it already starts with the BOS text); a context's trailing
+    spaces moved to the continuation and the pair encoded whole, the continuation being what the context
+    leaves (so a word split across the boundary is scored as the model reads it); an empty context is the
+    prefix token (the tokenizer's BOS, else the config's), before the continuation encoded bare."""
 
     def __init__(self, tokenizer: Any, cfg: OptConfig) -> None:
         self.tokenizer = tokenizer
@@ -139,10 +140,13 @@ class Tokenize:
         bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
         self.prefix = int(bos if bos is not None else cfg.bos_token_id)
 
-    def encode(self, text: str, where: str) -> list[int]:
+    def encode(self, text: str, where: str, special: bool | None = None) -> list[int]:
         if self.tokenizer is None:
             raise InputError(f"{where}: {self.cfg.name} has no tokenizer: give token ids instead of text")
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if special is None and text.startswith(self.tokenizer.decode([self.prefix])):
+            special = False
+        kwargs = {} if special is None else {"add_special_tokens": special}
+        return list(self.tokenizer(text, **kwargs)["input_ids"])
 
     def pair(self, context: Tokens, continuation: Tokens, where: str) -> ScoreRequest:
         if isinstance(context, str) and isinstance(continuation, str):
@@ -150,13 +154,14 @@ class Tokenize:
             if spaces:
                 context, continuation = context[:-spaces], context[-spaces:] + continuation
             if not context:
-                ctx, cont = [self.prefix], self.encode(continuation, where)
+                cont = self.encode(continuation, where, special=False)
+                ctx, cont = ([self.prefix], cont) if not cont or cont[0] != self.prefix else (cont[:1], cont[1:])
             else:
                 whole, ctx = self.encode(context + continuation, where), self.encode(context, where)
                 cont = whole[len(ctx) :]
         else:
             ctx = context if isinstance(context, list) else self.encode(context, where)
-            cont = continuation if isinstance(continuation, list) else self.encode(continuation, where)
+            cont = continuation if isinstance(continuation, list) else self.encode(continuation, where, special=False)
             ctx = ctx or [self.prefix]
         if not cont:
             raise InputError(f'{where}: "continuation" has no tokens: there is nothing to score')
