@@ -302,4 +302,5 @@ def test_embed_output_through_a_symlink_replaces_the_file_it_points_to(bert, tmp
     link.symlink_to(target)
     result = embed(ckpt, tmp_path, "-t", "hi", "-o", str(link), "--pooling", "cls")
     assert result.exit_code == 0, result.output
-    assert link.is_symlink() and [r["id"] for r in rows_of(target.read_text())] == [0]
+    # A --text is numbered from 1, as --input lines are.
+    assert link.is_symlink() and [r["id"] for r in rows_of(target.read_text())] == [1]

@@ -80,9 +80,11 @@ def test_text_prompts_stop_strings_and_streaming_match_hf(job_ckpt, stores, tmp_
         row = rows[p]
         assert row["input_ids"] == ids
         if stop in text:
-            # HF's tokens up to the one that completes the stop string; the text ends before it.
-            t = next(t for t in range(1, len(out) + 1) if stop in tok.decode(out[:t], skip_special_tokens=True))
-            assert row["output_ids"] == out[:t] and row["text"] == text[: text.index(stop)]
+            # The text ends before the stop string, and output_ids with it: HF's fewest tokens whose text
+            # covers what comes before it (none that lies wholly in the stop string).
+            cut = text.index(stop)
+            t = next(t for t in range(len(out) + 1) if len(tok.decode(out[:t], skip_special_tokens=True)) >= cut)
+            assert row["output_ids"] == out[:t] and row["text"] == text[:cut]
             assert row["finish_reason"] == "stop"
         else:
             assert row["output_ids"] == out[: len(row["output_ids"])]
@@ -91,7 +93,9 @@ def test_text_prompts_stop_strings_and_streaming_match_hf(job_ckpt, stores, tmp_
 
     # --format text prints the same texts as they are produced, in input order, each under its prompt; the
     # micro-batches stay the placement's (2 here), not one sequence at a time.
-    r = gen(job_ckpt, stores, tmp_path, *[a for p in prompts for a in ("-p", p)], *args, "--format", "text", "--verbose")
+    r = gen(
+        job_ckpt, stores, tmp_path, *[a for p in prompts for a in ("-p", p)], *args, "--format", "text", "--verbose"
+    )
     assert r.exit_code == 0, r.output
     assert r.stdout == "\n".join(f"> {p}\n" + rows[p]["text"] + "\n" for p in prompts)
     assert "sequences: 4 in 2 block(s)" in r.stderr

@@ -91,9 +91,20 @@ class _Job:
             row["text"], stopped = cut_at_stop(
                 self.tokenizer.decode(toks, skip_special_tokens=True), self.job.params.stop
             )
+        if stopped:
+            row["output_ids"] = self._before_stop(toks, len(row["text"]))
         eos = bool(toks) and toks[-1] in self.eos and self.job.params.stop_at_eos
         row["finish_reason"] = "stop" if stopped else "eos" if eos else "length"
         return row
+
+    def _before_stop(self, toks: list[int], chars: int) -> list[int]:
+        """The fewest tokens whose text covers the ``chars`` characters before the stop string: the tokens
+        that lie wholly in the stop string are dropped, as the text drops it (one that straddles its start
+        stays). The stop string ends the output, so this walks back a few tokens at most."""
+        k = len(toks)
+        while k > 0 and len(self.tokenizer.decode(toks[: k - 1], skip_special_tokens=True)) >= chars:
+            k -= 1
+        return toks[:k]
 
     def stop_check(self) -> Callable[[int, list[int]], bool] | None:
         """The engine's per-token test for stop strings (on the decoded text), or None without any."""
