@@ -38,5 +38,7 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# Test files run in parallel over the machine's cores (each test process computes on one thread; a file's
+# tests stay in one process, so its module fixtures are built once).
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --dist loadfile

@@ -149,6 +149,7 @@ class Engine(StackRunner):
         n_layers, n_mb = self.cfg.num_hidden_layers, len(block.sizes)
         walk = _CacheWalk(self.cache, block.sizes, n_layers, past)
         merged = q == 1
+        rotary = _cat_rotary([r for _, r in inputs]) if merged else None  # the block's, once a step
         x = torch.empty(0)  # the block's hidden states in decode
         logits = []
         # The next step's input group loads while this one computes its head.
@@ -168,7 +169,6 @@ class Engine(StackRunner):
             lw = LayerWeights.from_slots({slot: w[name] for name, slot in group.slots})
             layer = self.layers[i]
             if merged:
-                rotary = _cat_rotary([r for _, r in inputs])
                 x = layer(lw, x, self._block_core(i, layer, walk, offsets, inputs, past), rotary, self._mlp(i, None))
                 continue
             for j in range(n_mb):
@@ -200,7 +200,7 @@ class Engine(StackRunner):
                 mask = inputs[j][0][layer.spec.window]
                 outs.append(layer.cached_core(*kv, past, mask)(q[rows], k[rows], v[rows]))
                 self.cache.store(i, j, kv, turn, past, past + k.shape[1])
-            return torch.cat(outs)
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         return core
 
@@ -366,4 +366,6 @@ def _cat_rotary(parts: list[Rotary | None]) -> Rotary | None:
     """The block's rotary angles from its micro-batches'."""
     if parts[0] is None:
         return None
+    if len(parts) == 1:
+        return parts[0]
     return torch.cat([p[0] for p in parts if p is not None]), torch.cat([p[1] for p in parts if p is not None])
