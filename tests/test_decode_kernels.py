@@ -56,3 +56,15 @@ def test_grouped_attention_equals_expanded_heads(s: int) -> None:
         q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask, scale=0.3
     )
     torch.testing.assert_close(R.attention(q, k, v, mask, 0.3), expanded, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("hidden", [48, 576])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_rms_norm_is_the_reference_to_the_bit(hidden: int, bias: bool) -> None:
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 2, hidden) * 7, torch.randn(hidden)
+    b = torch.randn(hidden) if bias else None
+    torch.testing.assert_close(C.rms_norm(x, w, b, 1e-6), R.rms_norm(x, w, b, 1e-6), rtol=0, atol=0)
+    # A 16-bit input keeps the reference's own arithmetic (float32 inside, cast back, then the weight).
+    xb, wb = x.bfloat16(), w.bfloat16()
+    torch.testing.assert_close(C.rms_norm(xb, wb, None, 1e-6), R.rms_norm(xb, wb, None, 1e-6), rtol=0, atol=0)

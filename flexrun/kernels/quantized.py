@@ -148,12 +148,15 @@ def cpu_canonical_int4_linear(x: torch.Tensor, w: Int4Weight, b: torch.Tensor | 
 
 def _bf16_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     """x as (m, k) bfloat16, contiguous and 64-byte aligned (the int8 kernel reads garbage otherwise)."""
-    x2 = x.reshape(-1, k).to(torch.bfloat16).contiguous()
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.bfloat16:
+        return x2.to(torch.bfloat16, memory_format=torch.contiguous_format)  # a fresh, aligned allocation
+    x2 = x2.contiguous()
     return x2 if x2.data_ptr() % 64 == 0 else x2.clone()
 
 
 def cpu_int4_linear(x: torch.Tensor, w: CpuInt4Weight, b: torch.Tensor | None) -> torch.Tensor:
-    n, k = w.shape
+    k, n = x.shape[-1], w.scale_zero.shape[1]
     if x.numel() > FUSED_MAX_ROWS * k:
         return chunked_dequantized_linear(x, w.canonical, b)
     y = torch._weight_int4pack_mm_for_cpu(_bf16_rows(x, k), w.packed, w.canonical.group_size, w.scale_zero)

@@ -182,7 +182,7 @@ class FusedLayer:
         assert all(w is not None for _, w, _ in parts), "this layer has no such projection"
         if self.reduce is None:
             for a, w, b in parts:
-                x = x + self.k.linear(a, w, b)
+                x = self.k.linear(a, w, b).add_(x)  # into the projection's fresh output: no temporary
             return x
         total = self.k.linear(parts[0][0], parts[0][1], None)
         for a, w, _ in parts[1:]:
