@@ -381,3 +381,30 @@ def test_rope_scaling_keeps_the_config_frozen_hashable_and_round_trips() -> None
         OptConfig(
             name="t", num_hidden_layers=1, hidden_size=8, n_head=2, ffn_embed_dim=8, rope_scaling=cfg.rope_scaling
         )
+
+
+def test_a_windowed_layer_reads_only_its_window_of_a_disk_cache(tmp_path: Path) -> None:
+    """A cache on disk, prompts far longer than Mistral's window: each decode step reads only the pages that
+    hold the window's rows (the staging rows before them stale, masked), and the tokens and logits still
+    equal HF's."""
+    window, new, prompts = 4, 4, [list(range(3, 43)), list(range(50, 87))]  # 40 and 37 tokens
+    model = tiny("mistral", seed=5, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, sliding_window=window)
+    save_and_convert(model, tmp_path)
+    tokens, logits = hf_greedy(model, prompts, new)
+    pl = place("host=100", "disk=100", b=1, n=2)
+    with Engine(TensorStore(tmp_path / "store"), pl, max_seq_len=48, offload_dir=tmp_path / "off") as engine:
+        out, stats, got = engine.generate(
+            prompts, SamplingParams(max_new_tokens=new, stop_at_eos=False), return_logits=True
+        )
+    assert out == tokens
+    got_by_prompt = logits_by_prompt(got, prompts, pl.block_size, new)
+    for n in range(len(prompts)):
+        torch.testing.assert_close(got_by_prompt[n], logits[n], rtol=1e-4, atol=1e-4)
+    row, page = 64 * 4, 4096  # one sequence's K (or V) row in float32; 16 rows a page
+    width = max(map(len, prompts))  # the block is left-padded to the longest prompt
+    per_step = [
+        (-(-p * row // page) * page - (p - window + 1) * row // page * page) for p in range(width, width + new - 1)
+    ]
+    whole = [-(-p * row // page) * page for p in range(width, width + new - 1)]
+    # K and V, 2 layers, 2 micro-batches per step.
+    assert stats.decode_bytes_read == 2 * 2 * 2 * sum(per_step) < 2 * 2 * 2 * sum(whole) / 2

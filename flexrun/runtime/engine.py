@@ -147,7 +147,7 @@ class Engine(StackRunner):
             for o, b in zip(offsets, block.sizes, strict=True)
         ]
         n_layers, n_mb = self.cfg.num_hidden_layers, len(block.sizes)
-        walk = _CacheWalk(self.cache, block.sizes, n_layers, past)
+        walk = _CacheWalk(self.cache, block.sizes, [layer.spec.window for layer in self.layers], past)
         merged = q == 1
         rotary = _cat_rotary([r for _, r in inputs]) if merged else None  # the block's, once a step
         x = torch.empty(0)  # the block's hidden states in decode
@@ -346,11 +346,12 @@ class _CacheWalk:
     """The block's KV cache in schedule order (layer-major, micro-batch minor), each one's fetch started
     while the one before is in use."""
 
-    def __init__(self, cache: KVCache, sizes: list[int], n_layers: int, past: int) -> None:
-        self.cache, self.sizes, self.past = cache, sizes, past
-        self._order = [(i, j) for i in range(n_layers) for j in range(len(sizes))]
+    def __init__(self, cache: KVCache, sizes: list[int], windows: list[int], past: int) -> None:
+        """``windows``: each layer's attention window (0: global), so a windowed layer reads only its window."""
+        self.cache, self.sizes, self.past, self.windows = cache, sizes, past, windows
+        self._order = [(i, j) for i in range(len(windows)) for j in range(len(sizes))]
         self._at = 0
-        self._fut = cache.fetch(0, 0, sizes[0], past)
+        self._fut = cache.fetch(0, 0, sizes[0], past, windows[0])
 
     def next(self) -> tuple[KV, int]:
         """The next micro-batch's buffers (k, v) and staging turn, for ``KVCache.store``."""
@@ -358,7 +359,7 @@ class _CacheWalk:
         self._at += 1
         if self._at < len(self._order):
             i, j = self._order[self._at]
-            self._fut = self.cache.fetch(i, j, self.sizes[j], self.past)
+            self._fut = self.cache.fetch(i, j, self.sizes[j], self.past, self.windows[i])
         return got
 
 

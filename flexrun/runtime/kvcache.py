@@ -6,7 +6,9 @@ write and reading positions [0, t) is one contiguous read, in memory and on disk
 micro-batch) has one slot sized for the largest micro-batch; a smaller micro-batch uses a prefix of it.
 What a row holds is the format's business (``runtime.kvformat``): the cache moves rows as bytes.
 Disk slots are files in the offload dir, read with O_DIRECT into two reusable staging buffers so that
-the next micro-batch's cache loads while this one computes.
+the next micro-batch's cache loads while this one computes. A layer with a sliding window reads from disk
+only the pages holding the rows its window can see; the staging rows before them keep another slot's
+(finite) values, which the window's mask hides.
 """
 
 from __future__ import annotations
@@ -94,8 +96,10 @@ class KVCache:
                     self._resident[(i, j)] = (k, v)
         if self._needs_host_staging:
             size = diskio.padded(self.slot_bytes)
+            # Zeroed once: rows a windowed read skips must hold finite values (masked, they weigh 0).
             self._host_stage = [
-                (diskio.aligned_empty(size, pin=pin), diskio.aligned_empty(size, pin=pin)) for _ in range(2)
+                (diskio.aligned_empty(size, pin=pin).zero_(), diskio.aligned_empty(size, pin=pin).zero_())
+                for _ in range(2)
             ]
         if self._needs_gpu_staging:
             self._gpu_stage = [
@@ -109,18 +113,19 @@ class KVCache:
     def _host_view(self, buf: torch.Tensor, b: int) -> torch.Tensor:
         return self._shape(buf[: self.slot_bytes].view(self.dtype), b)
 
-    def fetch(self, i: int, j: int, b: int, length: int) -> Future[tuple[KV, int]]:
+    def fetch(self, i: int, j: int, b: int, length: int, window: int = 0) -> Future[tuple[KV, int]]:
         """Start making layer ``i``/micro-batch ``j``'s cache available on the compute device, with rows
-        [0, length) valid. The result is ((k, v), staging turn), each a slot of the format's (max_len, b, ...)."""
+        [0, length) valid, or with a ``window`` only rows [length - window + 1, length), the ones a query at
+        ``length`` sees. The result is ((k, v), staging turn), each a slot of the format's (max_len, b, ...)."""
         tier = self.tiers[i]
         if tier == "device" or (tier == "host" and self.device.type == "cpu"):
             k, v = self._resident[(i, j)]
             return done(((self._shape(k, b), self._shape(v, b)), -1))
         turn = self._turn
         self._turn ^= 1
-        return self.pool.submit(self._fetch, i, j, b, length, turn)
+        return self.pool.submit(self._fetch, i, j, b, length, turn, window)
 
-    def _fetch(self, i: int, j: int, b: int, length: int, turn: int) -> tuple[KV, int]:
+    def _fetch(self, i: int, j: int, b: int, length: int, turn: int, window: int = 0) -> tuple[KV, int]:
         pending = self._stage_pending[turn]
         if pending is not None:
             pending.result()
@@ -129,15 +134,17 @@ class KVCache:
             if file_pending is not None:
                 file_pending.result()
             hk, hv = self._host_stage[turn]
-            nbytes = diskio.padded(length * self.fmt.row_bytes(b))
-            if length:
+            row = self.fmt.row_bytes(b)
+            nbytes = diskio.padded(length * row)
+            first = max(0, length - window + 1) * row // diskio.ALIGN * diskio.ALIGN if window else 0
+            if length and nbytes > first:
                 fd, _ = diskio.open_for_read(self._files[(i, j)])
                 try:
-                    diskio.read_into(fd, hk, 0, nbytes)
-                    diskio.read_into(fd, hv, diskio.padded(self.slot_bytes), nbytes)
+                    diskio.read_into(fd, hk[first:], first, nbytes - first)
+                    diskio.read_into(fd, hv[first:], diskio.padded(self.slot_bytes) + first, nbytes - first)
                 finally:
                     os.close(fd)
-                self.bytes_read += 2 * nbytes
+                self.bytes_read += 2 * (nbytes - first)
             src = (self._host_view(hk, b), self._host_view(hv, b))
         else:
             k, v = self._resident[(i, j)]
