@@ -73,9 +73,12 @@ class TensorParallel:
         try:
             yield
         except RuntimeError as exc:  # gloo/NCCL errors, timeouts and closed connections alike
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = str(exc).strip()
+            # gloo's first sentence says what happened ("Connection closed by peer [127.0.0.1]:29500")
+            reason = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
             raise RankLost(
-                f"rank {self.rank} of {self.world}: {what} failed, another rank stopped or is unreachable ({reason})"
+                f"rank {self.rank} of {self.world}: {what} failed, another rank stopped or is unreachable "
+                f"({reason}); what was finished is kept, run the same command again to resume"
             ) from None
 
     # ---- the collectives of a step -----------------------------------------------------------------------
@@ -197,7 +200,7 @@ def init_from_env(tp: int | None = None) -> TensorParallel:
     if cuda:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    else:
+    elif not os.environ.get("OMP_NUM_THREADS"):  # the machine's cores divided between its ranks
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // max(1, local_world)))
     timeout = _seconds("FLEXRUN_TP_TIMEOUT", 300)

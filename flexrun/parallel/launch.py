@@ -2,7 +2,7 @@
 environment torchrun would give it (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), so a rank
 runs exactly as under ``torchrun``.
 
-The launcher hosts the rendezvous store (a c10d TCPStore on a free loopback port, as torchrun's agent does) and
+Rank 0 hosts the rendezvous store on a loopback port the launcher found free; the launcher
 forks the ranks (no CUDA is touched before, so forking is safe and skips N imports of torch). Ctrl-C reaches
 every rank (one process group) and rank 0 decides; SIGTERM sent to the launcher is passed on. When one rank
 fails the others get ``GRACE_S`` to notice (their collectives fail at once on a closed connection) and are then
@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -21,7 +22,6 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 #: Seconds the other ranks get to stop on their own once one has failed.
@@ -39,7 +39,6 @@ def _rank(local_rank: int, world: int, port: int, stdin_fd: int, entry: Entry, a
         GROUP_RANK="0",
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
-        TORCHELASTIC_USE_AGENT_STORE="True",  # the launcher holds the store, as torchrun's agent does
     )
     if local_rank == 0:  # multiprocessing closed stdin; rank 0 reads the input
         os.dup2(stdin_fd, 0)
@@ -57,12 +56,12 @@ def _rank(local_rank: int, world: int, port: int, stdin_fd: int, entry: Entry, a
 
 def run_local(world: int, entry: Entry, argv: list[str]) -> int:
     """Run ``entry(argv)`` (the command line again) in ``world`` local ranks; returns the exit status."""
-    store = dist.TCPStore("127.0.0.1", 0, world, True, wait_for_workers=False)
+    port = _free_port()
     sys.stdout.flush()
     sys.stderr.flush()
     stdin_fd = os.dup(0)
     ctx = mp.start_processes(
-        _rank, args=(world, store.port, stdin_fd, entry, argv), nprocs=world, join=False, start_method="fork"
+        _rank, args=(world, port, stdin_fd, entry, argv), nprocs=world, join=False, start_method="fork"
     )
     os.close(stdin_fd)
     procs = ctx.processes
@@ -81,6 +80,13 @@ def run_local(world: int, entry: Entry, argv: list[str]) -> int:
             if p.is_alive():
                 p.kill()
             p.join()
+
+
+def _free_port() -> int:
+    """A loopback port free now, for rank 0's rendezvous store (as torchrun --standalone finds one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _wait(procs: list[Any]) -> int:

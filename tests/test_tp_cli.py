@@ -1,0 +1,91 @@
+"""``flexrun generate --tp 2`` as a user runs it: two local ranks (forked by the launcher, gloo on loopback) give
+the records one process gives; a rank killed mid-job takes the job down in one line, and rerunning resumes to
+the uninterrupted output; a --tp the heads cannot take is refused; the job file records tp.
+
+The subprocess runs are few (each one imports torch): the engine-level matrix is in test_tp_engine.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers import run
+from tests.hf_decoders import tiny_decoder
+
+N = 40  # prompts: 20 blocks of 2, so a rank can be killed mid-job
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], str]:
+    """A tiny LLaMA (4 query heads over 2 KV heads), mixed-length input_ids prompts, the one-process records."""
+    d = tmp_path_factory.mktemp("tpcli")
+    tiny_decoder("llama", seed=5, num_attention_heads=4, num_key_value_heads=2).save_pretrained(d / "ckpt")
+    rows = [{"id": k, "input_ids": [4 + (k * 13 + j) % 200 for j in range(2 + k % 7)]} for k in range(N)]
+    (d / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["generate", "-m", str(d / "ckpt"), "--store-dir", str(d / "stores"), "-i", str(d / "in.jsonl")]
+    common += ["--placement", "manual", "--gpu-batch-size", "2", "--max-new-tokens", "12", "-q"]
+    common += ["--weights", "host=50,disk=50", "--offload-dir", str(d / "off")]
+    r = run(*common, "-o", str(d / "ref.jsonl"))  # one process (and the store converted once for the others)
+    assert r.exit_code == 0, r.output
+    return d, common, (d / "ref.jsonl").read_text()
+
+
+def _flexrun(args: list[str], **kw: object) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "flexrun", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def _records(path: Path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def test_rank_killed_mid_job_then_resumed(job: tuple[Path, list[str], str]) -> None:
+    d, common, expected = job
+    out = d / "out.jsonl"
+    args = [*common, "--tp", "2", "-o", str(out)]
+    proc = _flexrun(args)
+    deadline = time.monotonic() + 120
+    while _records(out) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ranks = sorted(psutil.Process(proc.pid).children(), key=lambda p: p.pid)
+    assert len(ranks) == 2, "the launcher starts one process per rank"
+    ranks[1].kill()
+    killed = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    # Rank 0's next collective fails on the closed connection: one line, well within the launcher's grace.
+    assert proc.returncode == 1, err
+    assert time.monotonic() - killed < 30
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: rank 0 of 2: "), err
+    assert "run the same command again to resume" in lines[0]
+    done = _records(out)
+    assert 2 <= done < N and out.read_text() == "".join(expected.splitlines(keepends=True)[:done])
+
+    proc = _flexrun(args)  # resumes on two ranks
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    # Greedy tokens identical to one process, for every left-padded block, resumed or not.
+    assert out.read_text() == expected
+    assert json.loads((d / "out.jsonl.job.json").read_text())["job"]["tp"] == 2
+
+    r = run(*common, "-o", str(out))  # another number of ranks is another job
+    assert r.exit_code == 1 and "--tp 2 there, 1 here" in r.output, r.output
+
+
+def test_tp_the_heads_cannot_take_is_refused(job: tuple[Path, list[str], str]) -> None:
+    d, common, _ = job
+    r = run(*common, "--tp", "3", "-o", str(d / "three.jsonl"))
+    assert r.exit_code == 1
+    assert r.stderr.strip() == (
+        "Error: ckpt has 4 attention heads, which 3 ranks cannot split evenly; use a --tp dividing 4"
+    ), r.output
