@@ -238,6 +238,7 @@ def chat_cmd(
     rate = result.new_tokens / result.seconds if result.seconds > 0 else 0.0
     click.echo(
         f"{result.turns} replies, {result.new_tokens} tokens in {result.seconds:.1f} s ({rate:.1f} tok/s) "
-        f"from {result.model}",
+        f"from {result.model}; {result.prefilled} of the conversations' {result.prompt_tokens} prompt tokens "
+        "computed, the rest reused from the cache",
         err=True,
     )

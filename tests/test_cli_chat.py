@@ -132,3 +132,37 @@ def test_a_terminal_session(chat_ckpt, stores) -> None:
     assert p.stderr is not None
     err = p.stderr.read().decode()
     assert "(Ctrl-D ends the session)" in err and "1 replies" in err and "Traceback" not in err, err
+
+
+def test_a_turn_prefills_only_what_the_cache_does_not_hold(job_ckpt, tmp_path) -> None:
+    """Turn by turn, with the cache carried over (weights and cache on disk too), the tokens are those of
+    the whole conversation generated afresh; each turn computes only the tokens after what it reused."""
+    from flexrun.runtime.engine import Engine
+    from flexrun.runtime.session import SessionEngine
+    from flexrun.weights.convert import convert_checkpoint
+    from flexrun.weights.store import TensorStore
+    from tests.helpers import place
+
+    store = TensorStore(convert_checkpoint(job_ckpt.path, tmp_path / "store", progress=False))
+    params = SamplingParams(max_new_tokens=5, stop_at_eos=False)
+    first = [2, 40, 41, 42, 43]
+    for placement in (place(b=1), place("host=50,disk=50", "disk=100", b=1)):
+        with SessionEngine(store, placement, max_seq_len=40, offload_dir=tmp_path / "off") as session:
+            out1, _, reused1 = session.turn(first, params)
+            # The next turn: the conversation so far (as its template would render it), then new tokens.
+            second = first + out1 + [7, 8, 9]
+            out2, stats, reused2 = session.turn(second, params)
+        with Engine(store, placement, max_seq_len=40, offload_dir=tmp_path / "off") as fresh:
+            (ref1, ref2), _, _ = fresh.generate([first, second], params)
+        assert (out1, out2) == (ref1, ref2)
+        assert reused1 == 0
+        assert reused2 == len(first) + len(out1) - 1  # the last reply token was sampled, never fed
+        assert stats.input_tokens == len(second) - reused2 == 4
+
+
+def test_the_chat_summary_says_what_the_cache_saved(chat_ckpt, stores) -> None:
+    r = run("chat", *_model(chat_ckpt, stores), "--max-new-tokens", "3", input="hi\nhello world\n")
+    assert r.exit_code == 0, r.output
+    summary = r.stderr.strip().splitlines()[-1]
+    computed, total = (int(w) for w in summary.split("; ")[1].split()[:5:4])
+    assert computed < total and "reused from the cache" in summary

@@ -1,7 +1,8 @@
 """``flexrun chat``: an interactive session with a model through its chat template.
 
 The engine is built once, for the model's context, and each turn generates over the whole conversation so
-far (the oldest turns dropped when it no longer fits). The reply is streamed as it is generated; Ctrl-C
+far (the oldest turns dropped when it no longer fits); the KV cache of earlier turns is kept, so a turn
+prefills only what is new (``runtime.session``). The reply is streamed as it is generated; Ctrl-C
 ends the reply (the part already shown is kept in the history), Ctrl-D or end of input ends the session.
 """
 
@@ -15,15 +16,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from flexrun.errors import InputError
 from flexrun.jobs.autoplace import build_engine, plan_job
 from flexrun.jobs.options import EngineOptions
 from flexrun.jobs.prompts import has_chat_template, load_tokenizer
 from flexrun.jobs.streaming import TextStream, cut_at_stop
-from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
+from flexrun.runtime.session import SessionEngine
 from flexrun.runtime.tiers import compute_device
 
 #: The longest reply by default: a share of the context, so the history keeps room.
@@ -47,6 +48,8 @@ class ChatResult:
 
     turns: int = 0
     new_tokens: int = 0
+    prompt_tokens: int = 0  # the turns' prompts: the whole conversation each time
+    prefilled: int = 0  # of those, computed (the rest came from the cache)
     seconds: float = 0.0
     model: str = ""
 
@@ -122,7 +125,10 @@ def run_chat(
     settled = plan_job(opts, model, context - reply, reply, 1)
     store = settled.opts.model.open_store("generate", progress=True)
     cfg = settled.opts.model.run_config(store, compute_device())
-    engine, plan_line = build_engine(store, cfg, settled.opts, context - reply, reply, 1, settled.planned)
+    built, plan_line = build_engine(
+        store, cfg, settled.opts, context - reply, reply, 1, settled.planned, runner=SessionEngine
+    )
+    engine = cast(SessionEngine, built)
     if plan_line and chat.verbose:
         notify(plan_line)
     conversation = _Conversation(tokenizer, chat.system, context - reply)
@@ -152,16 +158,18 @@ def run_chat(
                 notify(f"(that message does not fit the {context - reply} positions left for the conversation)")
                 continue
             started = time.perf_counter()
-            text, count = _reply(engine, ids, params, tokenizer, eos, result.turns, stdout, notify)
+            text, count, reused = _reply(engine, ids, params, tokenizer, eos, result.turns, stdout, notify)
             result.seconds += time.perf_counter() - started
             result.turns += 1
             result.new_tokens += count
+            result.prompt_tokens += len(ids)
+            result.prefilled += len(ids) - reused
             conversation.reply(text)
     return result
 
 
 def _reply(
-    engine: Engine,
+    engine: SessionEngine,
     ids: list[int],
     params: SamplingParams,
     tokenizer: Any,
@@ -169,8 +177,9 @@ def _reply(
     turn: int,
     stdout: IO[str],
     notify: Callable[[str], None],
-) -> tuple[str, int]:
-    """Generate one reply, streamed to ``stdout``; its text and token count."""
+) -> tuple[str, int, int]:
+    """Generate one reply, streamed to ``stdout``; its text, its token count and how many of ``ids`` the
+    cache held."""
     stream = TextStream(tokenizer, params.stop)
     done = False
 
@@ -184,14 +193,14 @@ def _reply(
 
     interrupt = _Interrupt()
     with interrupt.installed():
-        new, _, _ = engine.generate(
-            [ids], params, seq_ids=[turn], on_step=on_step, stop_check=lambda member, toks: interrupt.requested
+        new, _, reused = engine.turn(
+            ids, params, seed=turn, on_step=on_step, stop_check=lambda member, toks: interrupt.requested
         )
     stdout.write(stream.finish() + "\n")
     stdout.flush()
     text, _ = cut_at_stop(tokenizer.decode(stream.tokens, skip_special_tokens=True), params.stop)
     if interrupt.requested:
         notify("(reply interrupted)")
-    elif len(new[0]) >= params.max_new_tokens and new[0][-1] not in eos:
+    elif len(new) >= params.max_new_tokens and new[-1] not in eos:
         notify(f"(cut at {params.max_new_tokens} tokens; --max-new-tokens N for longer replies)")
-    return text.strip(), len(new[0])
+    return text.strip(), len(new), reused
