@@ -69,6 +69,8 @@ def test_bench_json(ckpt, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["sequences"] == 4 and data["generated_tokens"] == 12 and data["total_tok_s"] > 0
+    # The first token comes once the first (here the only) block's prefill has run, before any decode step.
+    assert data["prefill_s"] <= data["first_token_s"] <= data["prefill_s"] + data["decode_s"]
     roof = data["roofline"]
     assert roof["bound_s"] > 0 and roof["measured_s"] == pytest.approx(data["decode_s"] / data["decode_steps"])
     assert roof["measured_over_bound"] == pytest.approx(roof["measured_s"] / roof["bound_s"])
@@ -107,6 +109,7 @@ def test_auto_placement_plans_what_is_not_given(ckpt, tmp_path: Path) -> None:
     result = run(*base, *prompts, "--weights", "disk=100", "--gpu-batch-size", "2", "--verbose", input=records)
     assert result.exit_code == 0, result.output
     assert "placement: weights disk=100 |" in result.stderr and "| batch 2 x" in result.stderr
+    assert "time to first token: " in result.stderr
     assert [json.loads(line)["output_ids"] for line in result.stdout.splitlines()] == ref[:, 3:].tolist()
 
 

@@ -27,6 +27,7 @@ def summary_dict(cfg: OptConfig, placement: Placement, stats: RunStats) -> dict[
         "prefill_s": stats.prefill_s,
         "decode_s": stats.decode_s,
         "decode_steps": stats.decode_steps,
+        "first_token_s": stats.first_token_s,
         **stats.throughput(),
         "disk_bytes_read": stats.disk_bytes_read,
         "decode_bytes_read": stats.decode_bytes_read,
@@ -75,6 +76,7 @@ def summary_text(cfg: OptConfig, placement: Placement, stats: RunStats, pooling:
             f"model: {cfg.name} ({cfg.dtype}{computed_in(cfg)}, {size})",
             f"placement: {placement.describe()}",
             f"sequences: {stats.sequences} in {stats.blocks} block(s)",
+            f"time to first token: {stats.first_token_s:.3f} s",
             f"prefill latency: {stats.prefill_s:.3f} s  prefill throughput: {t['prefill_tok_s']:.2f} token/s",
             f"decode latency: {stats.decode_s:.3f} s ({per_step:.3f} s/step)  decode throughput: "
             f"{t['decode_tok_s']:.2f} token/s",

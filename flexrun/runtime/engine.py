@@ -316,6 +316,8 @@ class Engine(StackRunner):
                 sampler, logits, history, self.cfg.vocab_size, params.greedy, params.repetition_penalty
             )
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            if not stats.first_token_s:  # the run's first token: what a person waits for before any output
+                stats.first_token_s = timers.elapsed()
             stats.generated_tokens += n
             for r in range(n):
                 if not finished[r]:

@@ -26,6 +26,7 @@ class RunStats:
     generated_tokens: int = 0  # tokens produced (padded across the block: the throughput FlexGen reports)
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    first_token_s: float = 0.0  # from the run's start to its first token: the first block's prefill and sampling
     decode_steps: int = 0
     disk_bytes_read: int = 0
     decode_bytes_read: int = 0  # of which by the decode steps (weights and cache)
@@ -57,7 +58,9 @@ class RunStats:
         peaks are the highest, the plan and budgets are the latest, direct I/O holds only if it held in both."""
         for f in fields(self):
             mine, theirs = getattr(self, f.name), getattr(part, f.name)
-            if f.name in ("peak_rss", "base_rss"):
+            if f.name == "first_token_s":  # the earlier run's first token came first
+                self.first_token_s = mine or theirs
+            elif f.name in ("peak_rss", "base_rss"):
                 setattr(self, f.name, max(mine, theirs))
             elif f.name == "direct_io":
                 if theirs is not None:
@@ -75,6 +78,12 @@ class Timers:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since these timers were made, the device's work so far included."""
+        self._sync()
+        return time.perf_counter() - self.started
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
