@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -89,3 +90,27 @@ def test_tp_the_heads_cannot_take_is_refused(job: tuple[Path, list[str], str]) -
     assert r.stderr.strip() == (
         "Error: ckpt has 4 attention heads, which 3 ranks cannot split evenly; use a --tp dividing 4"
     ), r.output
+
+
+@pytest.mark.slow
+def test_two_machines_through_torchrun(job: tuple[Path, list[str], str], request: pytest.FixtureRequest) -> None:
+    """Two torchrun invocations (--nnodes 2, one rank each, a c10d rendezvous on 127.0.0.1), as on two machines
+    given the same command: the records one process gives."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("two torchrun agents take a while: run with -m slow")
+    d, common, expected = job
+    out = d / "torchrun.jsonl"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    torchrun += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "flexrun"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    procs = [
+        subprocess.Popen([*torchrun, *common, "-o", str(out)], stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert out.read_text() == expected
