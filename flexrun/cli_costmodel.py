@@ -159,6 +159,19 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int], rule_dtype: str, host
     "float32 for 16-bit weights on a CPU without matmul hardware for them.",
 )
 @click.option("--max-block-size", type=int, callback=positive_int, help="At most this many sequences per block.")
+@click.option(
+    "--tp",
+    default=1,
+    show_default=True,
+    callback=positive_int,
+    help="Tensor-parallel ranks: plan one rank's share (each with the memory budgets given) plus the all-reduces.",
+)
+@click.option(
+    "--interconnect-bw",
+    callback=byte_size,
+    help="Bytes per second between ranks, e.g. 1.25GB for a 10 Gb/s network between machines (default: gloo "
+    "over loopback between local ranks).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output with exact byte counts.")
 def plan_cmd(
     model: str,
@@ -175,6 +188,8 @@ def plan_cmd(
     host_attention: str,
     compute_dtype: str,
     max_block_size: int | None,
+    tp: int,
+    interconnect_bw: int | None,
     as_json: bool,
 ) -> None:
     """Choose a placement for MODEL with the cost model and print it, without running anything.
@@ -220,6 +235,11 @@ def plan_cmd(
     else:
         hw = hardware.with_memory(device=device_mem, host=host_mem, disk=disk_mem)
         host_source = None
+    if tp > 1:
+        from flexrun.parallel import check_split
+
+        check_split(cfg, tp)
+        hw = dataclasses.replace(hw, tp_ranks=tp, interconnect_bw=float(interconnect_bw or hw.interconnect_bw))
     # The CPU the spec describes is taken to be this one: its flags say whether 16-bit matmuls are native.
     cfg = with_compute_dtype(cfg, compute_dtype, torch.device("cpu" if hw.device_is_host else "cuda"))
     rule_dtype = cfg.run_dtype
@@ -236,6 +256,8 @@ def plan_cmd(
     cfg = dataclasses.replace(cfg, compute_dtype="" if result.compute_dtype == cfg.dtype else result.compute_dtype)
     pl = result.placement
     kinds = kind_bytes(cfg, pl.block_size, prompt_len, gen_len, pl.compress_weight, pl.compress_cache)
+    kinds = {k: n if k == "activations" else n // tp for k, n in kinds.items()}  # one rank's
+    reduce = _all_reduce_share(cfg, result, hw) if tp > 1 else None
     if as_json:
         placed = {k: {t: int(getattr(pl, k).get(t) * n) for t in result.budgets} for k, n in kinds.items()}
         out = {
@@ -249,9 +271,35 @@ def plan_cmd(
             "host_budget_source": host_source,
             **result.to_dict(),
         }
+        if reduce is not None:
+            out["tensor_parallel"] = reduce
         click.echo(json.dumps(out, indent=2))
         return
     click.echo(_plan_text(cfg, result, kinds, rule_dtype, host_source))
+    if reduce is not None:
+        click.echo(
+            f"tensor par: {tp} ranks, figures per rank; all-reduces {reduce['decode_step_s'] * 1e3:.3g} ms of each "
+            f"{reduce['step_s'] * 1e3:.3g} ms decode step ({reduce['share']:.0%}), "
+            f"{reduce['bytes_per_layer']} bytes per layer per token over {reduce['interconnect_bw'] / 1e9:.3g} GB/s"
+        )
+
+
+def _all_reduce_share(cfg: Any, result: Any, hw: Any) -> dict[str, float]:
+    """The all-reduces' part of a decode step as the cost model predicts it."""
+    from flexrun.costmodel.equations import LOOPBACK_BW, all_reduce_seconds
+
+    pr, block = result.prediction, result.placement.block_size
+    step = pr.decode_s / max(1, pr.gen_len - 1)
+    reduce = all_reduce_seconds(cfg, hw, block, 1, 1) * cfg.num_hidden_layers
+    per_layer = 1 if cfg.parallel_attn else 2
+    return {
+        "ranks": hw.tp_ranks,
+        "interconnect_bw": hw.interconnect_bw or LOOPBACK_BW,
+        "bytes_per_layer": 2 * per_layer * cfg.hidden_size * cfg.run_dtype_bytes,
+        "decode_step_s": reduce,
+        "step_s": step,
+        "share": reduce / step if step > 0 else 0.0,
+    }
 
 
 @click.command("calibrate")

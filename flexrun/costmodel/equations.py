@@ -55,6 +55,10 @@ QUANT_PASSES = 4
 # it dequantizes the weight chunk by chunk (``kernels.quantized.FUSED_MAX_ROWS``: the cost model imports no
 # torch, so the figure is repeated here and a test keeps the two equal).
 FUSED_MAX_ROWS = 64
+# Tensor parallelism without a measured interconnect (``HardwareSpec.interconnect_bw`` 0): gloo between local
+# CPU ranks over loopback TCP, about what a 2-core machine under load gives (benchmarks/tp.sh prints its own).
+LOOPBACK_BW = 1e9  # bytes/s
+LOOPBACK_LATENCY = 100e-6  # seconds per all-reduce
 
 
 def compressed_fraction(dtype_bytes: int, kind: str = "int4") -> float:
@@ -184,6 +188,20 @@ def _compressed_matmul(
     return Affine.share("weights", ["device", "host"], fused_s) + Affine.share("weights", ["disk"], streamed)
 
 
+def all_reduce_seconds(cfg: OptConfig, hw: HardwareSpec, rows: int, tokens: int, calls: int) -> float:
+    """Seconds per layer the tensor-parallel all-reduces take for ``calls`` micro-batches of ``rows`` x ``tokens``
+    hidden states: one per row-parallel projection (two a layer, one for a parallel-residual layer), each moving
+    2 (tp - 1) / tp of the hidden state's bytes (a ring) over the interconnect, plus its latency; 0 on one rank."""
+    tp = hw.tp_ranks
+    if tp <= 1:
+        return 0.0
+    bw = hw.interconnect_bw or LOOPBACK_BW
+    latency = hw.interconnect_latency or LOOPBACK_LATENCY
+    per_layer = 1 if cfg.parallel_attn else 2
+    nbytes = 2 * (tp - 1) / tp * rows * tokens * cfg.hidden_size * cfg.run_dtype_bytes
+    return calls * per_layer * (latency + nbytes / bw)
+
+
 def working_bytes(cfg: OptConfig, gpu_batch_size: int, max_len: int, cpu: bool) -> int:
     """Intermediates of one micro-batch's prefill on the compute device, as the engine reserves them."""
     return cfg.working_bytes(gpu_batch_size, max_len, cpu)
@@ -203,7 +221,11 @@ def cost_terms(
     """The cost model's affine terms for this batch shape and these options (shares left free)."""
     hw = hw.for_dtype(cfg.run_dtype)  # the compute rates of the dtype the model runs in
     cpu_cache_compute = cpu_cache_compute and not hw.device_is_host  # the host *is* the device there
-    dt, h, kvd, l = cfg.dtype_bytes, cfg.hidden_size, cfg.kv_dim, cfg.num_hidden_layers
+    dt, h, l = cfg.dtype_bytes, cfg.hidden_size, cfg.num_hidden_layers
+    # Tensor parallelism: each rank holds 1/tp of every matrix, of the KV cache and of the attention and matmul
+    # work (norms and the hidden state are replicated), and all-reduces its partial sums.
+    tp = max(1, int(hw.tp_ranks))
+    kvd = cfg.kv_dim / tp
     b, nb = gpu_batch_size, num_gpu_batches
     B = b * nb
     s, n = prompt_len, gen_len
@@ -213,11 +235,11 @@ def cost_terms(
     w_frac = compressed_fraction(dt, compress_weight) if compress_weight else 1.0
     c_frac = compressed_fraction(dt, compress_cache) if compress_cache else 1.0
 
-    weights_total = cfg.model_bytes() * w_frac
+    weights_total = cfg.model_bytes() * w_frac / tp
     w_layer = weights_total / l  # per layer, with the embeddings and head spread over the stack
     # A mixture of experts reads only the experts its tokens are routed to: in prefill the expected union over
     # each micro-batch's b x s tokens (once per micro-batch), at a decode step the union over the block's B.
-    experts = cfg.num_experts * expert_bytes(cfg) * w_frac
+    experts = cfg.num_experts * expert_bytes(cfg) * w_frac  # (mixtures of experts run on one rank)
     w_layer_p = w_layer - experts + nb * expected_experts(cfg, b * s) * expert_bytes(cfg) * w_frac
     w_layer_d = w_layer - experts + expected_experts(cfg, B) * expert_bytes(cfg) * w_frac
     kv_tok = 2 * kvd * dt * c_frac  # K and V of one token in one layer  # (2, kv_dim)
@@ -228,13 +250,14 @@ def cost_terms(
     # A prefill micro-batch's matmuls read the layer's weights from device memory once: with small
     # micro-batches that, not the FLOP rate, bounds them (a roofline per micro-batch, summed over the block).
     # A decode step's matmuls run once over the whole block's rows (the engine merges its micro-batches).
-    weight_read = active_layer_bytes(cfg, b * s) / hw.device_mem_bw
-    mm_p = max(2 * B * s * _linear_params(cfg) / hw.mm_flops_prefill, nb * weight_read)
+    weight_read = active_layer_bytes(cfg, b * s) / tp / hw.device_mem_bw
+    mm_p = max(2 * B * s * _linear_params(cfg) / tp / hw.mm_flops_prefill, nb * weight_read)
     mm_rate_d = hw.mm_decode_rate(B)
-    mm_d = max(2 * B * _linear_params(cfg) / mm_rate_d, active_layer_bytes(cfg, B) / hw.device_mem_bw)
-    head = 2 * B * _head_params(cfg) / l / mm_rate_d  # logits of the last position only
-    attn_p = 4 * B * s * s * h / hw.bmm_flops_prefill  # Q K^T and P V over (s, s) per head
-    attn_d = 4 * B * L * h  # FLOPs over the cache, on whichever side holds it
+    mm_d = max(2 * B * _linear_params(cfg) / tp / mm_rate_d, active_layer_bytes(cfg, B) / tp / hw.device_mem_bw)
+    head = 2 * B * _head_params(cfg) / tp / l / mm_rate_d  # logits of the last position only
+    attn_p = 4 * B * s * s * h / tp / hw.bmm_flops_prefill  # Q K^T and P V over (s, s) per head
+    attn_d = 4 * B * L * h / tp  # FLOPs over the cache, on whichever side holds it
+    reduce_p, reduce_d = all_reduce_seconds(cfg, hw, b, s, nb), all_reduce_seconds(cfg, hw, B, 1, 1)
     kv_full = 2 * kvd * dt  # K and V of one token in one layer, uncompressed
     quant_w = QUANT_PASSES * cfg.layer_bytes() / hw.device_mem_bw if compress_weight else 0.0
     mm_pre, mm_dec, cpu_kernels = Affine(mm_p), Affine(mm_d), False
@@ -294,7 +317,7 @@ def cost_terms(
             "device->host": link("device->host", [a_p["device->host"], c_p["device->host"]]),
             "host->disk": link("host->disk", [a_p["host->disk"], c_p["host->disk"]]),
         },
-        compute=mm_pre + (head + attn_p + quant_w + quant_p),  # prefill attention runs on the device
+        compute=mm_pre + (head + attn_p + quant_w + quant_p + reduce_p),  # prefill attention runs on the device
         host_compute=Affine(),
     )
 
@@ -323,15 +346,15 @@ def cost_terms(
         }
     decode = PhaseTerms(
         links={name: link(name, parts) for name, parts in decode_links.items()},
-        compute=mm_dec + (head + quant_w + quant_d) + dev_attn,
+        compute=mm_dec + (head + quant_w + quant_d + reduce_d) + dev_attn,
         host_compute=host_attn,
     )
 
     # ---- memory (bytes held on each tier) ----
     slot = b * S * kvd * dt * c_frac  # K (or V) of one micro-batch in one layer  # (S, b, kv_dim)
-    cache_total = cfg.cache_bytes(B, S) * c_frac
+    cache_total = cfg.cache_bytes(B, S) * c_frac / tp
     acts_total = B * S * h_tok  # one layer boundary of the block  # (B, S, h)
-    group = _max_group_bytes(cfg) * w_frac
+    group = _max_group_bytes(cfg) * w_frac / tp
     # Staging buffers the runtime allocates when any of a kind is off a tier; prorated by the share
     # (exact at 0% and 100%, and the relaxation factor covers splits).
     device = (

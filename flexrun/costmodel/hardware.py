@@ -84,6 +84,11 @@ class HardwareSpec:
     # A CPU device's compressed-weight linears, {"int4" | "int8": {one of QUANT_RATES: rate}}. Empty:
     # dequantization is priced as passes over memory (the GPU's reference path).
     quant_rates: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # Tensor parallelism: the ranks a model is split over (each with the figures above) and the interconnect
+    # between them, bytes/s and seconds per all-reduce (0: gloo over loopback's, see costmodel.equations).
+    tp_ranks: int | float = 1  # a whole number (float: calibrate passes its figures as one float mapping)
+    interconnect_bw: float = 0.0
+    interconnect_latency: float = 0.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
