@@ -32,12 +32,21 @@ def summary_dict(cfg: OptConfig, placement: Placement, stats: RunStats) -> dict[
         "disk_bytes_read": stats.disk_bytes_read,
         "decode_bytes_read": stats.decode_bytes_read,
         **_experts(cfg, stats),
+        **_collectives(stats),
         "direct_io": stats.direct_io,
         "peak_rss_bytes": stats.peak_rss,
         "base_rss_bytes": stats.base_rss,
         "planned_bytes": {tier: sum(v.values()) for tier, v in stats.planned.items()},
         "budget_bytes": stats.budgets,
     }
+
+
+def _collectives(stats: RunStats) -> dict[str, Any]:
+    """Tensor parallelism's collectives: their count, seconds and share of the run."""
+    if not stats.collectives:
+        return {}
+    share = stats.collective_s / stats.total_s if stats.total_s > 0 else 0.0
+    return {"collectives": stats.collectives, "collective_s": stats.collective_s, "collective_share": share}
 
 
 def _experts(cfg: OptConfig, stats: RunStats) -> dict[str, Any]:
@@ -94,6 +103,11 @@ def summary_text(cfg: OptConfig, placement: Placement, stats: RunStats, pooling:
             f"({stats.prompt_tokens} with padding)",
             f"latency: {stats.prefill_s:.3f} s  throughput: {rate:.2f} token/s",
         ]
+    if stats.collectives:
+        lines.append(
+            f"tensor parallel: {stats.collectives} collectives, {stats.collective_s:.3f} s "
+            f"({_collectives(stats)['collective_share']:.0%} of the run)"
+        )
     if cfg.moe and pooling is None:
         per_step = _experts(cfg, stats)["experts_read_per_layer_step"]
         lines.append(f"experts: {per_step:.2f} of {cfg.num_experts} read per layer per decode step")

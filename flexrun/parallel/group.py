@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -54,6 +55,8 @@ class TensorParallel:
         self.control = control  # setup and the work handed out by rank 0 (gloo, long timeout)
         self.device = device or torch.device("cpu")  # where the step's collectives take their tensors
         self.gloo = self.device.type == "cpu"
+        self.comm_s = 0.0  # seconds in the step's collectives, waits for the slowest rank included
+        self.comm_calls = 0
 
     @property
     def world(self) -> int:
@@ -69,7 +72,8 @@ class TensorParallel:
         return self.all_reduce if self.world > 1 else None
 
     @contextmanager
-    def _guard(self, what: str) -> Iterator[None]:
+    def _guard(self, what: str, timed: bool = True) -> Iterator[None]:
+        start = time.perf_counter()
         try:
             yield
         except RuntimeError as exc:  # gloo/NCCL errors, timeouts and closed connections alike
@@ -80,6 +84,9 @@ class TensorParallel:
                 f"rank {self.rank} of {self.world}: {what} failed, another rank stopped or is unreachable "
                 f"({reason}); what was finished is kept, run the same command again to resume"
             ) from None
+        if timed:
+            self.comm_s += time.perf_counter() - start
+            self.comm_calls += 1
 
     # ---- the collectives of a step -----------------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -146,14 +153,14 @@ class TensorParallel:
         if self.world == 1:
             return obj
         box = [obj]
-        with self._guard("waiting for rank 0"):
+        with self._guard("waiting for rank 0", timed=False):
             dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
     def barrier(self) -> None:
         """Wait for every rank (each has built its engine before the first step's collectives time out)."""
         if self.world > 1:
-            with self._guard("waiting for the other ranks"):
+            with self._guard("waiting for the other ranks", timed=False):
                 dist.barrier(group=self.control)
 
     def close(self) -> None:

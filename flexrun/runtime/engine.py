@@ -235,6 +235,7 @@ class Engine(StackRunner):
         if self.tp.world > 1 and self.tp.rank == 0:
             self.tp.broadcast((prompts, params, seq_ids, return_logits))
         stats, read_before = self._start_stats(len(prompts))
+        comm_before = (self.tp.comm_s, self.tp.comm_calls)
         timers = Timers(self.device)
         block_size = self.placement.block_size
         # Similar lengths together waste less padding; results go back in input order.
@@ -263,6 +264,8 @@ class Engine(StackRunner):
         self.settle()  # the input group loaded for a step that did not come
         stats.prefill_s = timers.seconds["prefill"]
         stats.decode_s = timers.seconds["decode"]
+        stats.collective_s = self.tp.comm_s - comm_before[0]
+        stats.collectives = self.tp.comm_calls - comm_before[1]
         return outputs, self._finish_stats(stats, read_before), all_logits
 
     def follow(self) -> None:

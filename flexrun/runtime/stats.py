@@ -38,6 +38,10 @@ class RunStats:
     # Mixture of experts, over decode steps: experts read, and (layer, step) loads they were read in.
     experts_read: int = 0
     expert_loads: int = 0
+    # Tensor parallelism: seconds in the step's collectives (all-reduces, and the head's all-gathers), waiting for
+    # the slowest rank included, and their count.
+    collective_s: float = 0.0
+    collectives: int = 0
 
     @property
     def total_s(self) -> float:
