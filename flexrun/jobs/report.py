@@ -28,6 +28,7 @@ def summary_dict(cfg: OptConfig, placement: Placement, stats: RunStats) -> dict[
         "decode_s": stats.decode_s,
         "decode_steps": stats.decode_steps,
         "first_token_s": stats.first_token_s,
+        "decode_cpu_s": stats.decode_cpu_s,
         **stats.throughput(),
         "disk_bytes_read": stats.disk_bytes_read,
         "decode_bytes_read": stats.decode_bytes_read,

@@ -264,6 +264,7 @@ class Engine(StackRunner):
         self.settle()  # the input group loaded for a step that did not come
         stats.prefill_s = timers.seconds["prefill"]
         stats.decode_s = timers.seconds["decode"]
+        stats.decode_cpu_s = timers.cpu_seconds["decode"]
         stats.collective_s = self.tp.comm_s - comm_before[0]
         stats.collectives = self.tp.comm_calls - comm_before[1]
         return outputs, self._finish_stats(stats, read_before), all_logits

@@ -26,6 +26,7 @@ class RunStats:
     generated_tokens: int = 0  # tokens produced (padded across the block: the throughput FlexGen reports)
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    decode_cpu_s: float = 0.0  # CPU time this process spent in decode (every thread): steady under a busy machine
     first_token_s: float = 0.0  # from the run's start to its first token: the first block's prefill and sampling
     decode_steps: int = 0
     disk_bytes_read: int = 0
@@ -82,6 +83,7 @@ class Timers:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu_seconds: dict[str, float] = defaultdict(float)
         self.started = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -96,12 +98,13 @@ class Timers:
     @contextmanager
     def time(self, name: str) -> Iterator[None]:
         self._sync()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self._sync()
             self.seconds[name] += time.perf_counter() - start
+            self.cpu_seconds[name] += time.process_time() - cpu
 
 
 def reset_peak_rss() -> bool:
