@@ -67,6 +67,19 @@ def test_replies_keep_the_history(job_ckpt, chat_ckpt, stores) -> None:
     assert json.loads(whole.stdout)["text"] == second
 
 
+def test_a_system_message_opens_the_conversation(job_ckpt, chat_ckpt, stores) -> None:
+    r = run("chat", *_model(chat_ckpt, stores), "--max-new-tokens", "4", "--system", "be brief", input="hi\n")
+    assert r.exit_code == 0, r.output
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    tok = job_ckpt.tokenizer
+    text = tok.apply_chat_template(messages, chat_template=TEMPLATE, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    alone = run(
+        "generate", *_model(chat_ckpt, stores), "-i", "-", "--max-new-tokens", "4", input=json.dumps({"input_ids": ids})
+    )
+    assert r.stdout == json.loads(alone.stdout)["text"] + "\n"
+
+
 def test_a_model_without_a_chat_template_is_refused(job_ckpt, stores) -> None:
     r = run("chat", *_model(job_ckpt.path, stores), input="hi\n")
     assert r.exit_code == 1

@@ -319,7 +319,7 @@ def _run_blocks(
                     job.params,
                     seq_ids=[s.seed_index for s in chunk],
                     on_step=printer.on_step if printer is not None else None,
-                    stop_check=stop_check,
+                    stop_check=_noting(stop_check, printer),
                 )
             except BrokenPipeError:  # the reader of --stream's text went away: the CLI ends quietly
                 raise
@@ -343,6 +343,23 @@ def _run_blocks(
             bar.update(len(chunk))
     finally:
         bar.close()
+
+
+def _noting(
+    check: Callable[[int, list[int]], bool] | None, printer: TextPrinter | None
+) -> Callable[[int, list[int]], bool] | None:
+    """The stop check, telling ``printer`` which sequence it ends (so the text ends exactly where the
+    engine's tokens do)."""
+    if check is None or printer is None:
+        return check
+
+    def noted(member: int, toks: list[int]) -> bool:
+        hit = check(member, toks)
+        if hit:
+            printer.ending(member)
+        return hit
+
+    return noted
 
 
 def _kept(writer: ResultWriter, out_path: Path | None) -> str:

@@ -57,6 +57,7 @@ class TextPrinter:
         self._held = ["" for _ in chunk]
         self._done = [False for _ in chunk]
         self._eos = [False for _ in chunk]
+        self._ending = [False for _ in chunk]
         self._head = 0
         self._started = False
 
@@ -69,7 +70,7 @@ class TextPrinter:
             piece = stream.push(token)
             if self.stop_at_eos and token in self.eos:
                 self._done[r] = self._eos[r] = True
-            elif stream.stopped or len(stream.tokens) >= self.max_new:
+            elif stream.stopped or self._ending[r] or len(stream.tokens) >= self.max_new:
                 self._done[r] = True
             if r == self._head:
                 self._open_head()
@@ -79,6 +80,10 @@ class TextPrinter:
                 self._held[r] += piece
         while self._head < len(self._chunk) and self._done[self._head]:
             self._close_head()
+
+    def ending(self, member: int) -> None:
+        """The engine's stop check ended ``member`` at the token it is about to report."""
+        self._ending[member] = True
 
     def end(self) -> None:
         """The block finished: whatever is left, in order."""
