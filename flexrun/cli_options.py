@@ -189,7 +189,12 @@ def engine_options(encoder: bool = False) -> Callable[[Callable[..., Any]], Call
         ),
         click.option("--device-mem", callback=byte_size, help="Device memory budget, e.g. 14GiB."),
         click.option("--host-mem", callback=byte_size, help="Host memory budget, e.g. 8GiB."),
-        click.option("--disk-mem", callback=byte_size, help="Disk budget in the offload dir."),
+        click.option(
+            "--disk-mem",
+            callback=byte_size,
+            help="Disk budget in the offload dir, for the KV cache and activations placed on disk (weights on disk "
+            "are read in place from their store and take none).",
+        ),
     ]
     if not encoder:
         options.append(

@@ -77,6 +77,7 @@ def test_disk_tier_over_disk_mem_is_refused(job_ckpt: OptCheckpoint, stores: Pat
     r = run(*args, "hi", "-q", "--placement", "manual", "--cache", "disk=100", "--disk-mem", "1KiB")
     line = _one_line(r)
     assert line.startswith("Error: placement does not fit: the disk tier needs ") and "raise --disk-mem" in line
+    assert "weights on disk are read in place from their store" in " ".join(run("generate", "-h").stdout.split())
 
 
 def test_damaged_checkpoint_files_are_one_line(job_ckpt: OptCheckpoint, tmp_path: Path) -> None:
