@@ -167,7 +167,7 @@ def read_prompts(
     input_file: str | None,
     stdin: IO[str] | None,
     text_keys: tuple[str, ...] = ("prompt",),
-    hint: str = "give --prompt TEXT, --input FILE.jsonl, or JSONL on stdin",
+    hint: str = "give a PROMPT, --input FILE.jsonl, or text or JSONL on stdin",
     plain_stdin: bool = False,
 ) -> list[PromptRecord]:
     """Prompts from ``--prompt`` texts, else a JSONL file (``-`` for stdin), else stdin lines (JSONL; with
