@@ -157,3 +157,32 @@ def test_conflicting_or_empty_options_are_refused(job_ckpt, stores, tmp_path, ex
     r = run(*_base(job_ckpt.path, stores, tmp_path), *extra)
     assert r.exit_code == 2, r.output
     assert message in r.stderr and "Traceback" not in r.output
+
+
+def test_ctrl_c_ends_the_answer_at_once(job_ckpt, stores, tmp_path) -> None:
+    """Text for a person, no records kept: Ctrl-C ends the answer at its next token, not after the block."""
+    import io
+    import signal
+
+    from flexrun.jobs.generate import run_generate
+    from flexrun.jobs.options import EngineOptions, JobOptions, ModelOptions, PlacementRequest
+    from flexrun.runtime.sampling import SamplingParams
+
+    class Terminal(io.StringIO):
+        pressed = False
+
+        def write(self, s: str) -> int:
+            if s.strip() and not self.pressed:  # the first piece of the answer
+                self.pressed = True
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().write(s)
+
+    opts = EngineOptions(ModelOptions(str(job_ckpt.path), store_dir=str(stores)), PlacementRequest(mode="manual"))
+    params = SamplingParams(max_new_tokens=30, stop_at_eos=False)
+    job = JobOptions(params=params, prompts=("hi", "hello"), text=True, order="input", quiet=True)
+    shown, notes = Terminal(), io.StringIO()
+    result = run_generate(opts, job, stdin=io.StringIO(), stdout=shown, stderr=notes)
+    assert result.interrupted is not None and result.interrupted.exit_code == 130
+    assert str(result.interrupted) == "interrupted by SIGINT"
+    assert 2 <= result.new_tokens < 2 * 30  # both sequences of the block ended early
+    assert shown.getvalue().startswith("> hi\n") and "cut at" not in notes.getvalue()

@@ -217,7 +217,9 @@ def _generate(
     if plan_line and not job.quiet and (job.verbose or not job.text):
         notify(plan_line)
     run = _Job(job, tokenizer, store.config.stop_token_ids, writer)
-    stop = StopRequest(notify=None if job.quiet else notify)
+    # Text for a person with no records kept: Ctrl-C ends the answers at their next token.
+    at_once = job.text and out_path is None
+    stop = StopRequest(notify=None if job.quiet or at_once else notify)
     abandoned = False
     try:
         with engine, stop.installed():
@@ -234,6 +236,8 @@ def _generate(
         how = "abandoning the block in flight" if abandoned else "after the block in flight"
         resume = "; run the same command again to resume" if out_path is not None else ""
         message = f"interrupted by {stop.signal_name}, {how}: {_kept(writer, out_path)}{resume}"
+        if at_once and not abandoned:
+            message = f"interrupted by {stop.signal_name}"
         result.interrupted = JobInterrupted(message, stop.exit_code)
     return result
 
@@ -276,6 +280,8 @@ def _run_blocks(
     its text as it is generated), until done or asked to stop; the stats add up in ``run.stats``."""
     job = run.job
     stop_check = run.stop_check()
+    if job.text and run.writer.path is None:
+        stop_check = _or_stopped(stop_check, stop)
     bar = tqdm(
         total=total,
         initial=done,
@@ -343,6 +349,15 @@ def _run_blocks(
             bar.update(len(chunk))
     finally:
         bar.close()
+
+
+def _or_stopped(check: Callable[[int, list[int]], bool] | None, stop: StopRequest) -> Callable[[int, list[int]], bool]:
+    """The stop check, also ending every sequence at its next token once a stop is requested."""
+
+    def checked(member: int, toks: list[int]) -> bool:
+        return stop.requested or (check is not None and check(member, toks))
+
+    return checked
 
 
 def _noting(

@@ -105,7 +105,7 @@ class TextPrinter:
         self._open_head()
         stream = self._streams[r]
         self.write(stream.finish() + "\n")
-        if not self._eos[r] and not stream.stopped:
+        if not self._eos[r] and not stream.stopped and not self._ending[r]:
             self.notice(f"(cut at {self.max_new} new tokens; --max-new-tokens N for a longer answer)")
         self.printed += 1
         self._head += 1
