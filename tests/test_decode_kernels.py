@@ -68,3 +68,13 @@ def test_cpu_rms_norm_is_the_reference_to_the_bit(hidden: int, bias: bool) -> No
     # A 16-bit input keeps the reference's own arithmetic (float32 inside, cast back, then the weight).
     xb, wb = x.bfloat16(), w.bfloat16()
     torch.testing.assert_close(C.rms_norm(xb, wb, None, 1e-6), R.rms_norm(xb, wb, None, 1e-6), rtol=0, atol=0)
+
+
+def test_a_scratch_made_under_inference_mode_is_remade_for_writes_outside_it() -> None:
+    # The engine's steps run under inference mode; calibration or another runner in the same thread may not.
+    with torch.inference_mode():
+        made = C.scratch("test-inference", 16, torch.float32, torch.device("cpu"))
+        assert made.is_inference()
+    again = C.scratch("test-inference", 16, torch.float32, torch.device("cpu"))
+    again.copy_(torch.ones(16))  # an inference tensor would refuse this write
+    assert not again.is_inference()

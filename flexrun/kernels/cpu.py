@@ -95,7 +95,8 @@ def scratch(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     bufs: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = _scratches.__dict__.setdefault("bufs", {})
     key = (slot, dtype, device)
     buf = bufs.get(key)
-    if buf is None or buf.numel() < numel:
+    # One made under inference mode cannot be written outside it: remade there.
+    if buf is None or buf.numel() < numel or (buf.is_inference() and not torch.is_inference_mode_enabled()):
         buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
