@@ -119,9 +119,22 @@ def config_cmd(name: str, batch_size: int, prompt_len: int, gen_len: int, dtype:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output store directory.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Store dtype (default: the checkpoint's).")
 @click.option("--overwrite", is_flag=True, help="Replace a store already at --out (atomically).")
+@click.option(
+    "--tp",
+    default=1,
+    show_default=True,
+    callback=positive_int,
+    help="One store per tensor-parallel rank, OUT/rank0 ... OUT/rankN-1 (run with --model OUT/rank0 --tp N).",
+)
 @compress_options
 def convert_cmd(
-    model: str, out: str, dtype: str | None, overwrite: bool, compress_weight: str | None, group_size: int | None
+    model: str,
+    out: str,
+    dtype: str | None,
+    overwrite: bool,
+    tp: int,
+    compress_weight: str | None,
+    group_size: int | None,
 ) -> None:
     """Convert a Hugging Face checkpoint (or a GGUF file, dequantized) into flexrun's tensor store, one
     tensor at a time, optionally with its layers' matmul weights compressed. A store already at --out is
@@ -133,9 +146,35 @@ def convert_cmd(
     if group_size and not kind:
         raise click.BadParameter("a group size needs --compress-weight", param_hint="--group-size")
     spec = QuantSpec.of(kind, group_size) if kind else None
+    if tp > 1:
+        for path in _convert_split(model, out, dtype, spec, overwrite, tp):
+            click.echo(path)
+        return
     if not convert_into(model, out, dtype, spec, overwrite):
         click.echo(f"{out} is already converted from {model} with these settings; nothing to do", err=True)
     click.echo(out)
+
+
+def _convert_split(model: str, out: str, dtype: str | None, spec: Any, overwrite: bool, tp: int) -> list[Any]:
+    """``convert --tp N``: the whole store converted beside the ranks' (then deleted), each rank's part written."""
+    import shutil
+    from pathlib import Path
+
+    from flexrun.parallel import check_split, write_shards
+    from flexrun.resolver import model_source
+    from flexrun.resolver.stores import convert_into
+    from flexrun.weights.store import TensorStore
+
+    check_split(model_source(model, dtype=dtype, dummy=False, task="generate").config, tp)
+    target = Path(out)
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FlexrunError(f"{out} is not empty; add --overwrite to replace the stores in it, or choose another --out")
+    whole = target / "whole.partial"
+    try:
+        convert_into(model, whole, dtype, spec, overwrite=True)
+        return write_shards(TensorStore(whole), tp, target)
+    finally:
+        shutil.rmtree(whole, ignore_errors=True)
 
 
 def _summary(

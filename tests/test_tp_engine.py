@@ -16,13 +16,14 @@ from typing import Any
 import pytest
 import torch
 
-from flexrun.parallel import Shard, check_split, init_from_env, write_shard
+from flexrun.errors import CheckpointError
+from flexrun.parallel import Shard, check_split, init_from_env, rank_store, split_of, write_shard
 from flexrun.parallel.launch import run_local
 from flexrun.placement import Placement
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.weights.store import TensorStore
-from tests.helpers import place, save_and_convert
+from tests.helpers import place, run, save_and_convert
 from tests.hf_decoders import tiny_decoder
 from tests.hf_reference import tiny_opt
 
@@ -96,7 +97,7 @@ def _ranks(root: Path, argv: list[str]) -> None:
 def ranked(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tp")
     for name in MODELS:
-        save_and_convert(_model(name), root / name)
+        save_and_convert(_model(name), root / name)  # root/name/ckpt and root/name/store
     env = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK") if k in os.environ}
     try:
         status = run_local(WORLD, lambda argv: _ranks(root, argv), [])
@@ -136,3 +137,19 @@ def test_heads_that_do_not_split_are_refused(ranked: Path) -> None:
     cfg = TensorStore(ranked / "llama" / "store").config
     with pytest.raises(Exception, match="4 attention heads, which 3 ranks cannot split evenly"):
         check_split(cfg, 3)
+
+
+def test_convert_tp_writes_one_store_per_rank(ranked: Path, tmp_path: Path) -> None:
+    out = tmp_path / "split"
+    r = run("convert", "-m", str(ranked / "llama" / "ckpt"), "--out", str(out), "--tp", "2")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["rank0", "rank1"]  # the whole store converted on the way is gone
+    rank0 = TensorStore(out / "rank0")
+    assert split_of(rank0) == Shard(0, 2) and split_of(TensorStore(out / "rank1")) == Shard(1, 2)
+    # Each rank given rank0's path opens its own store beside it; another split is refused.
+    assert rank_store(rank0, Shard(1, 2), tmp_path).path == out / "rank1"
+    assert rank_store(rank0, Shard(0, 2), tmp_path) is rank0
+    with pytest.raises(CheckpointError, match="run it with --tp 2"):
+        rank_store(rank0, Shard(0, 1), tmp_path)
+    r = run("convert", "-m", str(ranked / "llama" / "ckpt"), "--out", str(out), "--tp", "2")
+    assert r.exit_code == 1 and "add --overwrite" in r.stderr

@@ -2,7 +2,7 @@
 its collectives (``group``), and starting local ranks (``launch``)."""
 
 from flexrun.parallel.group import SINGLE, RankLost, TensorParallel, current, init_from_env, launched
-from flexrun.parallel.shard import Shard, check_split, rank_store, split_of, write_shard
+from flexrun.parallel.shard import Shard, check_split, rank_store, split_of, write_shard, write_shards
 
 __all__ = [
     "SINGLE",
@@ -16,4 +16,5 @@ __all__ = [
     "rank_store",
     "split_of",
     "write_shard",
+    "write_shards",
 ]

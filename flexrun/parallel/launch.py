@@ -93,9 +93,10 @@ def _wait(procs: list[Any]) -> int:
     """Wait for every rank; once one fails, give the others ``GRACE_S`` and kill those left."""
     failed_at: float | None = None
     first_failure = ""
-    while any(p.is_alive() for p in procs):
-        timeout = None if failed_at is None else max(0.0, failed_at + GRACE_S - time.monotonic())
-        multiprocessing.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout)
+    while alive := [p.sentinel for p in procs if p.is_alive()]:
+        # Never an empty wait without a timeout: a rank that ends between the two checks would leave one forever.
+        timeout = 1.0 if failed_at is None else min(1.0, max(0.0, failed_at + GRACE_S - time.monotonic()))
+        multiprocessing.connection.wait(alive, timeout)
         for r, p in enumerate(procs):
             if failed_at is None and p.exitcode not in (None, 0):
                 failed_at, first_failure = time.monotonic(), f"rank {r} {_how(p.exitcode)}"

@@ -186,18 +186,33 @@ def write_shard(store: TensorStore, shard: Shard, out: str | Path) -> Path:
         raise
 
 
+def write_shards(store: TensorStore, world: int, out: str | Path) -> list[Path]:
+    """``flexrun convert --tp N``: every rank's store, as ``out``/rank0 ... rank{N-1}."""
+    return [write_shard(store, Shard(r, world), Path(out) / f"rank{r}") for r in range(world)]
+
+
 def rank_store(store: TensorStore, shard: Shard, scratch: Path) -> TensorStore:
-    """This rank's store: ``store`` itself when it holds this rank's part (``convert --tp``) or there is one
-    rank, else its part written under ``scratch`` (which the caller deletes after the run). Row slices are
+    """This rank's store: ``store`` itself when it holds this rank's part, its ``rankR`` sibling when it holds
+    another rank's (``convert --tp``), ``store`` when there is one rank, else this rank's part of the whole
+    store written under ``scratch`` (which the caller deletes after the run). Row slices are
     contiguous reads of the whole store; the column-parallel matrices are read whole once, here, so each
     step reads only this rank's bytes."""
     held = split_of(store)
     if held is not None:
-        if held != shard:
+        if held.world != shard.world:
             raise CheckpointError(
-                f"{store.path} holds rank {held.rank} of {held.world}, but this is rank {shard.rank} of {shard.world}"
+                f"{store.path} holds rank {held.rank} of a {held.world}-way split; run it with --tp {held.world}"
             )
-        return store
+        if held.rank == shard.rank:
+            return store
+        sibling = store.path.parent / f"rank{shard.rank}"  # ``convert --tp``'s layout: DIR/rank0, DIR/rank1, ...
+        other = TensorStore(sibling) if (sibling / "index.json").is_file() else None
+        if other is None or split_of(other) != shard:
+            raise CheckpointError(
+                f"rank {shard.rank} of {shard.world} needs its store at {sibling} (beside {store.path}); "
+                f"`flexrun convert --tp {shard.world}` writes one per rank"
+            )
+        return other
     if shard.world == 1:
         return store
     out = scratch / f"tp{shard.world}-rank{shard.rank}"
