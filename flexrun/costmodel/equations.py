@@ -325,7 +325,11 @@ def cost_terms(
     weights_in = Affine.share("weights", off_device, w_layer_d / h2d)
     weights_disk = Affine.share("weights", ["disk"], w_layer_d / disk2h)
     cache_read = B * L * kv_tok  # the context's K/V, read by each decode step
-    disk_cache = Affine.share("cache", ["disk"], cache_read / disk2h)
+    # A layer whose window is shorter than the run keeps (and reads) only a ring of its window on disk.
+    windows = [cfg.attention_window(i) for i in range(l)]
+    ring_len = sum(min(w, L) if 0 < w < S else L for w in windows) / l
+    ring_share = sum(w / S if 0 < w < S else 1.0 for w in windows) / l
+    disk_cache = Affine.share("cache", ["disk"], B * ring_len * kv_tok / disk2h)
     if cpu_cache_compute:
         # Only the new token's q, k, v go to the host and the attention output comes back.
         qkv_out = Affine.share("cache", off_device, B * (h + 2 * kvd) * dt / d2h)
@@ -379,7 +383,7 @@ def cost_terms(
         host += Affine.share("weights", ["host"], _linear_params(cfg) * l / 2)
     if cpu_cache_compute:
         host += b * (cfg.n_head * S * 4 + 4 * h_tok)  # one micro-batch's scores (fp32) and q, k, v, out
-    disk = Affine.share("cache", ["disk"], cache_total) + Affine.share("activations", ["disk"], acts_total)
+    disk = Affine.share("cache", ["disk"], cache_total * ring_share) + Affine.share("activations", ["disk"], acts_total)
     if hw.device_is_host:
         # The device tier is host RAM: its working memory lives there; no device copies of anything.
         host = host + device.const

@@ -56,6 +56,7 @@ class Engine(StackRunner):
             max_len=self.max_len,
             max_batch=gbs,
             num_batches=ngb,
+            windows=[cfg.attention_window(i) for i in range(cfg.num_hidden_layers)],
         )
         self.acts = ActivationStore(cfg, pl.activations, *common, max_tokens=gbs * self.max_len, num_batches=ngb)
         if pl.compress_cache:  # attention reads a micro-batch's K and V dequantized to float32

@@ -6,9 +6,10 @@ write and reading positions [0, t) is one contiguous read, in memory and on disk
 micro-batch) has one slot sized for the largest micro-batch; a smaller micro-batch uses a prefix of it.
 What a row holds is the format's business (``runtime.kvformat``): the cache moves rows as bytes.
 Disk slots are files in the offload dir, read with O_DIRECT into two reusable staging buffers so that
-the next micro-batch's cache loads while this one computes. A layer with a sliding window reads from disk
-only the pages holding the rows its window can see; the staging rows before them keep another slot's
-(finite) values, which the window's mask hides.
+the next micro-batch's cache loads while this one computes. A layer with a sliding window shorter than the
+run keeps on disk only a ring of the last ``window`` rows (row t at t mod the ring's rows), read whole and
+put back in place in the staging buffer; the staging rows before the window keep another slot's (finite)
+values, which the window's mask hides.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ class KVCache:
         max_len: int,
         max_batch: int,
         num_batches: int,
+        windows: list[int] | None = None,
     ) -> None:
+        """``windows``: each layer's attention window (0: global): a disk layer whose window is shorter than
+        ``max_len`` stores only a ring of it."""
         self.fmt = fmt
         self.device = device
         self.pool = pool
@@ -59,9 +63,18 @@ class KVCache:
         self.bytes_written = 0
         self.workdir = workdir
         self.num_batches = num_batches
-        for tier in self.tiers:
-            size = 2 * (diskio.padded(self.slot_bytes) if tier == "disk" else self.slot_bytes)
+        # Bytes of K's (and V's) region of a disk slot: the whole slot, or a ring of pages holding the window.
+        wins = windows or [0] * num_layers
+        self.ring = [
+            diskio.padded(w * fmt.row_bytes(max_batch)) if t == "disk" and 0 < w < max_len else 0
+            for w, t in zip(wins, self.tiers, strict=True)
+        ]
+        self.region = [r or diskio.padded(self.slot_bytes) for r in self.ring]
+        for i, tier in enumerate(self.tiers):
+            size = 2 * (self.region[i] if tier == "disk" else self.slot_bytes)
             ledger.add(tier, "kv cache", num_batches * size)
+        if any(self.ring):  # a ring read whole, then its rows put in place
+            ledger.add("host", "kv ring buffers", 4 * max(self.ring))
         # Staging: host buffers for disk slots; on CUDA also device buffers for host and disk slots.
         self._needs_host_staging = any(t == "disk" for t in self.tiers)
         self._needs_gpu_staging = on_cuda and any(t != "device" for t in self.tiers)
@@ -70,6 +83,7 @@ class KVCache:
         if self._needs_gpu_staging:
             ledger.add("device", "kv staging", 4 * self.slot_bytes)
         self._host_stage: list[KV] = []
+        self._ring_stage: list[KV] = []
         self._gpu_stage: list[KV] = []
         self._stage_pending: list[Future[None] | None] = [None, None]
         self._turn = 0
@@ -83,7 +97,7 @@ class KVCache:
                     path = self.workdir / f"kv-{i}-{j}.bin"
                     try:
                         with open(path, "wb") as f:
-                            f.truncate(2 * diskio.padded(self.slot_bytes))
+                            f.truncate(2 * self.region[i])
                     except OSError as exc:
                         raise PlacementError(
                             f"cannot create KV cache files in {self.workdir}: {exc.strerror}"
@@ -101,6 +115,9 @@ class KVCache:
                 (diskio.aligned_empty(size, pin=pin).zero_(), diskio.aligned_empty(size, pin=pin).zero_())
                 for _ in range(2)
             ]
+        if any(self.ring):
+            size = max(self.ring)
+            self._ring_stage = [(diskio.aligned_empty(size), diskio.aligned_empty(size)) for _ in range(2)]
         if self._needs_gpu_staging:
             self._gpu_stage = [
                 tuple(torch.empty(self.slot_elems, dtype=self.dtype, device=self.device) for _ in range(2))  # type: ignore[misc]
@@ -115,8 +132,8 @@ class KVCache:
 
     def fetch(self, i: int, j: int, b: int, length: int, window: int = 0) -> Future[tuple[KV, int]]:
         """Start making layer ``i``/micro-batch ``j``'s cache available on the compute device, with rows
-        [0, length) valid, or with a ``window`` only rows [length - window + 1, length), the ones a query at
-        ``length`` sees. The result is ((k, v), staging turn), each a slot of the format's (max_len, b, ...)."""
+        [0, length) valid, or, from a disk ring, with a ``window`` only rows [length - window + 1, length), the
+        ones a query at ``length`` sees. The result is ((k, v), staging turn), each a slot of the format's (max_len, b, ...)."""
         tier = self.tiers[i]
         if tier == "device" or (tier == "host" and self.device.type == "cpu"):
             k, v = self._resident[(i, j)]
@@ -134,17 +151,17 @@ class KVCache:
             if file_pending is not None:
                 file_pending.result()
             hk, hv = self._host_stage[turn]
-            row = self.fmt.row_bytes(b)
-            nbytes = diskio.padded(length * row)
-            first = max(0, length - window + 1) * row // diskio.ALIGN * diskio.ALIGN if window else 0
-            if length and nbytes > first:
+            nbytes = diskio.padded(length * self.fmt.row_bytes(b))
+            if length and self.ring[i]:
+                self._read_ring(i, j, b, length, window, turn)
+            elif length:
                 fd, _ = diskio.open_for_read(self._files[(i, j)])
                 try:
-                    diskio.read_into(fd, hk[first:], first, nbytes - first)
-                    diskio.read_into(fd, hv[first:], diskio.padded(self.slot_bytes) + first, nbytes - first)
+                    diskio.read_into(fd, hk, 0, nbytes)
+                    diskio.read_into(fd, hv, self.region[i], nbytes)
                 finally:
                     os.close(fd)
-                self.bytes_read += 2 * (nbytes - first)
+                self.bytes_read += 2 * nbytes
             src = (self._host_view(hk, b), self._host_view(hv, b))
         else:
             k, v = self._resident[(i, j)]
@@ -157,6 +174,21 @@ class KVCache:
             dst[0][:length].copy_(src[0][:length])
             dst[1][:length].copy_(src[1][:length])
         return dst, turn
+
+    def _read_ring(self, i: int, j: int, b: int, length: int, window: int, turn: int) -> None:
+        """Layer ``i``'s ring: read whole, the rows a query at ``length`` sees put at their places in staging."""
+        row, size = self.fmt.row_bytes(b), self.ring[i]
+        rows = size // row
+        lo = max(0, length - (window or rows) + 1)
+        at = torch.arange(lo, length) % rows  # where each needed row sits in the ring
+        fd, _ = diskio.open_for_read(self._files[(i, j)])
+        try:
+            for region, (ring, stage) in enumerate(zip(self._ring_stage[turn], self._host_stage[turn], strict=True)):
+                diskio.read_into(fd, ring, region * size, size)
+                stage[lo * row : length * row].view(-1, row).copy_(ring[: rows * row].view(rows, row)[at])
+        finally:
+            os.close(fd)
+        self.bytes_read += 2 * size
 
     def store(self, i: int, j: int, kv: KV, turn: int, start: int, end: int) -> None:
         """Persist rows [start, end) that the layer wrote into the fetched buffers ``kv``."""
@@ -180,11 +212,19 @@ class KVCache:
 
     def _write(self, i: int, j: int, rows: KV, start: int) -> None:
         row_bytes = self.fmt.row_bytes(rows[0].shape[1])
+        ring = self.ring[i] // row_bytes  # rows a ring holds; 0: the whole slot, row t at row t
+        if ring and len(rows[0]) > ring:  # only the last ``ring`` rows can be seen again
+            start += len(rows[0]) - ring
+            rows = (rows[0][-ring:], rows[1][-ring:])
         fd = os.open(self._files[(i, j)], os.O_WRONLY)
         try:
             for region, t in enumerate(rows):
                 data = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-                os.pwrite(fd, data, region * diskio.padded(self.slot_bytes) + start * row_bytes)
+                base, first = region * self.region[i], start % ring if ring else start
+                split = (ring - first if ring else len(t)) * row_bytes  # a ring's write may wrap round
+                os.pwrite(fd, data[:split], base + first * row_bytes)
+                if len(data) > split:
+                    os.pwrite(fd, data[split:], base)
                 self.bytes_written += len(data)
         finally:
             os.close(fd)
