@@ -49,7 +49,14 @@ def _planned_kind(kind: str, both: str | None) -> Any:
     return None if value == AUTO_COMPRESSION else value
 
 
-def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int], rule_dtype: str, host_source: str | None = None) -> str:
+def _plan_text(
+    cfg: Any,
+    plan: Any,
+    kinds: dict[str, int],
+    rule_dtype: str,
+    sources: dict[str, str] | None = None,
+    baseline: int | None = None,
+) -> str:
     from flexrun.costmodel.search import RELAXATION
     from flexrun.placement import TIERS
     from flexrun.units import format_bytes
@@ -65,7 +72,7 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int], rule_dtype: str, host
         f"{cfg.num_hidden_layers} layers)",
         f"hardware:   {hw.name}: {hw.source}",
         f"budgets:    {budgets} (the plan uses at most {relax}% of each)",
-        *([f"host from: {host_source}"] if host_source else []),
+        *[f"{t + ' from:':<12}{sources[t]}" for t in tiers if sources and t in sources],
         f"workload:   prompt {pr.prompt_len} + generate {pr.gen_len} tokens",
         "",
         f"block:      {pl.gpu_batch_size} x {pl.num_gpu_batches} = {pl.block_size} sequences"
@@ -80,6 +87,9 @@ def _plan_text(cfg: Any, plan: Any, kinds: dict[str, int], rule_dtype: str, host
         cells = [_pct_bytes(getattr(pl, kind).get(tier), kinds[kind]) for kind in ("weights", "cache", "activations")]
         lines.append(f"{tier:<8}" + "".join(f"{c:>19}" for c in cells))
     peak = ", ".join(f"{t} {format_bytes(pr.peak[t])} of {format_bytes(plan.budgets[t])}" for t in tiers)
+    if baseline is not None and "host" in tiers:  # the process's resident memory: its baseline and the buffers
+        whole = format_bytes(baseline + plan.budgets["host"])
+        peak += f"; process {format_bytes(baseline + pr.peak['host'])} of {whole} with its baseline"
     lines += [
         "",
         f"predicted:  prefill {pr.prefill_throughput:.2f} tok/s ({pr.prefill_s:.2f} s), "
@@ -227,14 +237,14 @@ def plan_cmd(
 
         cuda = torch.cuda.is_available()
         budgets = Budgets(device=device_mem, host=host_mem, disk=disk_mem)
-        tiers = budgets.resolved(offload_root(None), cuda)
-        host_source: str | None = budgets.host_budget()[1]
+        tiers, sources = budgets.described(offload_root(None), cuda)
+        baseline: int | None = budgets.host_budget().baseline
         hw = hardware_for(None).with_memory(
             device=tiers["device"] if cuda else None, host=tiers["host"], disk=tiers["disk"]
         )
     else:
         hw = hardware.with_memory(device=device_mem, host=host_mem, disk=disk_mem)
-        host_source = None
+        sources, baseline = {}, None
     if tp > 1:
         from flexrun.parallel import check_split
 
@@ -268,14 +278,16 @@ def plan_cmd(
             "gen_len": gen_len,
             "total_bytes": kinds,
             "placed_bytes": placed,
-            "host_budget_source": host_source,
+            "host_budget_source": sources.get("host"),
+            "budget_sources": sources,
+            "host_baseline_bytes": baseline,
             **result.to_dict(),
         }
         if reduce is not None:
             out["tensor_parallel"] = reduce
         click.echo(json.dumps(out, indent=2))
         return
-    click.echo(_plan_text(cfg, result, kinds, rule_dtype, host_source))
+    click.echo(_plan_text(cfg, result, kinds, rule_dtype, sources, baseline))
     if reduce is not None:
         click.echo(
             f"tensor par: {tp} ranks, figures per rank; all-reduces {reduce['decode_step_s'] * 1e3:.3g} ms of each "

@@ -7,7 +7,8 @@ tightest, so budgets derived from it fit where the process really lives:
 
 - the machine: ``MemAvailable`` (psutil);
 - cgroup v2: ``memory.max`` minus ``memory.current`` of the process's cgroup and of each ancestor (a
-  parent may hold the limit), from ``/proc/self/cgroup``'s ``0::`` line;
+  parent may hold the limit), from ``/proc/self/cgroup``'s ``0::`` line, under wherever
+  ``/proc/self/mountinfo`` says the hierarchy is mounted (v1's memory controller likewise);
 - cgroup v1: ``memory.limit_in_bytes`` minus ``memory.usage_in_bytes`` of the ``memory`` controller's
   cgroup and its ancestors (the huge "unlimited" value is no limit);
 - ``RLIMIT_AS`` / ``RLIMIT_DATA`` minus the address space / data segment already in use.
@@ -51,6 +52,7 @@ class ProcessMemory:
 
     machine_total: int
     bounds: tuple[MemoryBound, ...]
+    resident: int = 0  # this process's resident memory when the bounds were read (VmRSS)
 
     @property
     def tightest(self) -> MemoryBound:
@@ -60,6 +62,13 @@ class ProcessMemory:
     def available(self) -> int:
         """Bytes this process may still take now."""
         return max(self.tightest.available, 0)
+
+    @property
+    def may_hold(self) -> int:
+        """Bytes this process may hold in all: what it holds now plus what it may still take, at most the
+        tightest bound's hard limit (shared libraries it maps may be charged to another cgroup)."""
+        held, limit = self.available + self.resident, self.tightest.limit
+        return held if limit is None else min(held, limit)
 
     @property
     def source(self) -> str:
@@ -142,18 +151,64 @@ def _ancestors(mount: Path, path: str) -> list[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
+def _unescape(field: str) -> str:
+    """A mountinfo path field: spaces, tabs, newlines and backslashes are written as octal escapes."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def _cgroup_mounts(proc: Path, fs_root: Path) -> dict[str, tuple[Path, str]]:
+    """Where the cgroup v2 hierarchy ("v2") and the v1 memory controller ("v1") are mounted, from
+    ``/proc/self/mountinfo``: (mount point under ``fs_root``, the hierarchy path the mount shows as its
+    root). A v2 hierarchy may sit anywhere (``/sys/fs/cgroup/unified`` on a hybrid host, ``/cgroup2``);
+    the usual places are assumed when mountinfo cannot be read."""
+    fs = fs_root / "sys" / "fs" / "cgroup"
+    found: dict[str, tuple[Path, str]] = {}
+    try:
+        lines = (proc / "self" / "mountinfo").read_text().splitlines()
+    except OSError:
+        return {"v2": (fs, "/"), "v1": (fs / "memory", "/")}
+    for line in lines:
+        head, sep, tail = line.partition(" - ")
+        fields, after = head.split(), tail.split()
+        if not sep or len(fields) < 5 or len(after) < 3:
+            continue
+        root, point = _unescape(fields[3]), fs_root / _unescape(fields[4]).lstrip("/")
+        if after[0] == "cgroup2":
+            found.setdefault("v2", (point, root))
+        elif after[0] == "cgroup" and "memory" in after[2].split(","):
+            found.setdefault("v1", (point, root))
+    return found
+
+
+def _within(path: str, root: str) -> str:
+    """``path`` (from /proc/self/cgroup) relative to a mount whose root is ``root`` in the hierarchy."""
+    if root not in ("", "/") and (path == root or path.startswith(root.rstrip("/") + "/")):
+        return path[len(root.rstrip("/")) :] or "/"
+    return path
+
+
 def _cgroup_bounds(sys_root: Path, proc_root: Path) -> list[MemoryBound]:
     v2_path, v1_path = _cgroup_paths(proc_root)
+    mounts = _cgroup_mounts(proc_root, sys_root.parent)
     bounds = []
-    fs = sys_root / "fs" / "cgroup"
     # (mount, path, limit file, usage file, reclaimable page-cache field of memory.stat, label)
     layouts = []
-    if v2_path is not None:
-        layouts.append((fs, v2_path, "memory.max", "memory.current", "inactive_file", "cgroup v2"))
-    if v1_path is not None:
-        mount = fs / "memory"
+    if v2_path is not None and "v2" in mounts:
+        mount, root = mounts["v2"]
+        layouts.append((mount, _within(v2_path, root), "memory.max", "memory.current", "inactive_file", "cgroup v2"))
+    if v1_path is not None and "v1" in mounts:
+        mount, root = mounts["v1"]
         layouts.append(
-            (mount, v1_path, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file", "cgroup v1")
+            (
+                mount,
+                _within(v1_path, root),
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+                "total_inactive_file",
+                "cgroup v1",
+            )
         )
     for mount, path, limit_file, usage_file, inactive, label in layouts:
         for d in _ancestors(mount, path):
@@ -197,6 +252,17 @@ def _address_space_in_use() -> tuple[int, int]:
     return int(info.vms), int(getattr(info, "data", info.vms))
 
 
+def resident_bytes(proc: Path = Path("/proc")) -> int:
+    """This process's resident memory now (``VmRSS``), 0 where ``/proc`` does not say."""
+    try:
+        for line in (proc / "self" / "status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def process_memory(
     sys_root: Path = Path("/sys"),
     proc_root: Path = Path("/proc"),
@@ -205,9 +271,11 @@ def process_memory(
     in_use: Callable[[], tuple[int, int]] = _address_space_in_use,
 ) -> ProcessMemory:
     """Every bound on this process's memory now (see the module docstring); ``machine`` gives (total,
-    available) RAM, ``getrlimit`` and ``in_use`` (virtual size, data segment) the rlimits and their use."""
+    available) RAM, ``getrlimit`` and ``in_use`` (virtual size, data segment) the rlimits and their use.
+    The cgroup hierarchies are found through ``proc_root``'s mountinfo, their mount points read under
+    ``sys_root``'s parent (the filesystem's root)."""
     total, available = machine()
     bounds = [MemoryBound("machine available memory", None, available)]
     bounds += _cgroup_bounds(sys_root, proc_root)
     bounds += _rlimit_bounds(getrlimit, in_use)
-    return ProcessMemory(total, tuple(bounds))
+    return ProcessMemory(total, tuple(bounds), resident_bytes(proc_root))

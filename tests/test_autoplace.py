@@ -23,9 +23,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> TensorStore:
 
 
 def test_planned_placement_is_replanned_until_the_engine_accepts_it(store: TensorStore, tmp_path: Path) -> None:
-    # At 350 KiB the planner's linear model (staging buffers prorated by share) picks a weight split whose
+    # At 365 KiB the planner's linear model (staging buffers prorated by share) picks a weight split whose
     # whole double-buffered arena does not fit; the engine's exact accounting refuses it.
-    budgets = Budgets(host=350 * 1024)
+    budgets = Budgets(host=365 * 1024)
     opts = EngineOptions(ModelOptions("t"), PlacementRequest(mode="auto"), budgets, offload_dir=str(tmp_path))
     first = choose_placement(store.config, opts.placement, budgets, 8, 8, 4, opts.offload_dir).placement
     with pytest.raises(BudgetError):

@@ -190,10 +190,75 @@ def test_budgets_refuse_a_host_mem_above_the_limit(monkeypatch: pytest.MonkeyPat
     sys_root, proc_root = _fake(tmp_path, "0::/job\n", {"job/memory.max": f"{GiB}", "job/memory.current": "0"})
     fake = _read(sys_root, proc_root)
     monkeypatch.setattr(tiers, "process_memory", lambda: fake)
-    assert tiers.Budgets().host_budget() == (int(GiB * 0.9), f"90% of what {fake.source} leaves")
-    assert tiers.Budgets(host=512 * MiB).host_budget() == (512 * MiB, "--host-mem")
-    with pytest.raises(BudgetError, match=r"--host-mem 2\.0 GiB exceeds .* limit 1\.0 GiB \(cgroup v2 .*job"):
+    auto = tiers.Budgets().host_budget()
+    # The fake /proc has no status: the baseline is the runtime's allowance alone, and the process's planned
+    # peak (baseline + buffers) is 90% of the limit.
+    assert auto.baseline == tiers.RUNTIME_RSS and auto.peak == int(GiB * 0.9)
+    assert auto.buffers == int(GiB * 0.9) - tiers.RUNTIME_RSS
+    assert (
+        auto.source.startswith("90% of the 1.0 GiB this process may hold (cgroup v2 ")
+        and "less its baseline" in auto.source
+    )
+    assert tiers.Budgets(host=512 * MiB).host_budget() == tiers.HostBudget(512 * MiB, tiers.RUNTIME_RSS, "--host-mem")
+    with pytest.raises(
+        BudgetError, match=r"--host-mem 2\.0 GiB and .* baseline .* exceed its memory limit 1\.0 GiB \(cgroup v2 .*job"
+    ):
         tiers.Budgets(host=2 * GiB).resolved(tmp_path, has_cuda=False)
+    # Below the limit alone but not with the baseline beside it: refused too.
+    with pytest.raises(BudgetError, match=r"exceed its memory limit"):
+        tiers.Budgets(host=GiB - tiers.RUNTIME_RSS // 2).host_budget()
+
+
+def test_device_budget_is_the_free_memory_the_driver_reports(tmp_path: Path) -> None:
+    from flexrun.runtime.tiers import Budgets
+
+    def fake_info() -> tuple[int, int]:
+        return 6 * GiB, 80 * GiB  # (free, total): another process holds the rest of the card
+
+    sizes, sources = Budgets(host=MiB).described(tmp_path, has_cuda=True, mem_get_info=fake_info)
+    assert sizes["device"] == int(6 * GiB * 0.9)
+    assert sources["device"] == "90% of the free memory CUDA reports (6.0 GiB of 80.0 GiB)"
+    assert sources["host"] == "--host-mem" and sources["disk"] == f"free space under {tmp_path}"
+    sizes, sources = Budgets(device=GiB, host=MiB).described(tmp_path, has_cuda=True, mem_get_info=fake_info)
+    assert sizes["device"] == GiB and sources["device"] == "--device-mem"
+    sizes, sources = Budgets(host=MiB).described(tmp_path, has_cuda=False, mem_get_info=fake_info)
+    assert sizes["device"] == 0 and "no CUDA device" in sources["device"]
+
+
+def _mountinfo(proc_root: Path, *lines: str) -> None:
+    (proc_root / "self" / "mountinfo").write_text("".join(f"{line}\n" for line in lines))
+
+
+def test_cgroup_v2_mounted_elsewhere_is_found_through_mountinfo(tmp_path: Path) -> None:
+    # A hybrid host: v1 controllers under /sys/fs/cgroup, the v2 hierarchy at /sys/fs/cgroup/unified.
+    sys_root, proc_root = _fake(tmp_path, "0::/job\n4:memory:/\n", {"unified/job/memory.max": f"{GiB}\n"})
+    _mountinfo(
+        proc_root,
+        "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755",
+        "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory",
+        "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw",
+    )
+    mem = _read(sys_root, proc_root)
+    assert mem.hard_limit is not None and mem.hard_limit.limit == GiB
+    assert "unified/job memory.max" in mem.source
+    # Outside /sys altogether, in a directory whose name mountinfo escapes.
+    (tmp_path / "my cg2" / "job").mkdir(parents=True)
+    (tmp_path / "my cg2" / "job" / "memory.max").write_text(f"{2 * GiB}\n")
+    _mountinfo(proc_root, "50 1 0:40 / /my\\040cg2 rw - cgroup2 none rw")
+    mem = _read(sys_root, proc_root)
+    assert mem.hard_limit is not None and mem.hard_limit.limit == 2 * GiB and "my cg2" in mem.source
+
+
+def test_a_mount_of_part_of_the_hierarchy_is_read_from_its_root(tmp_path: Path) -> None:
+    # A container's view: the v1 memory hierarchy mounted with /docker/abc as its root, while
+    # /proc/self/cgroup names the full path.
+    sys_root, proc_root = _fake(
+        tmp_path, "4:memory:/docker/abc/job\n", {"memory/job/memory.limit_in_bytes": f"{GiB}\n"}
+    )
+    _mountinfo(proc_root, "35 31 0:32 /docker/abc /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory")
+    mem = _read(sys_root, proc_root)
+    assert mem.hard_limit is not None and mem.hard_limit.limit == GiB
+    assert mem.source.endswith("memory/job memory.limit_in_bytes 1.0 GiB")
 
 
 def _memory_cgroup() -> tuple[Path, str] | None:
@@ -250,12 +315,62 @@ def test_plan_inside_a_1gib_cgroup_reports_its_limit(tmp_path: Path) -> None:
         assert f"{group} {limit_file} 1.0 GiB" in ok.stdout
         refused = plan("--host-mem", "2GiB")
         assert refused.returncode == 1
-        assert "exceeds this process's memory limit 1.0 GiB" in refused.stderr and str(group) in refused.stderr
+        assert "exceed its memory limit 1.0 GiB" in refused.stderr and str(group) in refused.stderr
         assert "Traceback" not in refused.stderr
         # A job asking for more than the limit is refused before its (dummy) store is written.
         stores = tmp_path / "stores"
         job = flexrun("bench", "--dummy-weights", "--store-dir", str(stores), "--host-mem", "2GiB")
-        assert job.returncode == 1 and "exceeds this process's memory limit 1.0 GiB" in job.stderr, job.stderr
+        assert job.returncode == 1 and "exceed its memory limit 1.0 GiB" in job.stderr, job.stderr
         assert not stores.exists() or not any(stores.iterdir())
     finally:
         group.rmdir()
+
+
+def test_the_planned_peak_counts_the_baseline_and_the_blocks_buffers(tmp_path: Path) -> None:
+    from flexrun.costmodel.equations import block_bytes, cost_terms
+    from flexrun.costmodel.hardware import PRESETS
+    from flexrun.jobs.report import summary_text
+    from flexrun.placement import Placement, Shares
+    from flexrun.runtime.engine import Engine
+    from flexrun.runtime.sampling import SamplingParams
+    from flexrun.runtime.tiers import RUNTIME_RSS, Budgets
+    from flexrun.weights.convert import write_dummy_store
+    from flexrun.weights.store import TensorStore
+    from tests.hf_reference import tiny_opt_config
+
+    cfg = tiny_opt_config(name="t")
+    store = TensorStore(write_dummy_store(cfg, tmp_path / "store", progress=False))
+    placement = Placement(Shares.parse("host=100"), gpu_batch_size=2, num_gpu_batches=3)
+    with Engine(store, placement, 16, budgets=Budgets(host=GiB), offload_dir=tmp_path) as engine:
+        host = dict(engine.ledger.items["host"])
+        # The whole block's (6 sequences') logits, three float32 copies, beside one micro-batch's working memory.
+        assert host["block logits and rows (device)"] == block_bytes(engine.cfg, 6) > 3 * 6 * cfg.vocab_size * 4
+        _, stats, _ = engine.generate([[5, 6, 7]] * 6, SamplingParams(max_new_tokens=2))
+    assert stats.base_rss > 0
+    assert stats.planned_peak == stats.base_rss + RUNTIME_RSS + sum(host.values())
+    assert stats.budget_sources["host"] == "--host-mem"
+    text = summary_text(engine.cfg, placement, stats)
+    assert "planned peak resident memory: " in text and "of 1.0 GiB (--host-mem)" in text
+    # The planner counts the same buffers: its host memory grows with the block by exactly that much.
+    small, big = (cost_terms(cfg, PRESETS["cpu"], 2, nb, 8, 8).memory["host"].const for nb in (1, 3))
+    assert big - small == block_bytes(cfg, 6) - block_bytes(cfg, 2)
+
+
+def test_a_manual_placement_that_cannot_fit_is_refused_before_the_store_naming_flags_that_fit(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from flexrun.cli import cli
+
+    stores = tmp_path / "stores"
+    args = ["bench", "-m", "opt-125m", "--dummy-weights", "--store-dir", str(stores), "--prompt-len", "32"]
+    args += ["--gen-len", "8", "--placement", "manual", "--weights", "host=100", "--gpu-batch-size", "64"]
+    args += ["--offload-dir", str(tmp_path / "off"), "--hardware", "cpu"]
+    result = CliRunner().invoke(cli, [*args, "--host-mem", "400MiB"])
+    assert result.exit_code == 1
+    assert "placement does not fit: the host tier needs about" in result.output, result.output
+    assert "these flags fit: --weights " in result.output and "--gpu-batch-size" in result.output
+    assert not stores.exists() or not any(stores.iterdir())  # refused before the dummy store was written
+    # Nothing fits at all: said so, with the budgets that would.
+    result = CliRunner().invoke(cli, [*args, "--host-mem", "100MiB"])
+    assert result.exit_code == 1 and "no placement fits these budgets" in result.output, result.output
+    assert not stores.exists() or not any(stores.iterdir())

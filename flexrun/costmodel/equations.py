@@ -207,6 +207,17 @@ def working_bytes(cfg: OptConfig, gpu_batch_size: int, max_len: int, cpu: bool) 
     return cfg.working_bytes(gpu_batch_size, max_len, cpu)
 
 
+def block_bytes(cfg: OptConfig, block_size: int) -> int:
+    """Buffers of the whole block beside one micro-batch's working memory, as the engine reserves them: its
+    logits as float32 three times over (the heads' outputs, one per micro-batch in prefill or one merged
+    in decode; their concatenation; the sampler's copy) and a decode step's merged rows through a layer."""
+    if cfg.encoder:
+        return 0
+    ffn_buffers = 3 if cfg.gated_mlp else 2
+    rows = block_size * (6 * cfg.hidden_size + ffn_buffers * cfg.ffn_embed_dim) * cfg.run_dtype_bytes
+    return 3 * block_size * cfg.vocab_size * 4 + rows
+
+
 def cost_terms(
     cfg: OptConfig,
     hw: HardwareSpec,
@@ -367,6 +378,7 @@ def cost_terms(
         + Affine.share("cache", ["device"], cache_total)
         + Affine.share("activations", ["device"], acts_total)
         + working_bytes(cfg, b, S, hw.device_is_host)
+        + block_bytes(cfg, B)  # the whole block's logits and a decode step's merged rows
         + (cfg.layer_bytes() if compress_weight else 0)  # one dequantized layer
     )
     if not cpu_cache_compute:

@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
 from flexrun.config import OptConfig
 from flexrun.costmodel.choice import compute_dtype_candidates
+from flexrun.costmodel.hardware import PRESETS
 from flexrun.costmodel.machine import hardware_for
+from flexrun.costmodel.prediction import predict
 from flexrun.costmodel.search import plan
 from flexrun.errors import BudgetError, PlacementError
 from flexrun.jobs.options import AUTO, EngineOptions, PlacementRequest
 from flexrun.jobs.tp import announce
 from flexrun.parallel import current
 from flexrun.paths import offload_root
-from flexrun.placement import Placement
+from flexrun.placement import TIERS, Placement, Shares
 from flexrun.precision import with_compute_dtype
 from flexrun.quant.formats import QuantSpec
 from flexrun.resolver import ModelSource
@@ -80,7 +83,9 @@ def plan_job(
         model = dataclasses.replace(opts.model, compress_weight=native.kind, group_size=native.group_size)
         opts = dataclasses.replace(opts, model=model)
     if not opts.placement.planned:
-        return JobPlan(opts.settled(compress_weight="", compress_cache=""))
+        settled = opts.settled(compress_weight="", compress_cache="")
+        check_manual(settled, source.config, prompt_len, gen_len, num_prompts)
+        return JobPlan(settled)
     model = opts.model
     cfg = with_compute_dtype(source.config, model.compute_dtype, compute_device())
     planned = choose_placement(
@@ -96,6 +101,69 @@ def plan_job(
     )
     pl = planned.placement
     return JobPlan(opts.settled(pl.compress_weight, pl.compress_cache, planned.compute_dtype), planned)
+
+
+def check_manual(
+    opts: EngineOptions, cfg: OptConfig, prompt_len: int, gen_len: int, num_prompts: int | None = None
+) -> None:
+    """Refuse a placement given whole (``--placement manual``, or every share and the block given) whose
+    predicted memory does not fit a tier's budget, before any store is written or weight read, naming the
+    flags of a placement that does fit. The engine's exact ledger checks again once the store is open."""
+    has_cuda = torch.cuda.is_available()
+    dtype = None if opts.model.compute_dtype == AUTO else opts.model.compute_dtype
+    run_cfg = with_compute_dtype(cfg, dtype, compute_device())
+    tiers = opts.budgets.resolved(offload_root(opts.offload_dir), has_cuda)
+    hw = opts.placement.hardware or PRESETS["a100-40gb" if has_cuda else "cpu"]  # memory figures only
+    hw = hw.with_memory(device=tiers["device"] if has_cuda else None, host=tiers["host"], disk=tiers["disk"])
+    kind = opts.model.compress_weight if opts.model.compress_weight != AUTO else ""
+    placement = dataclasses.replace(opts.placement.manual(), compress_weight=kind)
+    peak = predict(run_cfg, hw, placement, prompt_len, gen_len).peak
+    for tier in ("device", "host", "disk") if has_cuda else ("host", "disk"):
+        need, have = int(peak.get(tier, 0)), tiers[tier]
+        if need > have:
+            fits = fitting_flags(run_cfg, opts, prompt_len, gen_len, num_prompts, kind)
+            raise BudgetError(
+                f"placement does not fit: the {tier} tier needs about {format_bytes(need)} but its budget is "
+                f"{format_bytes(have)}, short by {format_bytes(need - have)}{fits}",
+                tier,
+                need,
+                have,
+            )
+
+
+def fitting_flags(
+    cfg: OptConfig, opts: EngineOptions, prompt_len: int, gen_len: int, num_prompts: int | None, compress_weight: str
+) -> str:
+    """ "; these flags fit: ..." naming a placement the planner finds within ``opts``' budgets with nothing
+    held (so it may take a smaller block and put weights on disk), or why none does."""
+    request = PlacementRequest(mode="auto", overlap=opts.placement.overlap, hardware=opts.placement.hardware)
+    try:
+        pl = choose_placement(
+            cfg,
+            request,
+            opts.budgets,
+            prompt_len,
+            gen_len,
+            num_prompts,
+            opts.offload_dir,
+            compress_weight=compress_weight,
+        ).placement
+    except PlacementError as exc:
+        return f"; no placement fits these budgets ({str(exc).split('; ')[0]})"
+    spec = {kind: _rounded(getattr(pl, kind)) for kind in KINDS}
+    flags = f"--weights {spec['weights']} --cache {spec['cache']} --activations {spec['activations']} "
+    flags += f"--gpu-batch-size {pl.gpu_batch_size} --num-gpu-batches {pl.num_gpu_batches}"
+    flags += f" --compress-cache {pl.compress_cache}" if pl.compress_cache else ""
+    return f"; these flags fit: {flags} (or leave the placement to the planner)"
+
+
+def _rounded(shares: Shares) -> str:
+    """``host=73.9,disk=26.1``: shares to 0.1%, the largest absorbing the rounding (rounded down elsewhere,
+    so the flags never ask more of a tier than the plan did)."""
+    pct = {t: math.floor(shares.get(t) * 1000) / 10 for t in TIERS}
+    top = max(pct, key=lambda t: shares.get(t))
+    pct[top] = round(100 - sum(v for t, v in pct.items() if t != top), 1)
+    return ",".join(f"{t}={v:g}" for t, v in pct.items() if v > 0)
 
 
 def compressible(cfg: OptConfig, group_size: int | None = None) -> tuple[str, ...]:
@@ -165,7 +233,8 @@ def build_engine(
             )
         except BudgetError as exc:
             if not opts.placement.planned:
-                raise
+                fits = fitting_flags(cfg, opts, prompt_len, gen_len, num_prompts, compress_weight)
+                raise BudgetError(f"{exc}{fits}", exc.tier, exc.need, exc.have) from None
             refused = exc
             short = exc.need - exc.have
             reserve[exc.tier] = reserve.get(exc.tier, 0) + short + short // 4 + 4096
@@ -205,7 +274,7 @@ def choose_placement(
     has_cuda = torch.cuda.is_available()
     root = offload_root(offload_dir)
     tiers = budgets.resolved(root, has_cuda)
-    host_source = budgets.host_budget()[1]
+    host_source = budgets.host_budget().source
     tiers = {t: max(b - (reserve or {}).get(t, 0), 0) for t, b in tiers.items()}
     hw = hardware_for(request.hardware, offload_dir)
     hw = hw.with_memory(device=tiers["device"] if has_cuda else None, host=tiers["host"], disk=tiers["disk"])

@@ -39,6 +39,8 @@ def summary_dict(cfg: OptConfig, placement: Placement, stats: RunStats) -> dict[
         "base_rss_bytes": stats.base_rss,
         "planned_bytes": {tier: sum(v.values()) for tier, v in stats.planned.items()},
         "budget_bytes": stats.budgets,
+        "budget_sources": stats.budget_sources,
+        "planned_peak_rss_bytes": stats.planned_peak,
     }
 
 
@@ -114,12 +116,22 @@ def summary_text(cfg: OptConfig, placement: Placement, stats: RunStats, pooling:
         lines.append(f"experts: {per_step:.2f} of {cfg.num_experts} read per layer per decode step")
     lines += [
         f"disk read: {format_bytes(stats.disk_bytes_read)} ({io})",
-        "planned memory: " + ", ".join(f"{tier} {format_bytes(b)}" for tier, b in planned.items() if b),
+        "planned memory: " + ", ".join(_planned(tier, b, stats) for tier, b in planned.items() if b),
+        f"planned peak resident memory: {format_bytes(stats.planned_peak)} (the process's baseline "
+        f"{format_bytes(max(stats.planned_peak - planned.get('host', 0), 0))} and the host tier's plan)",
         f"peak resident memory (measured): {format_bytes(stats.peak_rss)}, "
         f"{format_bytes(max(stats.peak_rss - stats.base_rss, 0))} over the {format_bytes(stats.base_rss)} "
         "held before the engine (interpreter, libraries)",
     ]
     return "\n".join(lines)
+
+
+def _planned(tier: str, nbytes: int, stats: RunStats) -> str:
+    """A tier's planned bytes, its budget and where that came from."""
+    if tier not in stats.budgets:
+        return f"{tier} {format_bytes(nbytes)}"
+    source = stats.budget_sources.get(tier)
+    return f"{tier} {format_bytes(nbytes)} of {format_bytes(stats.budgets[tier])}" + (f" ({source})" if source else "")
 
 
 def roofline(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flexrun.costmodel.equations import block_bytes
 from flexrun.errors import InputError
 from flexrun.kernels import positions as P
 from flexrun.runtime.activations import ActivationStore
@@ -59,6 +60,7 @@ class Engine(StackRunner):
             windows=[cfg.attention_window(i) for i in range(cfg.num_hidden_layers)],
         )
         self.acts = ActivationStore(cfg, pl.activations, *common, max_tokens=gbs * self.max_len, num_batches=ngb)
+        ledger.add("device", "block logits and rows", block_bytes(cfg, gbs * ngb))
         if pl.compress_cache:  # attention reads a micro-batch's K and V dequantized to float32
             ledger.add("device", "kv dequantized", 2 * 4 * gbs * self.max_len * cfg.kv_dim)
         # One layer per index: the attention scale and window may vary along the stack.

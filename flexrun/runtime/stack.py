@@ -29,7 +29,7 @@ from flexrun.runtime.iopool import IOPool
 from flexrun.runtime.kvformat import kv_format
 from flexrun.runtime.malloc import release_large_frees
 from flexrun.runtime.stats import RunStats, current_rss, peak_rss, reset_peak_rss
-from flexrun.runtime.tiers import Budgets, Ledger, compute_device, make_workdir
+from flexrun.runtime.tiers import RUNTIME_RSS, Budgets, Ledger, compute_device, make_workdir
 from flexrun.runtime.weights import WeightManager
 from flexrun.weights.store import TORCH_DTYPES, TensorStore
 
@@ -116,7 +116,7 @@ class StackRunner:
             self.weights = WeightManager(store, placement.weights, self.device, self.pool, ledger, self.kernels)
             if cpu:
                 ledger.fold_device_into_host()
-            self.budgets = (budgets or Budgets()).resolved(root, self.device.type == "cuda")
+            self.budgets, self.budget_sources = (budgets or Budgets()).described(root, self.device.type == "cuda")
             ledger.check(self.budgets, offload_dir=root)
             self._allocate()
             self.weights.load()
@@ -179,7 +179,10 @@ class StackRunner:
     def _start_stats(self, sequences: int) -> tuple[RunStats, int]:
         """Fresh stats for a run of ``sequences``, and the disk bytes read before it."""
         reset_peak_rss()
-        return RunStats(sequences=sequences, planned=self.ledger.items, budgets=self.budgets), self._bytes_read()
+        stats = RunStats(sequences=sequences, planned=self.ledger.items, budgets=self.budgets)
+        stats.budget_sources = self.budget_sources
+        stats.planned_peak = self.base_rss + RUNTIME_RSS + self.ledger.total("host")
+        return stats, self._bytes_read()
 
     def _finish_stats(self, stats: RunStats, read_before: int) -> RunStats:
         stats.disk_bytes_read = self._bytes_read() - read_before

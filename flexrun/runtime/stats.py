@@ -35,6 +35,8 @@ class RunStats:
     base_rss: int = 0  # resident memory before the engine allocated anything (interpreter, libraries)
     planned: dict[str, dict[str, int]] = field(default_factory=dict)
     budgets: dict[str, int] = field(default_factory=dict)
+    budget_sources: dict[str, str] = field(default_factory=dict)  # where each tier's budget came from
+    planned_peak: int = 0  # the resident memory planned: the baseline (base_rss + RUNTIME_RSS) and the host ledger
     direct_io: bool | None = None
     # Mixture of experts, over decode steps: experts read, and (layer, step) loads they were read in.
     experts_read: int = 0
@@ -65,12 +67,12 @@ class RunStats:
             mine, theirs = getattr(self, f.name), getattr(part, f.name)
             if f.name == "first_token_s":  # the earlier run's first token came first
                 self.first_token_s = mine or theirs
-            elif f.name in ("peak_rss", "base_rss"):
+            elif f.name in ("peak_rss", "base_rss", "planned_peak"):
                 setattr(self, f.name, max(mine, theirs))
             elif f.name == "direct_io":
                 if theirs is not None:
                     self.direct_io = theirs if mine is None else mine and theirs
-            elif f.name in ("planned", "budgets"):
+            elif f.name in ("planned", "budgets", "budget_sources"):
                 setattr(self, f.name, theirs)
             else:
                 setattr(self, f.name, mine + theirs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,31 @@ def compute_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+# Resident memory a run adds beyond the buffers its ledger plans once it computes: shared libraries the first
+# kernels page in (oneDNN, OpenMP), thread stacks, the allocator's slack and per-op temporaries the ledger
+# does not name. Measured over OPT-125M and OPT-1.3B bf16 runs on a CPU (issue 25, benchmarks/README.md).
+RUNTIME_RSS = 48 << 20
+# The share of what is free that an unset budget takes: room for the kernel's own memory and estimate error.
+FREE_SHARE = 0.9
+
+MemGetInfo = Callable[[], tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class HostBudget:
+    """The host tier's budget: the bytes flexrun's buffers may take (what the ledger is checked against),
+    the process's baseline beside them, and where the figure comes from."""
+
+    buffers: int
+    baseline: int  # resident memory before any buffer (interpreter, libraries; measured) + RUNTIME_RSS
+    source: str
+
+    @property
+    def peak(self) -> int:
+        """The most the process's resident memory may reach under this budget."""
+        return self.baseline + self.buffers
+
+
 @dataclass(frozen=True)
 class Budgets:
     """Bytes flexrun may hold on each tier (``None``: what the process may still take)."""
@@ -35,40 +61,70 @@ class Budgets:
     disk: int | None = None
 
     def resolved(self, offload_dir: Path, has_cuda: bool) -> dict[str, int]:
-        """Concrete budgets: unset tiers get 90% of what is free now (host: what the machine has available and
-        the process's cgroup and rlimits leave, ``flexrun.memlimits``; device: the GPU's free memory).
+        """Concrete budgets (``described``'s bytes)."""
+        return self.described(offload_dir, has_cuda)[0]
+
+    def described(
+        self, offload_dir: Path, has_cuda: bool, mem_get_info: MemGetInfo | None = None
+    ) -> tuple[dict[str, int], dict[str, str]]:
+        """Concrete budgets and where each comes from. Unset tiers get 90% of what is free now: host, what
+        the machine, the process's cgroup and its rlimits leave it (``host_budget``); device, the free memory
+        the CUDA driver reports (``mem_get_info``, ``torch.cuda.mem_get_info`` by default); disk, the offload
+        dir's filesystem's free space.
 
         Raises BudgetError when an explicit host budget exceeds the process's hard memory limit (a cgroup's
         or an rlimit): the kernel would kill the run once it held that much.
         """
-        host = self.host_budget()[0]
-        if has_cuda:
-            device = self.device if self.device is not None else int(torch.cuda.mem_get_info()[0] * 0.9)
-        else:
-            if self.device is not None:
-                log.info("no CUDA device: the device tier is host RAM, --device-mem is ignored")
-            device = 0
+        host = self.host_budget()
+        device, device_from = self.device_budget(has_cuda, mem_get_info)
         free_disk = disk_free(offload_dir)
         disk = min(self.disk, free_disk) if self.disk is not None else free_disk
-        return {"device": device, "host": host, "disk": disk}
+        disk_from = f"free space under {offload_dir}"
+        if self.disk is not None:
+            disk_from = "--disk-mem" if self.disk <= free_disk else f"free space under {offload_dir} (< --disk-mem)"
+        sizes = {"device": device, "host": host.buffers, "disk": disk}
+        return sizes, {"device": device_from, "host": host.source, "disk": disk_from}
 
-    def host_budget(self) -> tuple[int, str]:
-        """(host budget in bytes, where it comes from): the explicit one, checked against the hard limit, or
-        90% of what the tightest bound on this process leaves."""
+    def device_budget(self, has_cuda: bool, mem_get_info: MemGetInfo | None = None) -> tuple[int, str]:
+        """(device budget in bytes, where it comes from): the explicit one, or 90% of the free memory the
+        driver reports (not the card's total: another process or a MIG slice may hold the rest); 0 without
+        CUDA, where the device tier is host RAM."""
+        if not has_cuda:
+            if self.device is not None:
+                log.info("no CUDA device: the device tier is host RAM, --device-mem is ignored")
+            return 0, "no CUDA device: the device tier is host RAM"
+        if self.device is not None:
+            return self.device, "--device-mem"
+        free, total = (mem_get_info or torch.cuda.mem_get_info)()
+        share = f"{int(FREE_SHARE * 100)}%"
+        return int(
+            free * FREE_SHARE
+        ), f"{share} of the free memory CUDA reports ({format_bytes(free)} of {format_bytes(total)})"
+
+    def host_budget(self) -> HostBudget:
+        """The host budget: the explicit one (flexrun's buffers; with the baseline, checked against the hard
+        limit), or 90% of what the tightest bound lets this process hold, less its baseline."""
         mem = process_memory()
+        baseline = mem.resident + RUNTIME_RSS
+        total = int(mem.may_hold * FREE_SHARE)
         if self.host is not None:
             hard = mem.hard_limit
-            if hard is not None and hard.limit is not None and self.host > hard.limit:
+            if hard is not None and hard.limit is not None and self.host + baseline > hard.limit:
                 raise BudgetError(
-                    f"--host-mem {format_bytes(self.host)} exceeds this process's memory limit "
-                    f"{format_bytes(hard.limit)} ({hard.source}): the kernel would kill the run; "
-                    f"give at most {format_bytes(int(mem.available * 0.9))} or leave --host-mem unset",
+                    f"--host-mem {format_bytes(self.host)} and this process's baseline {format_bytes(baseline)} "
+                    f"(interpreter, libraries) exceed its memory limit {format_bytes(hard.limit)} ({hard.source}): "
+                    f"the kernel would kill the run; give at most {format_bytes(max(total - baseline, 0))} or "
+                    "leave --host-mem unset",
                     "host",
-                    self.host,
+                    self.host + baseline,
                     hard.limit,
                 )
-            return self.host, "--host-mem"
-        return int(mem.available * 0.9), f"90% of what {mem.source} leaves"
+            return HostBudget(self.host, baseline, "--host-mem")
+        source = (
+            f"{int(FREE_SHARE * 100)}% of the {format_bytes(mem.may_hold)} this process may hold ({mem.source}), "
+            f"less its baseline {format_bytes(baseline)}"
+        )
+        return HostBudget(max(total - baseline, 0), baseline, source)
 
 
 @dataclass
