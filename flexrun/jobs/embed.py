@@ -16,6 +16,7 @@ from flexrun.jobs.options import EngineOptions
 from flexrun.jobs.prompts import load_tokenizer
 from flexrun.jobs.results import RowWriter
 from flexrun.jobs.textio import PromptRecord, read_prompts
+from flexrun.parallel import launched
 from flexrun.placement import Placement
 from flexrun.runtime.encoder import Encoder
 from flexrun.runtime.stats import RunStats
@@ -101,6 +102,8 @@ def run_embed(
     sequences, one block with ``all_tokens``). An output file is written beside and put in place at the
     end, so a failed job leaves an existing file as it was.
     """
+    if launched():  # under torchrun every rank would embed everything and race for the output
+        raise InputError("embed runs on one process; start it without torchrun (tensor parallelism is for generate)")
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     use_stdin = job.input_file == "-" or (not job.texts and not job.input_file and not stdin.isatty())
     hint = "give --text TEXT, --input FILE.jsonl, or JSONL on stdin"

@@ -205,7 +205,12 @@ def init_from_env(tp: int | None = None) -> TensorParallel:
     cuda = torch.cuda.is_available()
     device = torch.device("cpu")
     if cuda:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        if local_world > torch.cuda.device_count():
+            raise ConfigError(
+                f"{local_world} ranks on this machine but {torch.cuda.device_count()} GPU(s): NCCL takes one GPU per "
+                'rank; start fewer, or run CPU ranks with CUDA_VISIBLE_DEVICES=""'
+            )
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif not os.environ.get("OMP_NUM_THREADS"):  # the machine's cores divided between its ranks
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
