@@ -20,8 +20,10 @@ from flexrun.errors import CheckpointError
 from flexrun.parallel import Shard, check_split, init_from_env, rank_store, split_of, write_shard
 from flexrun.parallel.launch import run_local
 from flexrun.placement import Placement
+from flexrun.quant.formats import QuantSpec
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
+from flexrun.weights.convert import convert_checkpoint
 from flexrun.weights.store import TensorStore
 from tests.helpers import place, run, save_and_convert
 from tests.hf_decoders import tiny_decoder
@@ -46,14 +48,21 @@ MODELS: dict[str, dict[str, Any]] = {
 PLACEMENTS: dict[str, Placement] = {
     "host": place(b=2, n=3),
     "disk": place(weights="host=30,disk=70", cache="disk=100", acts="disk=100", b=3, n=1),
+    "int8": place(b=2, n=3, compress_weight="int8"),
+    "int4-disk": place(weights="disk=100", b=3, n=1, compress_weight="int4"),
 }
+# Compressed stores (a LLaMA wide enough that each rank's columns hold whole groups of 32).
+COMPRESSED = {"int8": QuantSpec.of("int8"), "int4-disk": QuantSpec.of("int4", 32)}
+WIDE = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 192}
 GREEDY = SamplingParams(max_new_tokens=NEW, stop_at_eos=False)
 SAMPLED = SamplingParams(
     max_new_tokens=NEW, temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=7, stop_at_eos=False
 )
 PENALISED = SamplingParams(max_new_tokens=NEW, repetition_penalty=1.5, stop_at_eos=False)
 # (model, placement, sampling): every family under both placements greedily, and the samplers on two families.
-CASES = [(m, p, "greedy") for m in MODELS for p in PLACEMENTS] + [
+CASES = [(m, p, "greedy") for m in MODELS for p in ("host", "disk")] + [
+    ("wide", "int8", "greedy"),
+    ("wide", "int4-disk", "greedy"),
     ("llama", "host", "sampled"),
     ("bloom", "disk", "sampled"),
     ("opt", "host", "penalised"),
@@ -65,6 +74,10 @@ def _model(name: str) -> Any:
     if name == "opt":
         return tiny_opt(seed=3, **MODELS[name])[1]
     return tiny_decoder(name, seed=3, **MODELS[name])
+
+
+def _store(root: Path, model: str, pl: str) -> TensorStore:
+    return TensorStore(root / model / (f"store-{pl}" if pl in COMPRESSED else "store"))
 
 
 def _run(store: TensorStore, placement: Placement, params: SamplingParams, off: Path, tp: Any = None) -> tuple:
@@ -85,7 +98,7 @@ def _ranks(root: Path, argv: list[str]) -> None:
     tp = init_from_env(WORLD)
     try:
         for model, pl, kind in CASES:
-            store = TensorStore(root / model / "store")
+            store = _store(root, model, pl)
             out = _run(store, PLACEMENTS[pl], PARAMS[kind], root / f"off{tp.rank}", tp=tp)
             if tp.rank == 0:
                 torch.save(out, root / f"{model}-{pl}-{kind}.pt")
@@ -98,6 +111,9 @@ def ranked(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tp")
     for name in MODELS:
         save_and_convert(_model(name), root / name)  # root/name/ckpt and root/name/store
+    tiny_decoder("llama", seed=3, **WIDE).save_pretrained(root / "wide" / "ckpt")
+    for pl, spec in COMPRESSED.items():
+        convert_checkpoint(root / "wide" / "ckpt", root / "wide" / f"store-{pl}", progress=False, compress=spec)
     env = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK") if k in os.environ}
     try:
         status = run_local(WORLD, lambda argv: _ranks(root, argv), [])
@@ -109,11 +125,19 @@ def ranked(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize(("model", "pl", "kind"), CASES)
 def test_two_ranks_match_one_process(ranked: Path, model: str, pl: str, kind: str) -> None:
-    store = TensorStore(ranked / model / "store")
+    store = _store(ranked, model, pl)
     want_tokens, want_logits = _run(store, PLACEMENTS[pl], PARAMS[kind], ranked / "off")
     got_tokens, got_logits = torch.load(ranked / f"{model}-{pl}-{kind}.pt")
-    assert got_tokens == want_tokens
     assert len(got_logits) == len(want_logits)
+    if pl in COMPRESSED:
+        # The CPU's fused int8/int4 matmuls take bfloat16 activations (kernels.quantized), whose rounding differs
+        # between one matmul and two half-width ones: logits ~1e-2 apart, so a near-tie may later go either way.
+        # Each block's first logits (its prefill, the same inputs on both sides) are compared; a slicing mistake
+        # is off by whole units.
+        for first in range(0, len(want_logits), NEW):
+            torch.testing.assert_close(got_logits[first], want_logits[first], rtol=0.05, atol=0.5)
+        return
+    assert got_tokens == want_tokens
     for got, want in zip(got_logits, want_logits, strict=True):
         # float32 on both sides: the ranks' partial sums add up in another order than one matmul's, ~1e-6
         # relative on logits of magnitude ~10.

@@ -133,8 +133,11 @@ def take(cfg: OptConfig, name: str, w: Weight, shard: Shard) -> Weight:
 
 
 def _take_cols(name: str, w: QuantWeight, start: int, stop: int) -> QuantWeight:
-    """Columns [start, stop) of a compressed [N, K] weight: whole groups along K, so nothing is re-quantized."""
-    g = w.group_size or w.shape[1]
+    """Columns [start, stop) of a compressed [N, K] weight: whole groups along K, so nothing is re-quantized (a
+    weight with one scale per row, int8's default, keeps its scales: they hold for any of the row's columns)."""
+    if isinstance(w, Int8Weight) and w.group_size == 0:
+        return Int8Weight(w.q[:, start:stop], w.scale, 0)
+    g = w.group_size
     if start % g or stop % g:
         raise ConfigError(
             f"{name}: the rank's columns {start}..{stop} cut the compression's groups of {g}; use a smaller "
@@ -148,8 +151,7 @@ def _take_cols(name: str, w: QuantWeight, start: int, stop: int) -> QuantWeight:
             w.group_size,
         )
     assert isinstance(w, Int8Weight)
-    scale = w.scale if w.scale.shape[1] == 1 else w.scale[:, start // g : stop // g]
-    return Int8Weight(w.q[:, start:stop], scale, w.group_size)
+    return Int8Weight(w.q[:, start:stop], w.scale[:, start // g : stop // g], w.group_size)
 
 
 def split_of(store: TensorStore) -> Shard | None:
