@@ -196,17 +196,16 @@ def engine_options(encoder: bool = False) -> Callable[[Callable[..., Any]], Call
             "are read in place from their store and take none).",
         ),
     ]
-    if not encoder:
-        options.append(
-            click.option(
-                "--tp",
-                default=1,
-                show_default=True,
-                callback=positive_int,
-                help="Tensor-parallel ranks: N local processes, each holding 1/N of every layer (budgets are per "
-                "rank). Under torchrun, its WORLD_SIZE.",
-            )
+    options.append(
+        click.option(
+            "--tp",
+            default=1,
+            show_default=True,
+            callback=positive_int,
+            help="Tensor-parallel ranks: N local processes, each holding 1/N of every layer (budgets are per "
+            "rank). Under torchrun, its WORLD_SIZE.",
         )
+    )
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -214,7 +213,7 @@ def engine_options(encoder: bool = False) -> Callable[[Callable[..., Any]], Call
             given = {k: values.pop(k) for k in _ENGINE_KEYS if k in values}
             engine = _engine_options(given, encoder)
             if engine.tp > 1:
-                _launch_ranks(engine)
+                _launch_ranks(engine, "embed" if encoder else "generate")
             return fn(engine=engine, **values)
 
         for option in reversed(options):
@@ -224,7 +223,7 @@ def engine_options(encoder: bool = False) -> Callable[[Callable[..., Any]], Call
     return decorate
 
 
-def _launch_ranks(engine: Any) -> None:
+def _launch_ranks(engine: Any, task: str) -> None:
     """With --tp N outside a launcher (no WORLD_SIZE): the command again in N local ranks, then exit with
     their status. Under torchrun (or in a rank) the command runs as this rank."""
     from flexrun.parallel import check_split, launched
@@ -232,7 +231,7 @@ def _launch_ranks(engine: Any) -> None:
 
     if launched():
         return
-    check_split(engine.model.source("generate").config, engine.tp)  # refused here, once, before any rank starts
+    check_split(engine.model.source(task).config, engine.tp)  # refused here, once, before any rank starts
     root = click.get_current_context().find_root().command
 
     def entry(argv: list[str]) -> None:

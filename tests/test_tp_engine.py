@@ -21,12 +21,14 @@ from flexrun.parallel import Shard, check_split, init_from_env, rank_store, spli
 from flexrun.parallel.launch import run_local
 from flexrun.placement import Placement
 from flexrun.quant.formats import QuantSpec
+from flexrun.runtime.encoder import Encoder
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.weights.convert import convert_checkpoint
 from flexrun.weights.store import TensorStore
 from tests.helpers import place, run, save_and_convert
 from tests.hf_decoders import tiny_decoder
+from tests.hf_encoders import tiny_encoder
 from tests.hf_reference import tiny_opt
 
 # Mixed lengths, so blocks are left-padded (and several micro-batches share a block).
@@ -68,6 +70,8 @@ CASES = [(m, p, "greedy") for m in MODELS for p in ("host", "disk")] + [
     ("opt", "host", "penalised"),
 ]
 PARAMS = {"greedy": GREEDY, "sampled": SAMPLED, "penalised": PENALISED}
+# Encoders (embed --tp): BERT pooled, RoBERTa (positions over non-pad tokens) every token's last hidden state.
+ENCODERS = {"bert": "pooler", "roberta": "none"}
 
 
 def _model(name: str) -> Any:
@@ -93,10 +97,26 @@ def _run(store: TensorStore, placement: Placement, params: SamplingParams, off: 
     return out, logits
 
 
+def _encode(store: TensorStore, pooling: str, off: Path, tp: Any = None) -> list[torch.Tensor]:
+    kw = {} if tp is None else {"tp": tp}
+    with Encoder(store, place(b=2, n=2), max_seq_len=16, offload_dir=off, **kw) as encoder:
+        if tp is not None and tp.rank > 0:
+            encoder.follow()
+            return []
+        out, _ = encoder.encode(PROMPTS, pooling)
+        if tp is not None:
+            tp.broadcast(None)  # no more work
+    return out
+
+
 def _ranks(root: Path, argv: list[str]) -> None:
     """One rank: every case, rank 0 saving what it generated."""
     tp = init_from_env(WORLD)
     try:
+        for name, pooling in ENCODERS.items():
+            out = _encode(TensorStore(root / name / "store"), pooling, root / f"off{tp.rank}", tp)
+            if tp.rank == 0:
+                torch.save(out, root / f"{name}-encoded.pt")
         for model, pl, kind in CASES:
             store = _store(root, model, pl)
             out = _run(store, PLACEMENTS[pl], PARAMS[kind], root / f"off{tp.rank}", tp=tp)
@@ -111,6 +131,8 @@ def ranked(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tp")
     for name in MODELS:
         save_and_convert(_model(name), root / name)  # root/name/ckpt and root/name/store
+    for name in ENCODERS:
+        save_and_convert(tiny_encoder(name, seed=3, num_attention_heads=4), root / name)
     tiny_decoder("llama", seed=3, **WIDE).save_pretrained(root / "wide" / "ckpt")
     for pl, spec in COMPRESSED.items():
         convert_checkpoint(root / "wide" / "ckpt", root / "wide" / f"store-{pl}", progress=False, compress=spec)
@@ -142,6 +164,15 @@ def test_two_ranks_match_one_process(ranked: Path, model: str, pl: str, kind: st
         # float32 on both sides: the ranks' partial sums add up in another order than one matmul's, ~1e-6
         # relative on logits of magnitude ~10.
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_two_ranks_encode_as_one_process(ranked: Path, name: str) -> None:
+    want = _encode(TensorStore(ranked / name / "store"), ENCODERS[name], ranked / "off")
+    got = torch.load(ranked / f"{name}-encoded.pt")
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)  # float32, summation order only
 
 
 def test_rank_store_is_about_half(ranked: Path, tmp_path: Path) -> None:

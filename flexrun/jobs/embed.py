@@ -16,7 +16,8 @@ from flexrun.jobs.options import EngineOptions
 from flexrun.jobs.prompts import load_tokenizer
 from flexrun.jobs.results import RowWriter
 from flexrun.jobs.textio import PromptRecord, read_prompts
-from flexrun.parallel import launched
+from flexrun.jobs.tp import announce, tensor_parallel
+from flexrun.parallel import current
 from flexrun.placement import Placement
 from flexrun.runtime.encoder import Encoder
 from flexrun.runtime.stats import RunStats
@@ -93,6 +94,7 @@ def encoder_placement(opts: EngineOptions) -> Placement:
     return request.manual()
 
 
+@tensor_parallel
 def run_embed(
     opts: EngineOptions, job: EmbedOptions, stdin: IO[str] | None = None, stdout: IO[str] | None = None
 ) -> EmbedResult:
@@ -102,8 +104,6 @@ def run_embed(
     sequences, one block with ``all_tokens``). An output file is written beside and put in place at the
     end, so a failed job leaves an existing file as it was.
     """
-    if launched():  # under torchrun every rank would embed everything and race for the output
-        raise InputError("embed runs on one process; start it without torchrun (tensor parallelism is for generate)")
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     use_stdin = job.input_file == "-" or (not job.texts and not job.input_file and not stdin.isatty())
     hint = "give --text TEXT, --input FILE.jsonl, or JSONL on stdin"
@@ -148,7 +148,13 @@ def _embed(opts: EngineOptions, job: EmbedOptions, records: list[PromptRecord], 
         budgets=opts.budgets,
         offload_dir=opts.offload_dir,
         compute_dtype=cfg.run_dtype,
+        tp=current(),
     )
+    try:
+        announce(encoder, opts)  # the other tensor-parallel ranks build the same encoder
+    except BaseException:
+        encoder.close()
+        raise
     with encoder:
         stats = encoder.encode_blocks(ids, pooling, on_block, sort_window=window)
     return EmbedResult(encoder.cfg, placement, stats, pooling)

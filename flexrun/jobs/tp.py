@@ -20,6 +20,7 @@ from flexrun.errors import FlexrunError
 from flexrun.jobs.options import EngineOptions
 from flexrun.parallel import RankLost, TensorParallel, current, init_from_env
 from flexrun.placement import Placement
+from flexrun.runtime.encoder import Encoder
 from flexrun.runtime.engine import Engine
 
 R = TypeVar("R")
@@ -41,13 +42,15 @@ class Setup:
     placement: Placement
     max_len: int
     compute_dtype: str
+    encoder: bool = False  # an ``Encoder`` (embed), else an ``Engine``
 
 
-def announce(engine: Engine, opts: EngineOptions) -> None:
+def announce(engine: Engine | Encoder, opts: EngineOptions) -> None:
     """On rank 0, once its engine is built: the others build the same one, then all wait for each other."""
     tp = engine.tp
     if tp.world > 1:
-        tp.broadcast(Setup(opts, engine.placement, engine.max_len, engine.cfg.run_dtype))
+        encoder = isinstance(engine, Encoder)
+        tp.broadcast(Setup(opts, engine.placement, engine.max_len, engine.cfg.run_dtype, encoder))
         tp.barrier()
 
 
@@ -55,8 +58,8 @@ def _follow(tp: TensorParallel) -> None:
     setup = tp.broadcast()
     if setup is None:  # rank 0 had nothing to run
         return
-    store = setup.opts.model.open_store("generate", progress=False)
-    engine = Engine(
+    store = setup.opts.model.open_store("embed" if setup.encoder else "generate", progress=False)
+    engine = (Encoder if setup.encoder else Engine)(
         store,
         setup.placement,
         setup.max_len,

@@ -70,8 +70,6 @@ def check_split(cfg: OptConfig, world: int) -> None:
         raise ConfigError(f"--tp must be at least 1, got {world}")
     if world == 1:
         return
-    if cfg.encoder:
-        raise ConfigError(f"{cfg.name} is an encoder; tensor parallelism runs decoders (generate) only")
     for what, n in (
         ("attention heads", cfg.n_head),
         ("key/value heads", cfg.n_kv_head),

@@ -9,6 +9,7 @@ first token, as in Hugging Face) and padding keys are masked out of every query'
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -40,13 +41,16 @@ class Encoder(StackRunner):
         cfg, pl = self.cfg, self.placement
         gbs = pl.gpu_batch_size
         # Keys and values live one layer long, in the compute dtype: one scratch slot the next layer overwrites.
-        self._scratch_kv = PlainKV(self.dtype, cfg.n_kv_head, cfg.head_dim)
+        world = self.tp.world  # a tensor-parallel rank computes its own heads
+        self._scratch_kv = PlainKV(self.dtype, cfg.n_kv_head // world, cfg.head_dim)
         self._kv_elems = self.max_len * self._scratch_kv.row_elems(gbs)
         ledger.add("device", "k/v scratch", 2 * self.max_len * self._scratch_kv.row_bytes(gbs))
         self.acts = ActivationStore(
             cfg, pl.activations, self.device, self.pool, ledger, self.workdir, gbs * self.max_len, pl.num_gpu_batches
         )
-        self.layer = FusedLayer(LayerSpec.from_config(cfg), self.kernels, self._scratch_kv)
+        spec = LayerSpec.from_config(cfg)
+        spec = dataclasses.replace(spec, n_head=spec.n_head // world, n_kv_head=spec.n_kv_head // world)
+        self.layer = FusedLayer(spec, self.kernels, self._scratch_kv, self.tp.reduce)
 
     def _allocate(self) -> None:
         self._kv = torch.empty(2, self._kv_elems, dtype=self.dtype, device=self.device)
@@ -62,7 +66,7 @@ class Encoder(StackRunner):
             positions = real.cumsum(1) * real - 1  # (b, s); pads read the row just before position 0
         else:
             positions = torch.arange(s, device=ids.device).expand(b, s)
-        x = F.embedding(ids, w["embed_tokens"]).to(self.dtype)  # (b, s, h)
+        x = self.tp.embed(ids, w["embed_tokens"], cfg.vocab_size).to(self.dtype)  # (b, s, h)
         x = x + F.embedding(positions + cfg.position_offset, w["embed_positions"]).to(self.dtype)
         if "embed_token_types" in w:
             x = x + w["embed_token_types"][0].to(self.dtype)  # every token in segment 0, like HF without token_type_ids
@@ -137,6 +141,8 @@ class Encoder(StackRunner):
         is not counted in the stats' seconds.
         """
         self._check(seqs, pooling)
+        if self.tp.world > 1 and self.tp.rank == 0:  # the other tensor-parallel ranks encode the same (``follow``)
+            self.tp.broadcast((seqs, pooling, sort_window))
         stats, read_before = self._start_stats(len(seqs))
         bs = self.placement.block_size
         window = len(seqs) if sort_window is None else -(-max(sort_window, 1) // bs) * bs
@@ -169,6 +175,13 @@ class Encoder(StackRunner):
         stats.prefill_s = time.perf_counter() - start_time - callback_seconds
         stats.input_tokens = sum(len(seq) for seq in seqs)
         return self._finish_stats(stats, read_before)
+
+    def follow(self) -> None:
+        """On a tensor-parallel rank other than 0: encode what rank 0's ``encode_blocks`` calls hand out (the
+        results are rank 0's to write), until rank 0 broadcasts None."""
+        while (work := self.tp.broadcast()) is not None:
+            seqs, pooling, sort_window = work
+            self.encode_blocks(seqs, pooling, lambda members, outputs: None, sort_window)
 
     def encode(self, seqs: list[list[int]], pooling: str = "pooler") -> tuple[list[torch.Tensor], RunStats]:
         """Every sequence's result (see ``encode_blocks``) in input order, all held in memory, and the stats.
