@@ -128,7 +128,9 @@ RECORD_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 
 
 def scan(
-    path: Path, check: Callable[[int, dict[str, Any], tuple[str, int]], str | None] | None = None, kind: str = "generate"
+    path: Path,
+    check: Callable[[int, dict[str, Any], tuple[str, int]], str | None] | None = None,
+    kind: str = "generate",
 ) -> Existing:
     """Read the results already in ``path`` without changing it, a line at a time; a damaged line is an
     InputError. ``check(lineno, record, key)`` may object to a record: its first objection is kept. ``kind``:
