@@ -7,13 +7,13 @@
 # (measured, the page cache dropped before each run), the cost model's expected bytes per step
 # (E(1 - (1 - k/E)^B) experts a layer), decode seconds per step and throughput. Then the planner's choice for
 # the MoE model under the same budget.
+REPEAT=${REPEAT:-1}  # one run per case by default (a dense step reads the whole model from disk)
 source "$(dirname "$0")/lib.sh"
 DTYPE=${DTYPE:-bfloat16}
 PROMPT=${PROMPT:-128}
 GEN=${GEN:-32}
 HOST_MEM=${HOST_MEM:-1GiB}
 BLOCKS=${BLOCKS:-1 4}
-REPEAT=${REPEAT:-1}
 CFG=/tmp/flexrun-bench/moe-configs
 OFF=/tmp/flexrun-bench/offload
 RUNS="$OUT/moe-$(date +%Y%m%d-%H%M%S).jsonl"
