@@ -3,7 +3,7 @@
 # memory cgroup of MEM_LIMIT, page cache dropped before each run, against llama.cpp's mmap of the same
 # weights when llama-cpp-python is importable. Prints the machine, the plan (its host budget and where it
 # came from), and per case and side: decode tok/s, overall tok/s, peak RSS (measured) beside the planned
-# peak and the budget, bytes read from disk per decode step, medians of REPEAT runs.
+# peak and the budget, bytes read from disk over the run, medians of REPEAT runs.
 #
 #   MODEL       a model name or checkpoint dir (default opt-1.3b: 2.5 GiB of bf16 dummy weights, 2.4x 1 GiB)
 #   DUMMY       1: random weights of MODEL's shape (default 1)
@@ -12,10 +12,10 @@
 #   GGUF_F16 / GGUF_Q8  GGUF files of the same weights for llama.cpp (written with llama.cpp's
 #               convert_hf_to_gguf.py from a checkpoint dir, `--outtype f16` / `q8_0`); without them, or
 #               without llama-cpp-python, the llama.cpp side is skipped and the script says so.
+MEM_LIMIT=${MEM_LIMIT:-1G} # before lib.sh, whose default is 4G
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 MODEL=${MODEL:-opt-1.3b}
 DUMMY=${DUMMY:-1}
-MEM_LIMIT=${MEM_LIMIT:-1G}
 GEN=${GEN:-32}
 CASES=${CASES:-"1x32 16x128"}
 THREADS=${THREADS:-$(nproc)}
@@ -28,7 +28,6 @@ dummy=()
 
 echo "# bigger than memory: $MODEL in a $MEM_LIMIT memory cgroup, $GEN new tokens, $REPEAT runs per case (median)"
 machine
-echo "page cache control: $(page_cache_control)"
 echo "threads: $THREADS (torch intra-op; llama.cpp n_threads)"
 export OMP_NUM_THREADS=$THREADS
 
@@ -47,7 +46,7 @@ field() { grep -m1 -- "$2" "$1" | awk "${@:3}" || true; }
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR) print a[int((NR + 1) / 2)]; else print "n/a"}'; }
 
-printf '\n| case | side | decode tok/s | overall tok/s | peak RSS | planned peak | host budget (source) | disk read per decode step |\n'
+printf '\n| case | side | decode tok/s | overall tok/s | peak RSS | planned peak | host budget (source) | disk read (whole run) |\n'
 printf '|---|---|---|---|---|---|---|---|\n'
 for case in $CASES; do
   n=${case%x*} s=${case#*x}
@@ -69,7 +68,8 @@ for case in $CASES; do
     total=$(field "$log" "total latency" '{for (i = 1; i <= NF; i++) if ($i == "throughput:") print $(i + 1)}')
     echo "$decode $total" >>"$WORK/flexrun-$case.runs"
   done
-  last="$WORK/flexrun-$case-$REPEAT.log"
+  [[ -s "$WORK/flexrun-$case.runs" ]] || continue # every run failed: said above
+  last=$(grep -l "^peak resident memory" "$WORK"/flexrun-"$case"-*.log | tail -1)
   dec=$(awk '{print $1}' "$WORK/flexrun-$case.runs" | median)
   tot=$(awk '{print $2}' "$WORK/flexrun-$case.runs" | median)
   peak=$(field "$last" "peak resident memory (measured)" -F'[:,]' '{print $2}')
@@ -77,7 +77,7 @@ for case in $CASES; do
   budget=$(field "$last" "^plan (" -F'host from ' '{split($2, a, "): "); print a[1]}')
   host=$(field "$last" "^plan (" -F'budgets host ' '{split($2, a, ","); print a[1]}')
   disk=$(field "$last" "^disk read" '{print $3, $4}')
-  echo "| $n x p$s g$GEN | flexrun bf16 | $dec | $tot | $peak | $planned | $host ($budget) | $disk in the run |"
+  echo "| $n x p$s g$GEN | flexrun bf16 | $dec | $tot | $peak | $planned | $host ($budget) | $disk |"
 done
 
 # llama.cpp: mmap of the GGUF file, the kernel paging it within the same cgroup.
