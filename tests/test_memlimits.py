@@ -374,3 +374,17 @@ def test_a_manual_placement_that_cannot_fit_is_refused_before_the_store_naming_f
     result = CliRunner().invoke(cli, [*args, "--host-mem", "100MiB"])
     assert result.exit_code == 1 and "no placement fits these budgets" in result.output, result.output
     assert not stores.exists() or not any(stores.iterdir())
+
+
+def test_a_held_block_that_cannot_fit_names_flags_that_fit(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from flexrun.cli import cli
+
+    stores = tmp_path / "stores"
+    args = ["bench", "-m", "opt-125m", "--dummy-weights", "--store-dir", str(stores), "--hardware", "cpu"]
+    args += ["--host-mem", "400MiB", "--gpu-batch-size", "64", "--num-gpu-batches", "8", "--prompt-len", "32"]
+    result = CliRunner().invoke(cli, [*args, "--gen-len", "8", "--offload-dir", str(tmp_path / "off")])
+    assert result.exit_code == 1 and "no placement of opt-125m fits" in result.output, result.output
+    assert "these flags fit: --weights " in result.output and "--num-gpu-batches" in result.output
+    assert not stores.exists() or not any(stores.iterdir())

@@ -24,7 +24,7 @@ from flexrun.costmodel.machine import hardware_for
 from flexrun.costmodel.prediction import predict
 from flexrun.costmodel.search import plan
 from flexrun.errors import BudgetError, PlacementError
-from flexrun.jobs.options import AUTO, EngineOptions, PlacementRequest
+from flexrun.jobs.options import AUTO, EngineOptions, ModelOptions, PlacementRequest
 from flexrun.jobs.tp import announce
 from flexrun.parallel import current
 from flexrun.paths import offload_root
@@ -132,7 +132,12 @@ def check_manual(
 
 
 def fitting_flags(
-    cfg: OptConfig, opts: EngineOptions, prompt_len: int, gen_len: int, num_prompts: int | None, compress_weight: str
+    cfg: OptConfig,
+    opts: EngineOptions,
+    prompt_len: int,
+    gen_len: int,
+    num_prompts: int | None,
+    compress_weight: str | tuple[str, ...],
 ) -> str:
     """ "; these flags fit: ..." naming a placement the planner finds within ``opts``' budgets with nothing
     held (so it may take a smaller block and put weights on disk), or why none does."""
@@ -153,6 +158,7 @@ def fitting_flags(
     spec = {kind: _rounded(getattr(pl, kind)) for kind in KINDS}
     flags = f"--weights {spec['weights']} --cache {spec['cache']} --activations {spec['activations']} "
     flags += f"--gpu-batch-size {pl.gpu_batch_size} --num-gpu-batches {pl.num_gpu_batches}"
+    flags += f" --compress-weight {pl.compress_weight}" if pl.compress_weight else ""
     flags += f" --compress-cache {pl.compress_cache}" if pl.compress_cache else ""
     return f"; these flags fit: {flags} (or leave the placement to the planner)"
 
@@ -304,6 +310,11 @@ def choose_placement(
             note = (
                 f"; the offload dir {root} has {format_bytes(disk_free(root))} free, --offload-dir can point elsewhere"
             )
+        if fixed or gbs or request.num_gpu_batches:  # what the user held may be what does not fit
+            opts = EngineOptions(ModelOptions(cfg.name), request, budgets, offload_dir)
+            fits = fitting_flags(cfg, opts, prompt_len, gen_len, num_prompts, compress_weight)
+            if fits.startswith("; these flags fit"):
+                note += fits
         raise PlacementError(
             f"{exc}{note}; or give the placement yourself (--placement manual --weights ...)"
         ) from None
