@@ -193,6 +193,13 @@ def test_stop_strings_need_a_tokenizer(ckpt, tmp_path: Path) -> None:
     args = ["generate", "-m", str(path), "--store-dir", str(tmp_path), "-i", "-", "--stop", "x"]
     result = run(*args, input='{"input_ids": [4, 5]}\n')
     assert result.exit_code == 1 and "--stop needs a tokenizer" in result.output
+    # With --output: the job failed before it began, so no empty output file is left behind; one that was
+    # there before is kept as it was.
+    out = tmp_path / "out.jsonl"
+    result = run(*args, "-o", str(out), input='{"input_ids": [4, 5]}\n')
+    assert result.exit_code == 1 and not out.exists()
+    out.write_text("")
+    assert run(*args, "-o", str(out), input='{"input_ids": [4, 5]}\n').exit_code == 1 and out.exists()
 
 
 def test_convert_never_overwrites_what_is_not_a_store(ckpt, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from flexrun.jobs.fingerprint import already_done, job_fingerprint, recorded_cho
 from flexrun.jobs.interrupt import StopRequest
 from flexrun.jobs.options import EngineOptions, JobOptions
 from flexrun.jobs.prompts import Sequence, has_chat_template, load_tokenizer, prepare
-from flexrun.jobs.results import ResultWriter, check_output, emit, is_stream, lock_output, open_stream
+from flexrun.jobs.results import ResultWriter, check_output, emit, is_stream, job_path, lock_output, open_stream
 from flexrun.jobs.streaming import cut_at_stop
 from flexrun.jobs.textio import PromptRecord, check_unique_ids, read_prompts
 from flexrun.jobs.textout import TextPrinter
@@ -159,10 +159,15 @@ def run_generate(
     if target is None:
         return _generate(opts, job, records, source, None, stdout, "stdout", notify)
     check_unique_ids(records)
+    created = not target.exists()
     check_output(target, job.input_file)
     lock = lock_output(target)  # one job per output file
     try:
         return _generate(opts, job, records, source, target, stdout, str(target), notify)
+    except BaseException:
+        if created and not job_path(target).exists() and target.stat().st_size == 0:
+            target.unlink()  # a job that failed before it began leaves no empty output behind
+        raise
     finally:
         lock.release()
 
