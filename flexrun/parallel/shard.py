@@ -81,9 +81,8 @@ def check_split(cfg: OptConfig, world: int) -> None:
             )
     unknown = sorted(set(cfg.layer_shapes()) - _LAYER_SLOTS)
     if unknown:
-        raise ConfigError(
-            f"{cfg.name}: tensor parallelism does not split {', '.join(unknown)}; run it with one process"
-        )
+        named = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise ConfigError(f"{cfg.name}: tensor parallelism does not split {named}; run it with one process")
     if cfg.vocab_size < world:
         raise ConfigError(f"{cfg.name}'s vocabulary of {cfg.vocab_size} is smaller than {world} ranks")
 
