@@ -33,7 +33,7 @@ from flexrun.precision import with_compute_dtype
 from flexrun.quant.formats import QuantSpec
 from flexrun.resolver import ModelSource
 from flexrun.runtime.engine import Engine
-from flexrun.runtime.tiers import Budgets, compute_device, disk_free
+from flexrun.runtime.tiers import Budgets, budget_fix, compute_device, disk_free
 from flexrun.units import format_bytes
 from flexrun.weights.store import TensorStore
 
@@ -124,7 +124,8 @@ def check_manual(
             fits = fitting_flags(run_cfg, opts, prompt_len, gen_len, num_prompts, kind)
             raise BudgetError(
                 f"placement does not fit: the {tier} tier needs about {format_bytes(need)} but its budget is "
-                f"{format_bytes(have)}, short by {format_bytes(need - have)}{fits}",
+                f"{format_bytes(have)}, short by {format_bytes(need - have)}; "
+                f"{budget_fix(tier, have, offload_root(opts.offload_dir))}{fits}",
                 tier,
                 need,
                 have,

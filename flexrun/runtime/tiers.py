@@ -153,19 +153,26 @@ class Ledger:
             need, have = self.total(tier), budgets[tier]
             if need > have:
                 parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.items[tier].items() if v)
-                fix = f"move shares off {tier} or raise --{tier}-mem"
-                if tier == "disk" and offload_dir is not None:
-                    free = disk_free(offload_dir)
-                    if free <= have:
-                        fix = f"the offload dir {offload_dir} has {format_bytes(free)} free: move shares off disk or "
-                        fix += "point --offload-dir at a disk with room"
                 raise BudgetError(
                     f"placement does not fit: the {tier} tier needs {format_bytes(need)} ({parts}) but its budget is "
-                    f"{format_bytes(have)}, short by {format_bytes(need - have)}; {fix}",
+                    f"{format_bytes(have)}, short by {format_bytes(need - have)}; {budget_fix(tier, have, offload_dir)}",
                     tier,
                     need,
                     have,
                 )
+
+
+def budget_fix(tier: str, have: int, offload_dir: Path | None = None) -> str:
+    """What to do about a ``tier`` budget of ``have`` bytes that a placement exceeds: a disk budget that is
+    the offload dir's free space is raised by another disk, any other by its flag."""
+    if tier == "disk" and offload_dir is not None:
+        free = disk_free(offload_dir)
+        if free <= have:
+            return (
+                f"the offload dir {offload_dir} has {format_bytes(free)} free: move shares off disk or "
+                "point --offload-dir at a disk with room"
+            )
+    return f"move shares off {tier} or raise --{tier}-mem"
 
 
 def make_workdir(root: Path, prefix: str) -> Path:
