@@ -7,6 +7,7 @@
 # Target (issue 19): median |error| <= 15%, max <= 25%, fresh and after three recorded runs.
 # Settings: PROMPT (128), GEN (8), DTYPE (float32), MODELS ("opt-350m opt-1.3b"), ROUNDS (2),
 # CACHE (a fresh temporary dir; give an existing one to go on from its calibration).
+MEM_LIMIT=${MEM_LIMIT:-12G}  # before lib.sh's 4G default: OPT-1.3B in float32 at a 16-sequence block needs ~6 GiB
 source "$(dirname "$0")/lib.sh"
 PROMPT=${PROMPT:-128}
 GEN=${GEN:-8}
@@ -38,7 +39,8 @@ for round in $(seq 1 "$ROUNDS"); do
     for placement in "${MATRIX[@]}"; do
       # shellcheck disable=SC2086
       limited "$PYTHON" -m flexrun bench --model "$model" --dummy-weights --dtype "$DTYPE" --placement manual \
-        $placement --prompt-len "$PROMPT" --gen-len "$GEN" --offload-dir /tmp/flexrun-bench/offload --json 2>/dev/null >>"$RUNS"
+        $placement --prompt-len "$PROMPT" --gen-len "$GEN" --offload-dir /tmp/flexrun-bench/offload --json \
+        2>>"$RUNS.err" >>"$RUNS" || echo "failed: $model $placement (stderr in $RUNS.err)"
     done
   done
   echo
