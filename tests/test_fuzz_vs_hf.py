@@ -323,7 +323,9 @@ def _llama_like(
     Qwen2's rules pick) and, for the last two, a mixture of 4-8 experts routing each token to 1 or 2."""
     heads, hd = draw(heads_and_dim(even_dim=True))
     kv = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
-    window = draw(st.integers(1, 8))
+    # From 2: at a window of 1 HF's sliding-window cache keeps no past token and its cached decode disagrees
+    # with its own full forward pass (checked on transformers 5.24), so HF is no reference there.
+    window = draw(st.integers(2, 8))
     out = {
         **ids,
         "pad_token_id": draw(special_id(ids["vocab_size"], allow_outside=False)),
