@@ -137,10 +137,10 @@ def run_chat(
     terminal = stdin.isatty()
     with engine:
         while True:
-            if terminal:
-                stdout.write(chat.prompt)
-                stdout.flush()
-            try:
+            try:  # the prompt inside: Ctrl-C the moment it shows must not end the session
+                if terminal:
+                    stdout.write(chat.prompt)
+                    stdout.flush()
                 line = stdin.readline()
             except KeyboardInterrupt:
                 stdout.write("\n")
