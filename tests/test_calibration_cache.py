@@ -188,3 +188,12 @@ def test_the_plan_never_takes_a_block_bigger_than_the_job() -> None:
     assert free.block_size > 3  # the planner would take a bigger block for a bigger job
     three = choose_placement(cfg, request, budgets, 32, 8, num_prompts=3).placement
     assert three.block_size <= 3
+
+
+def test_a_cache_dir_that_cannot_be_written_costs_no_job(cache: Path, tmp_path: Path, monkeypatch) -> None:
+    def refuse(self: Calibration) -> Path:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Calibration, "save", refuse)
+    hw = machine.hardware_for(None, tmp_path / "off", stderr=io.StringIO())
+    assert hw.name == "calibrated" and not calcache.path_for(FP).exists()

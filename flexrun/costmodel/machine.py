@@ -99,8 +99,16 @@ def _first_calibration(fingerprint: dict[str, str], directory: Path, stderr: IO[
     )
     spec, disk = measure_machine(directory, FIRST, progress=stderr.isatty(), label="flexrun on first use")
     entry = Calibration(fingerprint, spec, {filesystem_key(directory): disk})
-    entry.save()
+    _save(entry)
     return entry
+
+
+def _save(entry: Calibration) -> None:
+    """Cache ``entry``; a cache dir that cannot be written costs the next job a calibration, never this one."""
+    try:
+        entry.save()
+    except OSError as exc:
+        log.warning("cannot cache this machine's calibration in %s: %s", calcache.calibration_dir(), exc.strerror)
 
 
 def machine_calibration(
@@ -119,7 +127,7 @@ def machine_calibration(
     if key not in entry.disks:
         log.info("measuring the disk under %s (%s) for the planner", directory, key)
         entry.disks[key] = measure_filesystem(directory)
-        entry.save()
+        _save(entry)
     return entry
 
 
