@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from flexrun.cli_options import engine_options, positive_int
+from flexrun.cli_options import engine_options, positive_int, sampling_options
 
 
 def stop_strings(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -56,11 +56,7 @@ def output_format(fmt: str, output: str | None) -> str:
     type=int,
     help="Tokens to generate per completion [default: 32; a chat answer: what the context leaves, up to 512].",
 )
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed; a rerun reproduces its outputs.")
+@sampling_options("Sampling seed; a rerun reproduces its outputs.")
 @click.option(
     "--stop", multiple=True, callback=stop_strings, help="Stop a sequence when this text appears (repeatable)."
 )
@@ -192,11 +188,7 @@ def generate_cmd(
     type=int,
     help="The longest reply [default: 512, or a quarter of the model's context if less].",
 )
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
+@sampling_options("Sampling seed.")
 @click.option("--verbose", is_flag=True, help="Print the plan line on stderr.")
 def chat_cmd(
     system: str | None,

@@ -116,6 +116,26 @@ def compress_weight_options(planned: bool = False) -> list[Any]:
     ]
 
 
+def sampling_options(seed_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--temperature, --top-p, --top-k, --repetition-penalty and --seed, as generate and chat share them."""
+    options = [
+        click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy."),
+        click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True)),
+        click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0)),
+        click.option(
+            "--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True)
+        ),
+        click.option("--seed", default=0, show_default=True, type=int, help=seed_help),
+    ]
+
+    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):  # the order they are listed in --help
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
 def engine_options(encoder: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The model, weights and placement options of the commands that run the engine, collected into one
     ``EngineOptions`` passed to the command as ``engine``. ``encoder``: for ``embed``, whose model is never
