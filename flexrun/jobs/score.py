@@ -35,8 +35,8 @@ from flexrun.jobs.score_input import Scoring, Tokenize, read_records
 from flexrun.jobs.textio import PromptRecord, check_unique_ids, id_key
 from flexrun.placement import Placement
 from flexrun.resolver import ModelSource
-from flexrun.runtime.packing import Row, ScoreRequest, pack
-from flexrun.runtime.scorer import Scored, Scorer, can_share
+from flexrun.runtime.packing import Row, ScoreRequest, can_share, pack
+from flexrun.runtime.scorer import Scored, Scorer
 from flexrun.runtime.stats import RunStats
 from flexrun.runtime.tiers import compute_device
 from flexrun.weights.store import TensorStore

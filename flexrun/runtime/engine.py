@@ -23,6 +23,7 @@ from flexrun.runtime.activations import ActivationStore
 from flexrun.runtime.kvcache import KV, KVCache
 from flexrun.runtime.layer import AttentionCore, FusedLayer, LayerSpec, LayerWeights, Mlp, Rotary
 from flexrun.runtime.moe import ExpertStream, MoeMlp
+from flexrun.runtime.prefix import SharedBlock, SharedPrefill, plan_block
 from flexrun.runtime.sampling import Sampler, SamplingParams
 from flexrun.runtime.stack import StackRunner, token_problem
 from flexrun.runtime.stats import RunStats, Timers
@@ -61,6 +62,7 @@ class Engine(StackRunner):
         )
         self.acts = ActivationStore(cfg, pl.activations, *common, max_tokens=gbs * self.max_len, num_batches=ngb)
         ledger.add("device", "block logits and rows", block_bytes(cfg, gbs * ngb))
+        self.shared = SharedPrefill(self.kv_format, self.max_len, gbs, self.device, ledger)
         if pl.compress_cache:  # attention reads a micro-batch's K and V dequantized to float32
             ledger.add("device", "kv dequantized", 2 * 4 * gbs * self.max_len * cfg.kv_dim)
         # One layer per index: the attention scale and window may vary along the stack.
@@ -234,16 +236,18 @@ class Engine(StackRunner):
         on_step: TokenCallback | None = None,
         stop_check: Callable[[int, list[int]], bool] | None = None,
         return_logits: bool = False,
+        share_prefix: bool = True,
     ) -> tuple[list[list[int]], RunStats, list[torch.Tensor]]:
         """Generate for every prompt, one block (placement.block_size sequences) at a time.
 
         Returns the new tokens of each prompt (ending at EOS or a stop), the measured stats and, when asked,
-        the logits of every step per block. ``seq_ids`` seed each sequence's sampler (default: index). Under
+        the logits of every step per block. ``seq_ids`` seed each sequence's sampler (default: index). With
+        ``share_prefix`` the prompts of a block that share a prefix prefill it once (``runtime.prefix``). Under
         tensor parallelism rank 0 is called and hands the same work to the other ranks (``follow``).
         """
         self._check_prompts(prompts, params.max_new_tokens)
         if self.tp.world > 1 and self.tp.rank == 0:
-            self.tp.broadcast((prompts, params, seq_ids, return_logits))
+            self.tp.broadcast((prompts, params, seq_ids, return_logits, share_prefix))
         stats, read_before = self._start_stats(len(prompts))
         comm_before = (self.tp.comm_s, self.tp.comm_calls)
         timers = Timers(self.device)
@@ -255,6 +259,8 @@ class Engine(StackRunner):
         all_logits: list[torch.Tensor] = []
         for start in range(0, len(order), block_size):
             members = order[start : start + block_size]
+            shared = plan_block([prompts[n] for n in members], self.cfg, self.max_len) if share_prefix else None
+            members = [members[k] for k in shared.order] if shared else members
             new, logits = self._generate_block(
                 [prompts[n] for n in members],
                 params,
@@ -265,7 +271,10 @@ class Engine(StackRunner):
                 stop_check,
                 members,
                 return_logits,
+                shared,
             )
+            if shared:  # each step's logits back in the block's order
+                logits = [step[torch.tensor(shared.order).argsort()] for step in logits]
             for n, toks in zip(members, new, strict=True):
                 outputs[n] = toks
             all_logits.extend(logits)
@@ -283,8 +292,8 @@ class Engine(StackRunner):
         """On a tensor-parallel rank other than 0: run the work rank 0's ``generate`` calls hand out, until
         rank 0 broadcasts None (no more work)."""
         while (work := self.tp.broadcast()) is not None:
-            prompts, params, seq_ids, return_logits = work
-            self.generate(prompts, params, seq_ids, return_logits=return_logits)
+            prompts, params, seq_ids, return_logits, share_prefix = work
+            self.generate(prompts, params, seq_ids, return_logits=return_logits, share_prefix=share_prefix)
 
     def _generate_block(
         self,
@@ -297,6 +306,7 @@ class Engine(StackRunner):
         stop_check: Callable[[int, list[int]], bool] | None,
         members: list[int],
         return_logits: bool,
+        shared: SharedBlock | None = None,
     ) -> tuple[list[list[int]], list[torch.Tensor]]:
         n, s = len(prompts), max(len(p) for p in prompts)
         gbs = self.placement.gpu_batch_size
@@ -318,9 +328,13 @@ class Engine(StackRunner):
         finished = torch.zeros(n, dtype=torch.bool)
         logits_log: list[torch.Tensor] = []
         with timers.time("prefill"):
-            logits = self._step(block, list(ids.split(sizes)), past=0)
+            if shared:
+                logits = self.shared.prefill(self, shared, list(map(len, prompts)), sizes)
+            else:
+                logits = self._step(block, list(ids.split(sizes)), past=0)
         stats.prompt_tokens += n * s
         stats.input_tokens += sum(map(len, prompts))
+        stats.prefilled_tokens += shared.tokens if shared else sum(map(len, prompts))
         moe_before = (self.moe.stream.read, self.moe.stream.loads) if self.moe else (0, 0)
         read_before = self._bytes_read()
         for t in range(params.max_new_tokens):

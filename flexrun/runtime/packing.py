@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexrun.config import OptConfig
 from flexrun.errors import InputError
 
 
@@ -60,15 +61,15 @@ def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def _build(requests: list[ScoreRequest], members: list[int]) -> Row:
-    """The trie row of ``members``, whose token sequences are in sorted order."""
+def _build(seqs: list[tuple[int, ...]], members: list[int], starts: list[int]) -> Row:
+    """The trie row of ``members``, whose sequences ``seqs[m]`` are in sorted order; ``starts[m]``: the depth
+    from which member m's nodes are recorded in ``scored``."""
     row = Row(members=list(members))
     path: list[int] = []  # the previous sequence's nodes, by depth
     prev: tuple[int, ...] = ()
     open_nodes: list[int] = []  # nodes whose subtree is still open, by depth
     for r in members:
-        req = requests[r]
-        seq = req.inputs
+        seq = seqs[r]
         keep = _common(prev, seq)
         # Nodes deeper than the shared part are closed: their subtrees end here.
         for node in open_nodes[keep:]:
@@ -81,43 +82,89 @@ def _build(requests: list[ScoreRequest], members: list[int]) -> Row:
             row.ends.append(-1)
             path.append(node)
             open_nodes.append(node)
-        c = len(req.context)
-        row.scored.append(path[c - 1 :])  # the token before each continuation token
-        row.targets.append(list(req.continuation))
+        row.scored.append(path[starts[r] :])
         prev = seq
     for node in open_nodes:
         row.ends[node] = len(row.tokens)
     return row
 
 
+def _groups(seqs: list[tuple[int, ...]], need: list[int], limit: int, share: bool) -> list[list[int]]:
+    """The sequences in sorted order, grouped into rows: each joins the row before while it shares with the
+    sequence before it at least one token and half of the ``need`` (the part worth sharing) of one of the
+    two, and the row's trie stays within ``limit`` tokens."""
+    order = sorted(range(len(seqs)), key=lambda n: seqs[n])
+    groups: list[list[int]] = []
+    length = 0  # the current row's length
+    for n in order:
+        if groups and share:
+            prev = groups[-1][-1]
+            common = _common(seqs[prev], seqs[n])
+            grown = length + len(seqs[n]) - common
+            if common >= 1 and 2 * common >= min(need[prev], need[n]) and grown <= limit:
+                groups[-1].append(n)
+                length = grown
+                continue
+        groups.append([n])
+        length = len(seqs[n])
+    return groups
+
+
 def pack(requests: list[ScoreRequest], limit: int, share: bool = True) -> list[Row]:
     """Rows for ``requests``, longest first, each at most ``limit`` tokens (a single request may fill one).
 
     With ``share``, requests in sorted order join one row while each shares with the one before it at
-    least half of its context (the choices of one question share all of it; questions after the same
+    least half of its context or of that one's (the choices of one question share all of it; questions after the same
     few-shot examples most of it) and the row stays within ``limit``; without, each request is a row of
     its own (its tokens all computed, as a plain forward pass would).
     """
     for n, req in enumerate(requests):
         if not req.context or not req.continuation:
             raise InputError(f"request {n}: empty {'context' if not req.context else 'continuation'}")
-    order = sorted(range(len(requests)), key=lambda n: requests[n].inputs)
-    groups: list[list[int]] = []
-    length = 0  # the current row's length
-    for n in order:
-        req = requests[n]
-        if groups and share:
-            common = _common(requests[groups[-1][-1]].inputs, req.inputs)
-            grown = length + len(req) - common
-            if common >= 1 and 2 * common >= len(req.context) and grown <= limit:
-                groups[-1].append(n)
-                length = grown
-                continue
-        groups.append([n])
-        length = len(req)
-    rows = [_build(requests, g) for g in groups]
+    seqs = [req.inputs for req in requests]
+    starts = [len(req.context) - 1 for req in requests]  # the token before each continuation token
+    rows = []
+    for group in _groups(seqs, [len(req.context) for req in requests], limit, share):
+        row = _build(seqs, group, starts)
+        row.targets = [list(requests[m].continuation) for m in group]
+        rows.append(row)
     rows.sort(key=lambda row: -len(row))
     return rows
+
+
+def pack_prompts(prompts: list[list[int]], limit: int) -> list[Row]:
+    """Prompts to generate after, packed as ``pack`` packs requests (a prompt joins a row while it shares
+    half of itself, or of the prompt before it, with that prompt), longest row first; ``scored[k]``: member k's every node, the
+    last one the position its first new token is predicted from."""
+    seqs = [tuple(p) for p in prompts]
+    rows = [_build(seqs, group, [0] * len(seqs)) for group in _groups(seqs, list(map(len, seqs)), limit, True)]
+    rows.sort(key=lambda row: -len(row))
+    return rows
+
+
+def row_tensors(rows: list[Row], fill: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Rows as a left-padded batch: ids (fill in the padding), positions (-1 in the padding) and subtree ends
+    as row indices of the padded row (0 in the padding), each (b, s); and each row's padding."""
+    s, n = max(len(row) for row in rows), len(rows)
+    ids = torch.full((n, s), fill, dtype=torch.long)
+    positions = torch.full((n, s), -1, dtype=torch.long)
+    ends = torch.zeros((n, s), dtype=torch.long)
+    pad = [s - len(row) for row in rows]
+    for r, row in enumerate(rows):
+        ids[r, pad[r] :] = torch.tensor(row.tokens)
+        positions[r, pad[r] :] = torch.tensor(row.positions)
+        ends[r, pad[r] :] = torch.tensor(row.ends) + pad[r]
+    return ids, positions, ends, pad
+
+
+#: Rotary scalings whose frequencies depend on the sequence's length: a shared prefix would be rotated
+#: for one length only, so their sequences are never packed together.
+_LENGTH_DEPENDENT = ("dynamic", "longrope")
+
+
+def can_share(cfg: OptConfig) -> bool:
+    """Whether sequences may share a prefix: not under a rotary scaling that depends on the length."""
+    return cfg.position != "rotary" or cfg.rope_type not in _LENGTH_DEPENDENT
 
 
 def tree_mask(positions: torch.Tensor, ends: torch.Tensor, dtype: torch.dtype, window: int = 0) -> torch.Tensor:

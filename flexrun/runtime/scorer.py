@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from flexrun.config import OptConfig
 from flexrun.errors import InputError
 from flexrun.kernels import positions as P
 from flexrun.runtime.activations import ActivationStore
@@ -24,7 +23,7 @@ from flexrun.runtime.engine import Engine
 from flexrun.runtime.kvformat import PlainKV
 from flexrun.runtime.layer import FusedLayer, LayerSpec, LayerWeights
 from flexrun.runtime.moe import ExpertStream, MoeMlp
-from flexrun.runtime.packing import Row, ScoreRequest, pack, tree_mask
+from flexrun.runtime.packing import Row, ScoreRequest, can_share, pack, row_tensors, tree_mask
 from flexrun.runtime.stack import token_problem
 from flexrun.runtime.stats import RunStats
 from flexrun.runtime.tiers import Ledger
@@ -44,16 +43,6 @@ class Scored:
     token_logprobs: list[float]
 
 
-#: Rotary scalings whose frequencies depend on the sequence's length: a shared prefix would be rotated
-#: for one length only, so their requests are never packed together.
-_LENGTH_DEPENDENT = ("dynamic", "longrope")
-
-
-def can_share(cfg: OptConfig) -> bool:
-    """Whether requests may share a prefix: not under a rotary scaling that depends on the length."""
-    return cfg.position != "rotary" or cfg.rope_type not in _LENGTH_DEPENDENT
-
-
 class Scorer(Engine):
     """Scores continuations with a placement over device / host / disk. Use as a context manager."""
 
@@ -67,7 +56,9 @@ class Scorer(Engine):
         ledger.add("device", "k/v scratch", 2 * self.max_len * self._scratch_kv.row_bytes(gbs))
         ledger.add("device", "scored logits", 2 * HEAD_CHUNK * cfg.vocab_size * 4)  # logits and log-softmax
         common = (self.device, self.pool, ledger, self.workdir)
-        self.acts = ActivationStore(cfg, pl.activations, *common, max_tokens=gbs * self.max_len, num_batches=ngb)
+        self.acts = ActivationStore(
+            cfg, pl.activations, *common, max_tokens=gbs * self.max_len, num_batches=ngb, mover=self.mover
+        )
         self.layers = [
             FusedLayer(LayerSpec.from_config(cfg, i), self.kernels, self._scratch_kv)
             for i in range(cfg.num_hidden_layers)
@@ -120,16 +111,8 @@ class Scorer(Engine):
     # ---- the block schedule ----------------------------------------------------------------------------
     def _block(self, rows: list[Row]) -> list[list[Scored]]:
         """One block of rows through the stack; each row's members' results."""
-        s = max(len(row) for row in rows)
-        n = len(rows)
-        ids = torch.full((n, s), self.cfg.fill_token_id, dtype=torch.long)
-        positions = torch.full((n, s), -1, dtype=torch.long)
-        ends = torch.zeros((n, s), dtype=torch.long)
-        pad = [s - len(row) for row in rows]
-        for r, row in enumerate(rows):
-            ids[r, pad[r] :] = torch.tensor(row.tokens)
-            positions[r, pad[r] :] = torch.tensor(row.positions)
-            ends[r, pad[r] :] = torch.tensor(row.ends) + pad[r]
+        ids, positions, ends, pad = row_tensors(rows, self.cfg.fill_token_id)
+        n, s = ids.shape
         gbs = self.placement.gpu_batch_size
         bounds = [(o, min(o + gbs, n)) for o in range(0, n, gbs)]
         pos = [positions[a:b].to(self.device) for a, b in bounds]

@@ -23,6 +23,7 @@ class RunStats:
     blocks: int = 0
     prompt_tokens: int = 0  # prompt tokens processed in prefill, padding included
     input_tokens: int = 0  # real prompt tokens, padding excluded
+    prefilled_tokens: int = 0  # prompt tokens prefill computed: padding excluded, a prefix prompts share once
     generated_tokens: int = 0  # tokens produced (padded across the block: the throughput FlexGen reports)
     prefill_s: float = 0.0
     decode_s: float = 0.0
