@@ -18,6 +18,12 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a CUDA device Triton kernels run under Triton's interpreter, on CPU tensors
+# (tests/test_triton_kernels.py). Triton decides when it decorates a function, its own standard library's
+# included, so the variable is set before anything imports triton (torch and flexrun do not on their own).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from tests.helpers import JOB_VOCAB  # noqa: E402
 from tests.hf_reference import OptCheckpoint, save_tiny_opt  # noqa: E402
 

@@ -37,6 +37,21 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: floa
 
 NORMS: dict[str, reference.NormFn] = {**reference.NORMS, "rmsnorm": rms_norm}
 
+
+def _add_then_(norm: reference.NormFn) -> reference.AddNormFn:
+    """The add-norm of ``norm`` with the sum written into delta (a fresh projection output): no temporary."""
+
+    def add_norm_(
+        x: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        total = delta.add_(x)
+        return total, norm(total, w, b, eps)
+
+    return add_norm_
+
+
+ADD_NORMS: dict[str, reference.AddNormFn] = {kind: _add_then_(norm) for kind, norm in NORMS.items()}
+
 # Above this many rows of x (tokens in the micro-batch) a whole-weight matmul is as fast as a chunked one.
 _CHUNKED_ROWS = 512
 

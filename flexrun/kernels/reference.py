@@ -26,6 +26,26 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: floa
 
 NormFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor]
 NORMS: dict[str, NormFn] = {"layernorm": layer_norm, "rmsnorm": rms_norm}
+#: x, delta, w, b, eps -> (x + delta, norm(x + delta)): a residual add and the norm after it, one kernel where
+#: a set fuses them (a set may write the sum into delta, which callers pass fresh).
+AddNormFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def add_then(norm: NormFn) -> AddNormFn:
+    """The add-norm of ``norm``: the sum, then ``norm`` of it."""
+
+    def add_norm(
+        x: torch.Tensor, delta: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        total = x + delta
+        return total, norm(total, w, b, eps)
+
+    return add_norm
+
+
+ADD_NORMS: dict[str, AddNormFn] = {kind: add_then(norm) for kind, norm in NORMS.items()}
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:

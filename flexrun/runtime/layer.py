@@ -126,6 +126,7 @@ class FusedLayer:
         self.kv = kv_format
         self.reduce = reduce
         self._norm = kernels.norms[spec.norm]
+        self._add_norm = kernels.add_norms[spec.norm]
         self._act_ = kernels.activations[spec.activation]
 
     def __call__(
@@ -146,15 +147,13 @@ class FusedLayer:
             attn, up = self._attend(w, attn_in, core, rotary), self._up(w, mlp_in)
             return self._residual(x, [(attn, w.out_w, w.out_b), (up, w.fc2_w, w.fc2_b)])
         if not sp.pre_norm:  # post-LN: normalise after each residual add
-            x = self._residual(x, [(self._attend(w, x, core, rotary), w.out_w, w.out_b)])
-            x = self._norm(x, w.ln1_w, w.ln1_b, sp.eps)
-            return self._norm2(w, self._residual(x, [(self._up(w, x), w.fc2_w, w.fc2_b)]))
-        x = self._residual(
-            x, [(self._attend(w, self._norm(x, w.ln1_w, w.ln1_b, sp.eps), core, rotary), w.out_w, w.out_b)]
-        )
+            _, x = self._residual_norm(x, (self._attend(w, x, core, rotary), w.out_w, w.out_b), w.ln1_w, w.ln1_b)
+            return self._residual_norm(x, (self._up(w, x), w.fc2_w, w.fc2_b), w.ln2_w, w.ln2_b)[1]
+        attn = self._attend(w, self._norm(x, w.ln1_w, w.ln1_b, sp.eps), core, rotary)
+        x, h = self._residual_norm(x, (attn, w.out_w, w.out_b), w.ln2_w, w.ln2_b)
         if mlp is not None:
-            return x + mlp(w, self._norm2(w, x))
-        return self._residual(x, [(self._up(w, self._norm2(w, x)), w.fc2_w, w.fc2_b)])
+            return x + mlp(w, h)
+        return self._residual(x, [(self._up(w, h), w.fc2_w, w.fc2_b)])
 
     def cached_core(self, k_slot: torch.Tensor, v_slot: torch.Tensor, past: int, mask: torch.Tensor) -> AttentionCore:
         """The core for one micro-batch: KV slots with rows [0, past) filled, into whose rows [past, past + s)
@@ -173,6 +172,23 @@ class FusedLayer:
     def _norm2(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         assert w.ln2_w is not None, "this layer has no second norm"
         return self._norm(x, w.ln2_w, w.ln2_b, self.spec.eps)
+
+    def _residual_norm(
+        self,
+        x: torch.Tensor,
+        part: tuple[torch.Tensor, Weight | None, torch.Tensor | None],
+        norm_w: torch.Tensor | None,
+        norm_b: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x plus one projection (input, weight, bias), and that sum normalised: the residual add and the
+        norm after it in one kernel set call (one kernel where the set fuses them)."""
+        assert norm_w is not None, "this layer has no second norm"
+        a, w, b = part
+        if self.reduce is not None:  # the partial sums reduced (and the bias added once) before the add
+            x = self._residual(x, [part])
+            return x, self._norm(x, norm_w, norm_b, self.spec.eps)
+        assert w is not None, "this layer has no such projection"
+        return self._add_norm(x, self.k.linear(a, w, b), norm_w, norm_b, self.spec.eps)
 
     def _residual(
         self, x: torch.Tensor, parts: list[tuple[torch.Tensor, Weight | None, torch.Tensor | None]]
