@@ -174,7 +174,16 @@ def _plan_text(
     default=1,
     show_default=True,
     callback=positive_int,
-    help="Tensor-parallel ranks: plan one rank's share (each with the memory budgets given) plus the all-reduces.",
+    help="Tensor-parallel ranks: plan one rank's share plus the all-reduces. The ranks on one machine share its "
+    "memory and disk budgets (given or free): each plans with an equal part.",
+)
+@click.option(
+    "--nodes",
+    default=1,
+    show_default=True,
+    callback=positive_int,
+    help="Machines the --tp ranks are spread over (torchrun --nnodes), each with the budgets given: a machine's "
+    "budgets are divided among its --tp / --nodes ranks.",
 )
 @click.option(
     "--interconnect-bw",
@@ -199,6 +208,7 @@ def plan_cmd(
     compute_dtype: str,
     max_block_size: int | None,
     tp: int,
+    nodes: int,
     interconnect_bw: int | None,
     as_json: bool,
 ) -> None:
@@ -221,6 +231,7 @@ def plan_cmd(
     from flexrun.costmodel.search import plan
     from flexrun.precision import with_compute_dtype
     from flexrun.resolver import resolve
+    from flexrun.units import format_bytes
 
     cfg = resolve(model, **({"dtype": dtype} if dtype else {}))
     if cfg.encoder:
@@ -229,6 +240,9 @@ def plan_cmd(
         raise FlexrunError(
             f"--prompt-len {prompt_len} + --gen-len {gen_len} exceeds {cfg.name}'s {cfg.max_seq_len} positions"
         )
+    if tp % nodes:
+        raise click.BadParameter(f"--tp {tp} ranks do not spread evenly over {nodes} machines", param_hint="--nodes")
+    local = tp // nodes  # the ranks sharing one machine's memory and disk
     if hardware is None:
         # This machine: the budgets `generate` would get (90% of the RAM its cgroup / rlimits / the machine leave,
         # the offload dir's free disk).
@@ -236,7 +250,7 @@ def plan_cmd(
         from flexrun.runtime.tiers import Budgets
 
         cuda = torch.cuda.is_available()
-        budgets = Budgets(device=device_mem, host=host_mem, disk=disk_mem)
+        budgets = Budgets(device=device_mem, host=host_mem, disk=disk_mem, ranks=local)
         tiers, sources = budgets.described(offload_root(None), cuda)
         baseline: int | None = budgets.host_budget().baseline
         hw = hardware_for(None).with_memory(
@@ -245,6 +259,16 @@ def plan_cmd(
     else:
         hw = hardware.with_memory(device=device_mem, host=host_mem, disk=disk_mem)
         sources, baseline = {}, None
+        if local > 1:
+            given = {
+                "host": "--host-mem" if host_mem else "the spec's",
+                "disk": "--disk-mem" if disk_mem else "the spec's",
+            }
+            sources = {
+                t: f"1/{local} of {given[t]} {format_bytes(hw.memory(t))}, one of {local} local ranks' part"
+                for t in given
+            }
+            hw = hw.with_memory(host=hw.host_mem // local, disk=hw.disk_mem // local)
     if tp > 1:
         from flexrun.parallel import check_split
 
@@ -284,21 +308,25 @@ def plan_cmd(
             **result.to_dict(),
         }
         if reduce is not None:
-            out["tensor_parallel"] = reduce
+            out["tensor_parallel"] = {**reduce, "nodes": nodes, "local_ranks": local}
         click.echo(json.dumps(out, indent=2))
         return
     click.echo(_plan_text(cfg, result, kinds, rule_dtype, sources, baseline))
     if reduce is not None:
+        link = "assumed: gloo over loopback"
+        if interconnect_bw or hw.interconnect_bw:
+            link = "--interconnect-bw" if interconnect_bw else "calibrate's" if hardware is None else "the spec's"
         click.echo(
-            f"tensor par: {tp} ranks, figures per rank; all-reduces {reduce['decode_step_s'] * 1e3:.3g} ms of each "
-            f"{reduce['step_s'] * 1e3:.3g} ms decode step ({reduce['share']:.0%}), "
-            f"{reduce['bytes_per_layer']} bytes per layer per token over {reduce['interconnect_bw'] / 1e9:.3g} GB/s"
+            f"tensor par: {tp} ranks, {local} a machine, figures per rank; all-reduces "
+            f"{reduce['decode_step_s'] * 1e3:.3g} ms of each {reduce['step_s'] * 1e3:.3g} ms decode step "
+            f"({reduce['share']:.0%}), {reduce['bytes_per_layer']} bytes per layer per token over "
+            f"{reduce['interconnect_bw'] / 1e9:.3g} GB/s and {reduce['latency_s'] * 1e6:.0f} us each ({link})"
         )
 
 
 def _all_reduce_share(cfg: Any, result: Any, hw: Any) -> dict[str, float]:
     """The all-reduces' part of a decode step as the cost model predicts it."""
-    from flexrun.costmodel.equations import LOOPBACK_BW, all_reduce_seconds
+    from flexrun.costmodel.equations import LOOPBACK_BW, LOOPBACK_LATENCY, all_reduce_seconds
 
     pr, block = result.prediction, result.placement.block_size
     step = pr.decode_s / max(1, pr.gen_len - 1)
@@ -306,6 +334,7 @@ def _all_reduce_share(cfg: Any, result: Any, hw: Any) -> dict[str, float]:
     per_layer = 1 if cfg.parallel_attn else 2
     return {
         "ranks": hw.tp_ranks,
+        "latency_s": hw.interconnect_latency or LOOPBACK_LATENCY,
         "interconnect_bw": hw.interconnect_bw or LOOPBACK_BW,
         "bytes_per_layer": 2 * per_layer * cfg.hidden_size * cfg.run_dtype_bytes,
         "decode_step_s": reduce,

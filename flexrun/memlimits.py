@@ -39,6 +39,7 @@ class MemoryBound:
     source: str  # e.g. "cgroup v1 /sys/fs/cgroup/memory/foo memory.limit_in_bytes"
     limit: int | None  # the hard cap in bytes (None: the machine's available memory, not a cap)
     available: int  # bytes the process may still take under this bound
+    per_process: bool = False  # each process has its own (an rlimit); else processes on the machine share it
 
     def describe(self) -> str:
         if self.limit is None:
@@ -69,6 +70,17 @@ class ProcessMemory:
         tightest bound's hard limit (shared libraries it maps may be charged to another cgroup)."""
         held, limit = self.available + self.resident, self.tightest.limit
         return held if limit is None else min(held, limit)
+
+    def share(self, ranks: int) -> int:
+        """Bytes one of ``ranks`` like processes on this machine may hold (tensor-parallel ranks started together):
+        its own resident memory plus an equal part of what a shared bound (the machine, a cgroup) leaves, at
+        most an equal part of its hard limit; a per-process bound (an rlimit) is not divided."""
+        held = []
+        for b in self.bounds:
+            n = 1 if b.per_process else max(ranks, 1)
+            most = max(b.available, 0) // n + self.resident
+            held.append(most if b.limit is None else min(most, b.limit // n))
+        return min(held)
 
     @property
     def source(self) -> str:
@@ -233,7 +245,7 @@ def _rlimit_bounds(
         if vms is None or data is None:
             vms, data = in_use()
         used = vms if name == "RLIMIT_AS" else data
-        bounds.append(MemoryBound(name, soft, soft - used))
+        bounds.append(MemoryBound(name, soft, soft - used, per_process=True))
     return bounds
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from flexrun.parallel import Shard, slice_bytes
+from flexrun.weights.store import TensorStore
 from tests.helpers import run
 from tests.hf_decoders import tiny_decoder
 
@@ -92,6 +94,30 @@ def test_tp_the_heads_cannot_take_is_refused(job: tuple[Path, list[str], str]) -
     ), r.output
 
 
+def test_each_local_rank_takes_its_part_of_the_budgets(job: tuple[Path, list[str], str]) -> None:
+    """Two ranks on one machine share --host-mem and --disk-mem: each plans, checks and reports half; rank 0's
+    slice of the whole store, written at load, is on its disk ledger."""
+    d, common, expected = job
+    out = d / "parts.jsonl"
+    proc = _flexrun([*common, "--tp", "2", "--host-mem", "1GiB", "--disk-mem", "2GiB", "--json", "-o", str(out)])
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert out.read_text() == expected
+    summary = json.loads(err.strip().splitlines()[-1])
+    assert summary["budget_bytes"]["host"] == 512 << 20 and summary["budget_bytes"]["disk"] == 1 << 30
+    assert summary["budget_sources"]["host"] == "1/2 of --host-mem 1.0 GiB, one of 2 local ranks' part"
+    (index,) = (d / "stores").glob("*/index.json")
+    # Half the weights on disk (read from the slice) and the rest of the slice: the slice, whole.
+    assert summary["planned_bytes"]["disk"] == slice_bytes(TensorStore(index.parent), Shard(0, 2))
+
+    proc = _flexrun([*common, "--tp", "2", "--weights", "host=100", "--disk-mem", "100KiB", "-o", str(d / "no.jsonl")])
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err
+    (line,) = err.strip().splitlines()
+    assert "with this rank's slice of the store" in line and "(1/2 of --disk-mem 100.0 KiB, one of 2 local" in line
+    assert "`flexrun convert --tp 2`" in line
+
+
 @pytest.mark.slow
 def test_two_machines_through_torchrun(job: tuple[Path, list[str], str], request: pytest.FixtureRequest) -> None:
     """Two torchrun invocations (--nnodes 2, one rank each, a c10d rendezvous on 127.0.0.1), as on two machines
@@ -107,10 +133,15 @@ def test_two_machines_through_torchrun(job: tuple[Path, list[str], str], request
     torchrun += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "flexrun"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     procs = [
-        subprocess.Popen([*torchrun, *common, "-o", str(out)], stderr=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen([*torchrun, *common, "--json", "-o", str(out)], stderr=subprocess.PIPE, text=True, env=env)
         for _ in range(2)
     ]
+    errs = []
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
+        errs.append(err)
     assert out.read_text() == expected
+    # One rank a machine: each has its machine's budgets whole (never divided by the world's two ranks).
+    (summary,) = [json.loads(line) for err in errs for line in err.splitlines() if line.startswith("{")]
+    assert not any("local ranks" in source for source in summary["budget_sources"].values())

@@ -19,14 +19,14 @@ import torch
 
 from flexrun.config import OptConfig
 from flexrun.costmodel.choice import compute_dtype_candidates
-from flexrun.costmodel.hardware import PRESETS
+from flexrun.costmodel.hardware import PRESETS, HardwareSpec
 from flexrun.costmodel.machine import hardware_for
 from flexrun.costmodel.prediction import predict
 from flexrun.costmodel.search import plan
 from flexrun.errors import BudgetError, PlacementError
 from flexrun.jobs.options import AUTO, EngineOptions, ModelOptions, PlacementRequest
 from flexrun.jobs.tp import announce
-from flexrun.parallel import current
+from flexrun.parallel import SLICE_FIX, current, slice_bytes, sliced_at_load
 from flexrun.paths import offload_root
 from flexrun.placement import TIERS, Placement, Shares
 from flexrun.precision import with_compute_dtype
@@ -82,9 +82,10 @@ def plan_job(
         # A GGUF file's own 4- or 8-bit blocks: the same values as dequantizing them, in a fraction of the bytes.
         model = dataclasses.replace(opts.model, compress_weight=native.kind, group_size=native.group_size)
         opts = dataclasses.replace(opts, model=model)
+    sliced = _slice_estimate(source)
     if not opts.placement.planned:
         settled = opts.settled(compress_weight="", compress_cache="")
-        check_manual(settled, source.config, prompt_len, gen_len, num_prompts)
+        check_manual(settled, source.config, prompt_len, gen_len, num_prompts, sliced)
         return JobPlan(settled)
     model = opts.model
     cfg = with_compute_dtype(source.config, model.compute_dtype, compute_device())
@@ -96,6 +97,7 @@ def plan_job(
         gen_len,
         num_prompts,
         opts.offload_dir,
+        {"disk": sliced} if sliced else None,
         compress_weight=compressible(cfg, model.group_size) if model.compress_weight == AUTO else model.compress_weight,
         choose_dtype=model.compute_dtype == AUTO,
     )
@@ -103,29 +105,55 @@ def plan_job(
     return JobPlan(opts.settled(pl.compress_weight, pl.compress_cache, planned.compute_dtype), planned)
 
 
+def _slice_estimate(source: ModelSource) -> int:
+    """Disk bytes this tensor-parallel rank's slice of a whole store takes, written at load into the offload
+    dir (0 on one rank or with a rank's own store): exact for an existing store, else 1/world of the model."""
+    tp = current()
+    if tp.world == 1:
+        return 0
+    if source.store is not None:
+        return slice_bytes(source.store, tp.shard) if sliced_at_load(source.store, tp.shard) else 0
+    return source.config.model_bytes() // tp.world
+
+
 def check_manual(
-    opts: EngineOptions, cfg: OptConfig, prompt_len: int, gen_len: int, num_prompts: int | None = None
+    opts: EngineOptions,
+    cfg: OptConfig,
+    prompt_len: int,
+    gen_len: int,
+    num_prompts: int | None = None,
+    sliced: int = 0,
 ) -> None:
     """Refuse a placement given whole (``--placement manual``, or every share and the block given) whose
     predicted memory does not fit a tier's budget, before any store is written or weight read, naming the
-    flags of a placement that does fit. The engine's exact ledger checks again once the store is open."""
+    flags of a placement that does fit. The engine's exact ledger checks again once the store is open.
+    ``sliced``: disk bytes of a tensor-parallel rank's slice of the store, written at load."""
     has_cuda = torch.cuda.is_available()
     dtype = None if opts.model.compute_dtype == AUTO else opts.model.compute_dtype
     run_cfg = with_compute_dtype(cfg, dtype, compute_device())
-    tiers = opts.budgets.resolved(offload_root(opts.offload_dir), has_cuda)
+    tiers, sources = opts.budgets.described(offload_root(opts.offload_dir), has_cuda)
     hw = opts.placement.hardware or PRESETS["a100-40gb" if has_cuda else "cpu"]  # memory figures only
-    hw = hw.with_memory(device=tiers["device"] if has_cuda else None, host=tiers["host"], disk=tiers["disk"])
+    hw = per_rank(hw.with_memory(device=tiers["device"] if has_cuda else None, host=tiers["host"], disk=tiers["disk"]))
     kind = opts.model.compress_weight if opts.model.compress_weight != AUTO else ""
     placement = dataclasses.replace(opts.placement.manual(), compress_weight=kind)
     peak = predict(run_cfg, hw, placement, prompt_len, gen_len).peak
     for tier in ("device", "host", "disk") if has_cuda else ("host", "disk"):
         need, have = int(peak.get(tier, 0)), tiers[tier]
+        slice_note = ""
+        if tier == "disk" and sliced:
+            need += sliced
+            slice_note = f" (with this rank's slice of the store, {format_bytes(sliced)})"
         if need > have:
-            fits = fitting_flags(run_cfg, opts, prompt_len, gen_len, num_prompts, kind)
+            fix = budget_fix(tier, have, offload_root(opts.offload_dir))
+            fits = ""
+            if slice_note and sliced > have:  # no placement puts the slice elsewhere
+                fix = SLICE_FIX.format(world=current().world)
+            else:
+                fits = fitting_flags(run_cfg, opts, prompt_len, gen_len, num_prompts, kind, {"disk": sliced})
+            part = f" ({sources[tier]})" if "local ranks" in sources[tier] else ""
             raise BudgetError(
-                f"placement does not fit: the {tier} tier needs about {format_bytes(need)} but its budget is "
-                f"{format_bytes(have)}, short by {format_bytes(need - have)}; "
-                f"{budget_fix(tier, have, offload_root(opts.offload_dir))}{fits}",
+                f"placement does not fit: the {tier} tier needs about {format_bytes(need)}{slice_note} but its "
+                f"budget is {format_bytes(have)}{part}, short by {format_bytes(need - have)}; {fix}{fits}",
                 tier,
                 need,
                 have,
@@ -139,9 +167,10 @@ def fitting_flags(
     gen_len: int,
     num_prompts: int | None,
     compress_weight: str | tuple[str, ...],
+    reserve: dict[str, int] | None = None,
 ) -> str:
-    """ "; these flags fit: ..." naming a placement the planner finds within ``opts``' budgets with nothing
-    held (so it may take a smaller block and put weights on disk), or why none does."""
+    """ "; these flags fit: ..." naming a placement the planner finds within ``opts``' budgets (less
+    ``reserve``) with nothing held (so it may take a smaller block and put weights on disk), or why none does."""
     request = PlacementRequest(mode="auto", overlap=opts.placement.overlap, hardware=opts.placement.hardware)
     try:
         pl = choose_placement(
@@ -152,6 +181,7 @@ def fitting_flags(
             gen_len,
             num_prompts,
             opts.offload_dir,
+            reserve,
             compress_weight=compress_weight,
         ).placement
     except PlacementError as exc:
@@ -171,6 +201,13 @@ def _rounded(shares: Shares) -> str:
     top = max(pct, key=lambda t: shares.get(t))
     pct[top] = round(100 - sum(v for t, v in pct.items() if t != top), 1)
     return ",".join(f"{t}={v:g}" for t, v in pct.items() if v > 0)
+
+
+def per_rank(hw: HardwareSpec) -> HardwareSpec:
+    """``hw`` for one of this job's tensor-parallel ranks: it holds 1/world of every layer and all-reduces
+    over the interconnect ``hw`` carries (``calibrate``'s between local ranks)."""
+    world = current().world
+    return hw if world == 1 else dataclasses.replace(hw, tp_ranks=world)
 
 
 def compressible(cfg: OptConfig, group_size: int | None = None) -> tuple[str, ...]:
@@ -284,7 +321,7 @@ def choose_placement(
     host_source = budgets.host_budget().source
     tiers = {t: max(b - (reserve or {}).get(t, 0), 0) for t, b in tiers.items()}
     hw = hardware_for(request.hardware, offload_dir)
-    hw = hw.with_memory(device=tiers["device"] if has_cuda else None, host=tiers["host"], disk=tiers["disk"])
+    hw = per_rank(hw.with_memory(device=tiers["device"] if has_cuda else None, host=tiers["host"], disk=tiers["disk"]))
     fixed = {k: getattr(request, k) for k in KINDS if getattr(request, k) is not None}
     gbs = request.gpu_batch_size
     # A block bigger than the job only pads; with a micro-batch count given, the size is what it caps.

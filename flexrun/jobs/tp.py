@@ -10,6 +10,7 @@ between blocks, for all) and ends with ``RankDone``: nothing to print, exit 0; a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import signal
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 from flexrun.errors import FlexrunError
 from flexrun.jobs.options import EngineOptions
 from flexrun.parallel import RankLost, TensorParallel, current, init_from_env
+from flexrun.paths import offload_root
 from flexrun.placement import Placement
 from flexrun.runtime.encoder import Encoder
 from flexrun.runtime.engine import Engine
@@ -54,7 +56,9 @@ def announce(engine: Engine | Encoder, opts: EngineOptions) -> None:
         tp.barrier()
 
 
-def _follow(tp: TensorParallel) -> None:
+def _follow(tp: TensorParallel, own: EngineOptions) -> None:
+    """Build the engine rank 0 announces, within this rank's own budgets (``own``'s: its machine's part), and
+    compute its shard of each of rank 0's engine calls."""
     setup = tp.broadcast()
     if setup is None:  # rank 0 had nothing to run
         return
@@ -63,7 +67,7 @@ def _follow(tp: TensorParallel) -> None:
         store,
         setup.placement,
         setup.max_len,
-        budgets=setup.opts.budgets,
+        budgets=own.budgets,
         offload_dir=setup.opts.offload_dir,
         compute_dtype=setup.compute_dtype,
         tp=tp,
@@ -82,6 +86,7 @@ def tensor_parallel(job: Callable[..., R]) -> Callable[..., R]:
         if tp.world == 1:
             return job(opts, *args, **kwargs)
         try:
+            opts = shared_budgets(tp, opts)
             if tp.rank == 0:
                 result = job(opts, *args, **kwargs)
                 tp.broadcast(None)  # no more work
@@ -89,7 +94,7 @@ def tensor_parallel(job: Callable[..., R]) -> Callable[..., R]:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
             try:
-                _follow(tp)
+                _follow(tp, opts)
             except RankLost:
                 raise RankDone(1) from None  # rank 0 (or another) is gone; rank 0 or the launcher says why
             raise RankDone()
@@ -97,6 +102,15 @@ def tensor_parallel(job: Callable[..., R]) -> Callable[..., R]:
             tp.close()
 
     return run
+
+
+def shared_budgets(tp: TensorParallel, opts: EngineOptions) -> EngineOptions:
+    """``opts`` with this rank's part of its machine's memory and disk, which its ``tp.local_world`` ranks
+    share: every rank reads what is free at once (between two barriers), before any of them allocates."""
+    tp.barrier()
+    budgets = opts.budgets.shared(tp.local_world, offload_root(opts.offload_dir))
+    tp.barrier()
+    return dataclasses.replace(opts, budgets=budgets)
 
 
 def world() -> int:

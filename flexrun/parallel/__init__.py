@@ -2,10 +2,21 @@
 its collectives (``group``), and starting local ranks (``launch``)."""
 
 from flexrun.parallel.group import SINGLE, RankLost, TensorParallel, current, init_from_env, launched
-from flexrun.parallel.shard import Shard, check_split, rank_store, split_of, write_shard, write_shards
+from flexrun.parallel.shard import (
+    SLICE_FIX,
+    Shard,
+    check_split,
+    rank_store,
+    slice_bytes,
+    sliced_at_load,
+    split_of,
+    write_shard,
+    write_shards,
+)
 
 __all__ = [
     "SINGLE",
+    "SLICE_FIX",
     "RankLost",
     "Shard",
     "TensorParallel",
@@ -14,6 +25,8 @@ __all__ = [
     "init_from_env",
     "launched",
     "rank_store",
+    "slice_bytes",
+    "sliced_at_load",
     "split_of",
     "write_shard",
     "write_shards",

@@ -48,9 +48,15 @@ class TensorParallel:
     """This rank's place in the tensor-parallel group and the collectives over it."""
 
     def __init__(
-        self, shard: Shard | None = None, group: Any = None, control: Any = None, device: torch.device | None = None
+        self,
+        shard: Shard | None = None,
+        group: Any = None,
+        control: Any = None,
+        device: torch.device | None = None,
+        local_world: int = 1,
     ) -> None:
         self.shard = shard or Shard()
+        self.local_world = local_world  # the ranks on this machine (LOCAL_WORLD_SIZE), sharing its memory and disk
         self.group = group  # the collectives of a step (the default group)
         self.control = control  # setup and the work handed out by rank 0 (gloo, long timeout)
         self.device = device or torch.device("cpu")  # where the step's collectives take their tensors
@@ -222,5 +228,5 @@ def init_from_env(tp: int | None = None) -> TensorParallel:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, rank=rank, world_size=world)
         control = dist.new_group(backend="gloo", timeout=_seconds("FLEXRUN_TP_SETUP_TIMEOUT", 3600))
     log.info("rank %d of %d (%s), %d threads", rank, world, "nccl" if cuda else "gloo", torch.get_num_threads())
-    _current = TensorParallel(shard, dist.group.WORLD, control, device)
+    _current = TensorParallel(shard, dist.group.WORLD, control, device, local_world)
     return _current

@@ -19,12 +19,14 @@ written once, at load time from a store converted without a split, or by ``flexr
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from flexrun import diskio
 from flexrun.config import OptConfig
 from flexrun.errors import CheckpointError, ConfigError
 from flexrun.quant.formats import Int4Weight, Int8Weight, QuantWeight, take_rows
@@ -32,6 +34,11 @@ from flexrun.weights.store import StoreWriter, TensorStore
 
 log = logging.getLogger(__name__)
 
+#: What to do when a rank's slice of a whole store does not fit the offload dir's disk budget.
+SLICE_FIX = (
+    "convert the model once with `flexrun convert --tp {world}` (each rank then reads its own store, nothing is "
+    "written at load) or raise --disk-mem"
+)
 #: The index key a rank's store records its split under.
 INDEX_KEY = "tensor_parallel"
 
@@ -188,6 +195,33 @@ def write_shard(store: TensorStore, shard: Shard, out: str | Path) -> Path:
 def write_shards(store: TensorStore, world: int, out: str | Path) -> list[Path]:
     """``flexrun convert --tp N``: every rank's store, as ``out``/rank0 ... rank{N-1}."""
     return [write_shard(store, Shard(r, world), Path(out) / f"rank{r}") for r in range(world)]
+
+
+def sliced_at_load(store: TensorStore, shard: Shard) -> bool:
+    """Whether ``rank_store`` writes this rank's part of ``store`` at load time (a whole model's store, several
+    ranks)."""
+    return shard.world > 1 and split_of(store) is None
+
+
+def slice_bytes(store: TensorStore, shard: Shard) -> int:
+    """The disk bytes ``rank_store`` writes for this rank's part of a whole model's ``store``: each tensor's
+    rows or columns the rank holds (a compressed weight's scales split with them), padded as the store pads
+    its files, and the tokenizer."""
+    cfg = store.config
+    total = 0
+    for name, meta in store.tensors.items():
+        slot = name.rsplit(".", 1)[-1]
+        part = 1.0
+        rows, cols = row_ranges(cfg, slot, shard), col_range(cfg, slot, shard)
+        if rows is not None and meta.shape:
+            part = sum(b - a for a, b in rows) / meta.shape[0]
+        elif cols is not None and len(meta.shape) == 2:
+            part = (cols[1] - cols[0]) / meta.shape[1]
+        total += diskio.padded(math.ceil(meta.nbytes * part))
+    tokenizer = store.tokenizer_dir()
+    if tokenizer is not None:
+        total += sum(f.stat().st_size for f in tokenizer.rglob("*") if f.is_file())
+    return total
 
 
 def rank_store(store: TensorStore, shard: Shard, scratch: Path) -> TensorStore:

@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from flexrun.errors import InputError, PlacementError
+from flexrun.errors import BudgetError, InputError, PlacementError
 from flexrun.kernels import select_kernels
 from flexrun.layout import Group, stack_layout
-from flexrun.parallel import SINGLE, TensorParallel, rank_store
+from flexrun.parallel import SINGLE, SLICE_FIX, TensorParallel, rank_store, slice_bytes, sliced_at_load
 from flexrun.paths import offload_root
 from flexrun.placement import Placement
 from flexrun.precision import with_compute_dtype
@@ -31,6 +31,7 @@ from flexrun.runtime.malloc import release_large_frees
 from flexrun.runtime.stats import RunStats, current_rss, peak_rss, reset_peak_rss
 from flexrun.runtime.tiers import RUNTIME_RSS, Budgets, Ledger, compute_device, make_workdir
 from flexrun.runtime.weights import WeightManager
+from flexrun.units import format_bytes
 from flexrun.weights.store import TORCH_DTYPES, TensorStore
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,18 @@ class StackRunner:
         self.pool = IOPool(placement.overlap)
         ledger = Ledger()
         try:
+            # Budgets first: a rank's slice of a whole store, written below, takes the offload dir's disk too.
+            self.budgets, self.budget_sources = (budgets or Budgets()).described(root, self.device.type == "cuda")
+            sliced = slice_bytes(store, tp.shard) if sliced_at_load(store, tp.shard) else 0
+            if sliced > self.budgets["disk"]:  # refused before a byte is written
+                raise BudgetError(
+                    f"this rank's slice of the store {store.path} ({format_bytes(sliced)}), written at load into "
+                    f"the offload dir, exceeds the disk budget {format_bytes(self.budgets['disk'])} "
+                    f"({self.budget_sources['disk']}); {SLICE_FIX.format(world=tp.world)}",
+                    "disk",
+                    sliced,
+                    self.budgets["disk"],
+                )
             self.store = store = rank_store(store, tp.shard, self.workdir)
             cpu = self.device.type == "cpu"
             ledger.add("device", "working memory", cfg.working_bytes(placement.gpu_batch_size, self.max_len, cpu))
@@ -116,8 +129,10 @@ class StackRunner:
             self.weights = WeightManager(store, placement.weights, self.device, self.pool, ledger, self.kernels)
             if cpu:
                 ledger.fold_device_into_host()
-            self.budgets, self.budget_sources = (budgets or Budgets()).described(root, self.device.type == "cuda")
-            ledger.check(self.budgets, offload_dir=root)
+            if sliced:  # the weights placed on disk are read from the slice; the rest of it is on disk too
+                rest = sliced - ledger.items["disk"].get("weights", 0)
+                ledger.add("disk", "the rest of this rank's slice of the store", max(rest, 0))
+            ledger.check(self.budgets, offload_dir=root, sources=self.budget_sources)
             self._allocate()
             self.weights.load()
         except BaseException:

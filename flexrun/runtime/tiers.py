@@ -7,6 +7,7 @@ between the two.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from flexrun.errors import BudgetError, PlacementError
-from flexrun.memlimits import process_memory
+from flexrun.memlimits import ProcessMemory, process_memory
 from flexrun.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,32 @@ class HostBudget:
 
 @dataclass(frozen=True)
 class Budgets:
-    """Bytes flexrun may hold on each tier (``None``: what the process may still take)."""
+    """Bytes flexrun may hold on each tier (``None``: what the process may still take).
+
+    ``ranks`` tensor-parallel ranks on this machine share its host memory (and a cgroup's limit) and the
+    offload dir's disk: each budget is then one rank's equal part, of the flag's figure or of what is free
+    (a device budget is not divided: each rank has its own GPU). ``memory`` and ``free_disk``, when set,
+    are what was free when the ranks took their parts together (``shared``), before any of them allocated.
+    """
 
     device: int | None = None
     host: int | None = None
     disk: int | None = None
+    ranks: int = 1
+    memory: ProcessMemory | None = None
+    free_disk: int | None = None
+
+    def shared(self, ranks: int, offload_dir: Path) -> Budgets:
+        """These budgets as one of ``ranks`` local ranks' parts, with what is free read now (every rank reads
+        at the same moment, before any allocates, so no rank's part is taken from what another holds)."""
+        return dataclasses.replace(self, ranks=ranks, memory=process_memory(), free_disk=disk_free(offload_dir))
+
+    def _part(self, what: str, figure: int | None = None) -> str:
+        """Where a budget comes from: ``what``, or one rank's part of it (of ``figure`` bytes, a flag's)."""
+        if self.ranks == 1:
+            return what
+        whole = f"{what} {format_bytes(figure)}" if figure is not None else what
+        return f"1/{self.ranks} of {whole}, one of {self.ranks} local ranks' part"
 
     def resolved(self, offload_dir: Path, has_cuda: bool) -> dict[str, int]:
         """Concrete budgets (``described``'s bytes)."""
@@ -70,18 +92,21 @@ class Budgets:
         """Concrete budgets and where each comes from. Unset tiers get 90% of what is free now: host, what
         the machine, the process's cgroup and its rlimits leave it (``host_budget``); device, the free memory
         the CUDA driver reports (``mem_get_info``, ``torch.cuda.mem_get_info`` by default); disk, the offload
-        dir's filesystem's free space.
+        dir's filesystem's free space. Host and disk are then one of ``ranks``' parts.
 
         Raises BudgetError when an explicit host budget exceeds the process's hard memory limit (a cgroup's
         or an rlimit): the kernel would kill the run once it held that much.
         """
         host = self.host_budget()
         device, device_from = self.device_budget(has_cuda, mem_get_info)
-        free_disk = disk_free(offload_dir)
-        disk = min(self.disk, free_disk) if self.disk is not None else free_disk
-        disk_from = f"free space under {offload_dir}"
-        if self.disk is not None:
-            disk_from = "--disk-mem" if self.disk <= free_disk else f"free space under {offload_dir} (< --disk-mem)"
+        free_disk = self.free_disk if self.free_disk is not None else disk_free(offload_dir)
+        free_from = f"free space under {offload_dir}"
+        if self.disk is None:
+            disk, disk_from = free_disk // self.ranks, self._part(free_from)
+        elif self.disk <= free_disk:
+            disk, disk_from = self.disk // self.ranks, self._part("--disk-mem", self.disk)
+        else:
+            disk, disk_from = free_disk // self.ranks, self._part(f"{free_from} (< --disk-mem)")
         sizes = {"device": device, "host": host.buffers, "disk": disk}
         return sizes, {"device": device_from, "host": host.source, "disk": disk_from}
 
@@ -103,25 +128,33 @@ class Budgets:
 
     def host_budget(self) -> HostBudget:
         """The host budget: the explicit one (flexrun's buffers; with the baseline, checked against the hard
-        limit), or 90% of what the tightest bound lets this process hold, less its baseline."""
-        mem = process_memory()
+        limit), or 90% of what the tightest bound lets this process hold, less its baseline; one of
+        ``ranks``' parts of either."""
+        mem = self.memory or process_memory()
         baseline = mem.resident + RUNTIME_RSS
-        total = int(mem.may_hold * FREE_SHARE)
+        may_hold = mem.may_hold if self.ranks == 1 else mem.share(self.ranks)
+        total = int(may_hold * FREE_SHARE)
         if self.host is not None:
+            host = self.host // self.ranks
             hard = mem.hard_limit
-            if hard is not None and hard.limit is not None and self.host + baseline > hard.limit:
+            whole = hard.limit if hard is not None else None
+            limit = None if hard is None or whole is None else whole // (1 if hard.per_process else self.ranks)
+            if hard is not None and whole is not None and limit is not None and host + baseline > limit:
+                share = "" if limit == whole else f" (1/{self.ranks} of {format_bytes(whole)} for each local rank)"
                 raise BudgetError(
-                    f"--host-mem {format_bytes(self.host)} and this process's baseline {format_bytes(baseline)} "
-                    f"(interpreter, libraries) exceed its memory limit {format_bytes(hard.limit)} ({hard.source}): "
-                    f"the kernel would kill the run; give at most {format_bytes(max(total - baseline, 0))} or "
-                    "leave --host-mem unset",
+                    f"--host-mem {format_bytes(host)}{'' if self.ranks == 1 else ' per rank'} and this process's "
+                    f"baseline {format_bytes(baseline)} (interpreter, libraries) exceed its memory limit "
+                    f"{format_bytes(limit)}{share} ({hard.source}): "
+                    f"the kernel would kill the run; give at most "
+                    f"{format_bytes(max(total - baseline, 0) * self.ranks)} or leave --host-mem unset",
                     "host",
-                    self.host + baseline,
-                    hard.limit,
+                    host + baseline,
+                    limit,
                 )
-            return HostBudget(self.host, baseline, "--host-mem")
+            return HostBudget(host, baseline, self._part("--host-mem", self.host))
+        holds = "this process may hold" if self.ranks == 1 else f"each of {self.ranks} local ranks may hold"
         source = (
-            f"{int(FREE_SHARE * 100)}% of the {format_bytes(mem.may_hold)} this process may hold ({mem.source}), "
+            f"{int(FREE_SHARE * 100)}% of the {format_bytes(may_hold)} {holds} ({mem.source}), "
             f"less its baseline {format_bytes(baseline)}"
         )
         return HostBudget(max(total - baseline, 0), baseline, source)
@@ -144,8 +177,11 @@ class Ledger:
     def total(self, tier: str) -> int:
         return sum(self.items[tier].values())
 
-    def check(self, budgets: dict[str, int], offload_dir: Path | None = None) -> None:
-        """Raise PlacementError naming the first tier whose planned use exceeds its budget, and by how much.
+    def check(
+        self, budgets: dict[str, int], offload_dir: Path | None = None, sources: dict[str, str] | None = None
+    ) -> None:
+        """Raise PlacementError naming the first tier whose planned use exceeds its budget, and by how much
+        (and where a budget that is a tensor-parallel rank's part comes from, given ``sources``).
 
         Run before anything is allocated or generated, so a job never starts without room for its disk share.
         """
@@ -153,9 +189,12 @@ class Ledger:
             need, have = self.total(tier), budgets[tier]
             if need > have:
                 parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.items[tier].items() if v)
+                source = (sources or {}).get(tier, "")
+                part = f" ({source})" if "local ranks" in source else ""
                 raise BudgetError(
                     f"placement does not fit: the {tier} tier needs {format_bytes(need)} ({parts}) but its budget is "
-                    f"{format_bytes(have)}, short by {format_bytes(need - have)}; {budget_fix(tier, have, offload_dir)}",
+                    f"{format_bytes(have)}{part}, short by {format_bytes(need - have)}; "
+                    f"{budget_fix(tier, have, offload_dir)}",
                     tier,
                     need,
                     have,
