@@ -81,6 +81,12 @@ def output_format(fmt: str, output: str | None) -> str:
     help="length: longest prompts first (least padding); input: the input's order. Default: input for text, "
     "length for JSONL.",
 )
+@click.option(
+    "--share-prefix/--no-share-prefix",
+    default=True,
+    show_default=True,
+    help="Prompts of a block that share a prefix (few-shot examples, a system prompt) prefill it once.",
+)
 @click.option("--stream", is_flag=True, hidden=True, help="The same as --format text.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or plan line on stderr (the summary stays).")
 @click.option("--verbose", is_flag=True, help="The plan line and the full report on stderr, not one summary line.")
@@ -113,6 +119,7 @@ def generate_cmd(
     num_return_sequences: int,
     truncate: str,
     order: str | None,
+    share_prefix: bool,
     stream: bool,
     quiet: bool,
     verbose: bool,
@@ -158,6 +165,7 @@ def generate_cmd(
         num_return_sequences=num_return_sequences,
         truncate=truncate,
         order=order or ("input" if text else "length"),
+        share_prefix=share_prefix,
         overwrite=overwrite,
         text=text,
         quiet=quiet,

@@ -9,6 +9,7 @@ only (packed rows against padded ones, masked keys added as exact zeros), about 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from flexrun.runtime.prefix import plan_block
 from flexrun.runtime.sampling import SamplingParams
 from flexrun.runtime.stats import RunStats
 from flexrun.weights.store import TensorStore
-from tests.helpers import place, save_and_convert
+from tests.helpers import gen, place, run, save_and_convert
 from tests.hf_decoders import FAMILIES, VOCAB, tiny_decoder
 from tests.hf_reference import hf_greedy, logits_by_prompt, tiny_opt
 from tests.test_families_new import CASES, hf_alone, tiny
@@ -39,7 +40,8 @@ PLACEMENTS = {
 
 def _prompts() -> list[list[int]]:
     """Few-shot-like prompts after one 9-token prefix (longer than every sliding window), one that is the
-    prefix itself, one that is a prefix of it, a duplicate, and one sharing nothing."""
+    prefix itself, one that is a prefix of it, a duplicate, and one sharing only the first two tokens: the
+    block's stem, which the windows of later positions no longer see."""
     gen = torch.Generator().manual_seed(2)
 
     def rnd(n: int) -> list[int]:
@@ -47,7 +49,7 @@ def _prompts() -> list[list[int]]:
 
     a = rnd(9)
     first = a + rnd(3)
-    return [first, a + rnd(1), a + rnd(5), a[:6] + rnd(2), rnd(7), list(first), list(a), a[:4]]
+    return [first, a + rnd(1), a + rnd(5), a[:6] + rnd(2), a[:2] + rnd(5), list(first), list(a), a[:4]]
 
 
 PROMPTS = _prompts()
@@ -154,9 +156,10 @@ def test_the_block_runs_in_packed_order_and_rows_hold_each_prompt_whole() -> Non
     shared = plan_block(PROMPTS, cfg, MAX_LEN)
     assert shared is not None and sorted(shared.order) == list(range(len(PROMPTS)))
     assert [m for row in shared.rows for m in row.members] == list(range(len(PROMPTS)))  # consecutive
-    for row in shared.rows:
+    assert shared.stem == PROMPTS[0][:2]  # what every prompt begins with
+    for row in shared.rows:  # each prompt after the stem, whole, on its own path
         for m, path in zip(row.members, row.scored, strict=True):
-            assert [row.tokens[node] for node in path] == PROMPTS[shared.order[m]]
+            assert [row.tokens[node] for node in path] == PROMPTS[shared.order[m]][2:]
             assert [row.positions[node] for node in path] == list(range(len(path)))
     assert shared.tokens == unique_prefixes(PROMPTS)
     # Nothing shared (or one prompt): the plain prefill.
@@ -165,3 +168,36 @@ def test_the_block_runs_in_packed_order_and_rows_hold_each_prompt_whole() -> Non
     # A prompt sharing less than half of itself starts a row of its own.
     rows = pack_prompts([[5, 6, 7, 8, 9], [5, 9, 9, 9, 9]], MAX_LEN)
     assert len(rows) == 2
+
+
+def test_generate_shares_prefixes_unless_told_not_to(job_ckpt: Any, stores: Path, tmp_path: Path) -> None:
+    """``flexrun generate``: the same records with --share-prefix (the default) and --no-share-prefix; the
+    summary counts the prompt tokens prefilled."""
+    head = [4 + k for k in range(12)]  # a few-shot-like prefix every prompt repeats
+    rows = [{"id": f"p{k}", "input_ids": head + [100 + k] * (1 + k % 3)} for k in range(5)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = {}
+    for flag in ("--share-prefix", "--no-share-prefix"):
+        r = gen(
+            job_ckpt,
+            stores,
+            tmp_path,
+            "-i",
+            str(inp),
+            "--json",
+            "--gpu-batch-size",
+            "2",
+            "--num-gpu-batches",
+            "3",
+            flag,
+        )
+        assert r.exit_code == 0, r.output
+        summary = json.loads(r.stderr.splitlines()[-1])
+        got[flag] = ([row["output_ids"] for row in map(json.loads, r.stdout.splitlines())], summary)
+    (shared, summary), (plain, plain_summary) = got["--share-prefix"], got["--no-share-prefix"]
+    assert shared == plain
+    total = sum(len(r["input_ids"]) for r in rows)
+    assert summary["input_tokens"] == plain_summary["input_tokens"] == plain_summary["prefilled_tokens"] == total
+    assert summary["prefilled_tokens"] == unique_prefixes([r["input_ids"] for r in rows]) < total
+    assert "--no-share-prefix" in run("generate", "-h").stdout

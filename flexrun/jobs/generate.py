@@ -235,7 +235,12 @@ def _generate(
     finally:
         writer.close()
     result = GenerateResult(engine.cfg, engine.placement, run.stats, new_tokens=run.new_tokens)
-    if run.stats is not None and not (stop.requested or abandoned):
+    # A prefix prefilled once makes the prefill faster than the cost model's: such a run would skew its corrections.
+    if (
+        run.stats is not None
+        and not (stop.requested or abandoned)
+        and run.stats.prefilled_tokens == run.stats.input_tokens
+    ):
         record_run(settled.opts, engine.cfg, engine.placement, run.stats, longest, job.params.max_new_tokens)
     if stop.requested or abandoned:
         how = "abandoning the block in flight" if abandoned else "after the block in flight"
@@ -331,6 +336,7 @@ def _run_blocks(
                     seq_ids=[s.seed_index for s in chunk],
                     on_step=printer.on_step if printer is not None else None,
                     stop_check=_noting(stop_check, printer),
+                    share_prefix=job.share_prefix,
                 )
             except BrokenPipeError:  # the reader of --stream's text went away: the CLI ends quietly
                 raise

@@ -150,6 +150,7 @@ class JobOptions:
     num_return_sequences: int = 1
     truncate: str = "none"  # "none": a prompt longer than the context is an error; "left": keep its end
     order: str = "length"  # "length" (longest first) or "input"
+    share_prefix: bool = True  # the prompts of a block that share a prefix prefill it once
     overwrite: bool = False
     text: bool = False  # completions as text on stdout (streamed, in order), for a person; records only to output
     quiet: bool = False

@@ -23,6 +23,8 @@ def summary_dict(cfg: OptConfig, placement: Placement, stats: RunStats) -> dict[
         "sequences": stats.sequences,
         "blocks": stats.blocks,
         "prompt_tokens": stats.prompt_tokens,
+        "input_tokens": stats.input_tokens,
+        "prefilled_tokens": stats.prefilled_tokens,
         "generated_tokens": stats.generated_tokens,
         "prefill_s": stats.prefill_s,
         "decode_s": stats.decode_s,
@@ -60,6 +62,13 @@ def _experts(cfg: OptConfig, stats: RunStats) -> dict[str, Any]:
     return {"num_experts": cfg.num_experts, "experts_read_per_layer_step": per_step}
 
 
+def _shared(stats: RunStats) -> str:
+    """The prompt tokens prefilled, where shared prefixes made them fewer than the prompts hold."""
+    if stats.prefilled_tokens >= stats.input_tokens:
+        return ""
+    return f"; {stats.prefilled_tokens} of their {stats.input_tokens} prompt tokens prefilled (shared prefixes once)"
+
+
 def computed_in(cfg: OptConfig) -> str:
     """ " computed in X" when the arithmetic runs in another dtype than the weights are stored in, else ""."""
     return f" computed in {cfg.run_dtype}" if cfg.run_dtype != cfg.dtype else ""
@@ -87,7 +96,7 @@ def summary_text(cfg: OptConfig, placement: Placement, stats: RunStats, pooling:
         lines = [
             f"model: {cfg.name} ({cfg.dtype}{computed_in(cfg)}, {size})",
             f"placement: {placement.describe()}",
-            f"sequences: {stats.sequences} in {stats.blocks} block(s)",
+            f"sequences: {stats.sequences} in {stats.blocks} block(s)" + _shared(stats),
             f"time to first token: {stats.first_token_s:.3f} s",
             f"prefill latency: {stats.prefill_s:.3f} s  prefill throughput: {t['prefill_tok_s']:.2f} token/s",
             f"decode latency: {stats.decode_s:.3f} s ({per_step:.3f} s/step)  decode throughput: "

@@ -62,7 +62,7 @@ class Engine(StackRunner):
         )
         self.acts = ActivationStore(cfg, pl.activations, *common, max_tokens=gbs * self.max_len, num_batches=ngb)
         ledger.add("device", "block logits and rows", block_bytes(cfg, gbs * ngb))
-        self.shared = SharedPrefill(self.kv_format, self.max_len, gbs, self.device, ledger)
+        self.shared = SharedPrefill(self.kv_format, cfg, self.max_len, gbs, self.device, ledger)
         if pl.compress_cache:  # attention reads a micro-batch's K and V dequantized to float32
             ledger.add("device", "kv dequantized", 2 * 4 * gbs * self.max_len * cfg.kv_dim)
         # One layer per index: the attention scale and window may vary along the stack.

@@ -55,82 +55,140 @@ class Runner(Protocol):
 
 @dataclass(frozen=True)
 class SharedBlock:
-    """One block's shared prefill: ``order[k]``, the block position that runs k-th; ``rows``, the packed
-    rows, whose members are run positions (consecutive from row to row)."""
+    """One block's shared prefill: ``stem``, the prefix every prompt of the block begins with (computed once,
+    one sequence long); ``rows``, the rest of the prompts packed into prefix-tree rows, whose members are run
+    positions (consecutive from row to row); ``order[k]``, the block position that runs k-th."""
 
     order: list[int]
+    stem: list[int]
     rows: list[Row]
 
     @property
     def tokens(self) -> int:
-        """The tokens prefilled: the block's distinct prompt prefixes."""
-        return sum(len(row) for row in self.rows)
+        """The tokens prefilled: the block's distinct prompt prefixes (each row's trie, and the stem once)."""
+        return len(self.stem) + sum(len(row) for row in self.rows)
 
 
 def plan_block(prompts: list[list[int]], cfg: OptConfig, limit: int) -> SharedBlock | None:
     """The shared prefill of a block of ``prompts``, or None when sharing would prefill every token anyway
-    (or the rotary scaling depends on the length); ``limit``: a packed row's most tokens."""
+    (or the rotary scaling depends on the length); ``limit``: the positions a sequence may take."""
     if not can_share(cfg) or len(prompts) < 2:
         return None
-    rows = pack_prompts(prompts, limit)
-    if sum(len(row) for row in rows) == sum(map(len, prompts)):
+    # Every prompt keeps a token after the stem: its next-token logits come from its own row.
+    stem = min(_common(prompts[0], p) for p in prompts[1:])
+    stem = min(stem, min(map(len, prompts)) - 1)
+    rows = pack_prompts([p[stem:] for p in prompts], limit - stem)
+    if stem + sum(len(row) for row in rows) == sum(map(len, prompts)):
         return None
     order = [m for row in rows for m in row.members]
     at = {m: k for k, m in enumerate(order)}
     for row in rows:
         row.members = [at[m] for m in row.members]
-    return SharedBlock(order, rows)
+    return SharedBlock(order, prompts[0][:stem], rows)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 @dataclass
 class _Micro:
     """One packed micro-batch: its rows as tensors, masks and rotary angles, and where each member's keys
-    and values and last position sit in it."""
+    and values (after the stem's, in the slot's first rows) and last position sit in it."""
 
     ids: torch.Tensor  # (b, s)
     pos: torch.Tensor  # (b, s), -1 in the padding
-    masks: dict[int, torch.Tensor]  # by window: (b, 1 or nh, s, s)
+    masks: dict[int, torch.Tensor]  # by window: (b, 1 or nh, s, stem + s)
     rotary: tuple[torch.Tensor, torch.Tensor] | None
     members: list[int]  # run positions, consecutive
-    src: list[tuple[torch.Tensor, torch.Tensor]]  # per member: its nodes' (columns, rows) in the padded batch
-    last: tuple[torch.Tensor, torch.Tensor]  # (columns, rows) of each member's last node
+    src: list[tuple[torch.Tensor, torch.Tensor]]  # per member: its slot rows (stem's and its own) and batch rows
+    last: tuple[torch.Tensor, torch.Tensor]  # (columns, rows) of each member's last node in the batch
+
+
+@dataclass
+class _Stem:
+    """The stem as one sequence: its ids, positions, masks and rotary angles."""
+
+    ids: torch.Tensor  # (1, L)
+    pos: torch.Tensor  # (1, L)
+    masks: dict[int, torch.Tensor]  # (1, 1 or nh, L, L)
+    rotary: tuple[torch.Tensor, torch.Tensor] | None
 
 
 class SharedPrefill:
-    """The scratch keys and values of one packed micro-batch (planned on the ledger, allocated at first use)
-    and the shared prefill of a block."""
+    """The scratch of a shared prefill (one packed micro-batch's keys and values; the stem's keys, values and
+    hidden states), planned on the ledger and allocated at first use, and the shared prefill of a block."""
 
-    def __init__(self, fmt: KVFormat, max_len: int, max_batch: int, device: torch.device, ledger: Ledger) -> None:
+    def __init__(
+        self, fmt: KVFormat, cfg: OptConfig, max_len: int, max_batch: int, device: torch.device, ledger: Ledger
+    ) -> None:
         self.fmt, self.max_len, self.device = fmt, max_len, device
         self.elems = max_len * fmt.row_elems(max_batch)
-        ledger.add("device", "shared prefill k/v", 2 * max_len * fmt.row_bytes(max_batch))
+        self.stem_elems = max_len * fmt.row_elems(1)
+        ledger.add("device", "shared prefill k/v", 2 * max_len * fmt.row_bytes(max_batch + 1))
+        ledger.add("device", "shared prefill stem", cfg.hidden_bytes(1, max_len))
         self._kv: torch.Tensor | None = None
 
-    def _scratch(self, s: int, b: int) -> KV:
+    def _scratch(self, s: int, b: int) -> tuple[KV, KV]:
+        """A micro-batch's slots (s, b, ...) and the stem's (max_len, 1, ...), for K and for V."""
         if self._kv is None:
-            self._kv = torch.zeros(2, self.elems, dtype=self.fmt.dtype, device=self.device)
-        return self.fmt.slot(self._kv[0], s, b), self.fmt.slot(self._kv[1], s, b)
+            self._kv = torch.zeros(2, self.elems + self.stem_elems, dtype=self.fmt.dtype, device=self.device)
+        kv, stem = self._kv[:, : self.elems], self._kv[:, self.elems :]
+        return (
+            (self.fmt.slot(kv[0], s, b), self.fmt.slot(kv[1], s, b)),
+            (self.fmt.slot(stem[0], self.max_len, 1), self.fmt.slot(stem[1], self.max_len, 1)),
+        )
 
-    def _micro(self, run: Runner, rows: list[Row]) -> _Micro:
+    def _masks(
+        self, run: Runner, pos: torch.Tensor, tree: dict[int, torch.Tensor], stem: int
+    ) -> dict[int, torch.Tensor]:
+        """Each window's mask of rows at ``pos`` (b, s) after a stem of ``stem`` positions: the stem's keys
+        seen by every real query (within its window), then the rows' own ``tree`` masks; ALiBi's bias added."""
         cfg, dev = run.cfg, run.device
-        ids, positions, ends, pad = row_tensors(rows, cfg.fill_token_id)
-        pos, end = positions.to(dev), ends.to(dev)
-        masks = {win: tree_mask(pos, end, run.dtype, win) for win in run.windows}
+        keys = torch.arange(stem, device=dev)
+        masks = {}
+        for win, tm in tree.items():
+            seen = (pos[:, :, None] >= 0) & (keys >= 0)  # (b, s, L): a real query sees the stem
+            if win > 0:
+                seen &= pos[:, :, None] - keys < win
+            part = torch.zeros(seen.shape, dtype=run.dtype, device=dev).masked_fill_(~seen, torch.finfo(run.dtype).min)
+            masks[win] = torch.cat([part[:, None], tm], dim=-1)  # (b, 1, s, L + s)
         if cfg.position == "alibi":
             h0, h1 = run.tp.shard.part(cfg.n_head)  # a rank's heads keep their global slopes
-            bias = P.alibi_bias(pos, cfg.n_head, run.dtype)[:, h0:h1]  # (b, nh, 1, s)
+            at = torch.cat([keys.expand(len(pos), stem), pos], dim=1)  # each key's position
+            bias = P.alibi_bias(at, cfg.n_head, run.dtype)[:, h0:h1]  # (b, nh, 1, L + s)
             masks = {win: m + bias for win, m in masks.items()}
+        return masks
+
+    def _micro(self, run: Runner, rows: list[Row], stem: int) -> _Micro:
+        dev = run.device
+        ids, positions, ends, pad = row_tensors(rows, run.cfg.fill_token_id)
+        pos = torch.where(positions >= 0, positions + stem, positions).to(dev)
+        tree = {win: tree_mask(pos, ends.to(dev), run.dtype, win) for win in run.windows}
         rotary = run.rope.cos_sin(pos, run.dtype) if run.rope is not None else None
         members, src, last_col, last_row = [], [], [], []
         for r, row in enumerate(rows):
             for m, path in zip(row.members, row.scored, strict=True):
-                cols = torch.tensor(path, device=dev) + pad[r]
+                cols = torch.tensor(list(range(stem)) + [stem + pad[r] + node for node in path], device=dev)
                 members.append(m)
                 src.append((cols, torch.full_like(cols, r)))
                 last_col.append(pad[r] + path[-1])
                 last_row.append(r)
         last = (torch.tensor(last_col, device=dev), torch.tensor(last_row, device=dev))
-        return _Micro(ids.to(dev), pos, masks, rotary, members, src, last)
+        return _Micro(ids.to(dev), pos, self._masks(run, pos, tree, stem), rotary, members, src, last)
+
+    def _stem(self, run: Runner, stem: list[int]) -> _Stem:
+        dev, n = run.device, len(stem)
+        pos = torch.arange(n, device=dev)[None]
+        valid = torch.ones((1, n), dtype=torch.bool, device=dev)
+        masks = {win: P.additive_mask(valid, n, run.dtype, win) for win in run.windows}
+        if run.cfg.position == "alibi":
+            h0, h1 = run.tp.shard.part(run.cfg.n_head)
+            bias = P.alibi_bias(pos, run.cfg.n_head, run.dtype)[:, h0:h1]
+            masks = {win: m + bias for win, m in masks.items()}
+        rotary = run.rope.cos_sin(pos, run.dtype) if run.rope is not None else None
+        return _Stem(torch.tensor([stem], device=dev), pos, masks, rotary)
 
     def prefill(self, run: Runner, shared: SharedBlock, lengths: list[int], sizes: list[int]) -> torch.Tensor:
         """Prefill a block whose sequences run in ``shared.order``: ``lengths``, their prompts' lengths in run
@@ -141,12 +199,16 @@ class SharedPrefill:
         return logits.clone()
 
     def _prefill(self, run: Runner, shared: SharedBlock, lengths: list[int], sizes: list[int]) -> torch.Tensor:
-        gbs, s = run.placement.gpu_batch_size, max(lengths)
-        micros = [self._micro(run, shared.rows[a : a + gbs]) for a in range(0, len(shared.rows), gbs)]
+        gbs, s, L = run.placement.gpu_batch_size, max(lengths), len(shared.stem)
+        micros = [self._micro(run, shared.rows[a : a + gbs], L) for a in range(0, len(shared.rows), gbs)]
+        stem = self._stem(run, shared.stem) if L else None
+        stem_x = torch.empty(0)
         n_layers = run.cfg.num_hidden_layers
         logits: list[torch.Tensor] = []
         for group, w in run.walk(carry=True):
             if group.kind == "input":
+                if stem is not None:
+                    stem_x = run._embed(w, stem.ids, stem.pos)  # (1, L, h)
                 for p, mb in enumerate(micros):
                     run.acts.put(0, p, run._embed(w, mb.ids, mb.pos))
                 continue
@@ -158,10 +220,16 @@ class SharedPrefill:
             i = group.layer
             lw = LayerWeights.from_slots({slot: w[name] for name, slot in group.slots})
             layer = run.layers[i]
+            win = layer.spec.window
+            if stem is not None:
+                _, (sk, sv) = self._scratch(0, 1)
+                core = layer.cached_core(sk, sv, 0, stem.masks[win])
+                stem_x = layer(lw, stem_x, core, stem.rotary, run._mlp(i, None))
             slots = _Slots(run.cache, i, sizes, s, lengths)
             for p, mb in enumerate(micros):
-                k, v = self._scratch(*mb.ids.shape[::-1])  # (s_p, b_p, ...) each
-                core = layer.cached_core(k, v, 0, mb.masks[layer.spec.window])
+                (k, v), (sk, sv) = self._scratch(L + mb.ids.shape[1], mb.ids.shape[0])  # (L + s_p, b_p, ...) each
+                k[:L], v[:L] = sk[:L], sv[:L]  # the stem's keys and values, before every row's
+                core = layer.cached_core(k, v, L, mb.masks[win])
                 x = layer(lw, run.acts.take(p), core, mb.rotary, run._mlp(i, mb.pos >= 0))  # padding routes nowhere
                 run.acts.put(min(i + 1, n_layers - 1), p, x)
                 for m, (cols, rows) in zip(mb.members, mb.src, strict=True):
