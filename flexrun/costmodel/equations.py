@@ -381,8 +381,10 @@ def cost_terms(
         + block_bytes(cfg, B)  # the whole block's logits and a decode step's merged rows
         + (cfg.layer_bytes() if compress_weight else 0)  # one dequantized layer
     )
-    if not cpu_cache_compute:
-        device += Affine.share("cache", off_device, 4 * slot)  # two micro-batches' K and V in flight
+    # Two micro-batches' K and V in flight through the device (a prefill attends over them with host-side
+    # attention too), and the next micro-batch's hidden state brought in while one computes.
+    device += Affine.share("cache", off_device, 4 * slot)
+    device += Affine.share("activations", off_device, b * S * h_tok)
     host = (
         Affine.share("weights", ["host"], weights_total)
         + Affine.share("weights", ["disk"], 2 * group)  # double-buffered arena for disk reads

@@ -38,6 +38,7 @@ def summary_dict(cfg: OptConfig, placement: Placement, stats: RunStats) -> dict[
         **_collectives(stats),
         "direct_io": stats.direct_io,
         "peak_rss_bytes": stats.peak_rss,
+        "peak_device_bytes": stats.peak_device,
         "base_rss_bytes": stats.base_rss,
         "planned_bytes": {tier: sum(v.values()) for tier, v in stats.planned.items()},
         "budget_bytes": stats.budgets,
@@ -132,7 +133,20 @@ def summary_text(cfg: OptConfig, placement: Placement, stats: RunStats, pooling:
         f"{format_bytes(max(stats.peak_rss - stats.base_rss, 0))} over the {format_bytes(stats.base_rss)} "
         "held before the engine (interpreter, libraries)",
     ]
+    if stats.peak_device:
+        lines.append(device_peak_line(stats))
     return "\n".join(lines)
+
+
+def device_peak_line(stats: RunStats) -> str:
+    """The device's measured peak beside the device tier's plan and budget (a GPU run)."""
+    planned = sum(stats.planned.get("device", {}).values())
+    budget = stats.budgets.get("device")
+    of = f" (budget {format_bytes(budget)})" if budget else ""
+    return (
+        f"peak device memory (measured, torch.cuda.max_memory_allocated): {format_bytes(stats.peak_device)}; "
+        f"planned {format_bytes(planned)}{of}"
+    )
 
 
 def _planned(tier: str, nbytes: int, stats: RunStats) -> str:

@@ -46,7 +46,15 @@ class Encoder(StackRunner):
         self._kv_elems = self.max_len * self._scratch_kv.row_elems(gbs)
         ledger.add("device", "k/v scratch", 2 * self.max_len * self._scratch_kv.row_bytes(gbs))
         self.acts = ActivationStore(
-            cfg, pl.activations, self.device, self.pool, ledger, self.workdir, gbs * self.max_len, pl.num_gpu_batches
+            cfg,
+            pl.activations,
+            self.device,
+            self.pool,
+            ledger,
+            self.workdir,
+            gbs * self.max_len,
+            pl.num_gpu_batches,
+            self.mover,
         )
         spec = LayerSpec.from_config(cfg)
         spec = dataclasses.replace(spec, n_head=spec.n_head // world, n_kv_head=spec.n_kv_head // world)

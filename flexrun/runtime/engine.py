@@ -59,8 +59,12 @@ class Engine(StackRunner):
             max_batch=gbs,
             num_batches=ngb,
             windows=[cfg.attention_window(i) for i in range(cfg.num_hidden_layers)],
+            mover=self.mover,
+            host_attention=pl.cpu_cache_compute,
         )
-        self.acts = ActivationStore(cfg, pl.activations, *common, max_tokens=gbs * self.max_len, num_batches=ngb)
+        self.acts = ActivationStore(
+            cfg, pl.activations, *common, max_tokens=gbs * self.max_len, num_batches=ngb, mover=self.mover
+        )
         ledger.add("device", "block logits and rows", block_bytes(cfg, gbs * ngb))
         self.shared = SharedPrefill(self.kv_format, cfg, self.max_len, gbs, self.device, ledger)
         if pl.compress_cache:  # attention reads a micro-batch's K and V dequantized to float32
@@ -186,7 +190,7 @@ class Engine(StackRunner):
             for j in range(n_mb):
                 (k, v), turn = walk.next()
                 masks, rotary = inputs[j]
-                core = layer.cached_core(k, v, past, masks[layer.spec.window])
+                core = self._cached_core(i, layer, (k, v), past, masks[layer.spec.window])
                 rows = valid[offsets[j] : offsets[j] + block.sizes[j], past:]  # padding routes nowhere
                 x = layer(lw, self.acts.take(j), core, rotary, self._mlp(i, rows))
                 self.cache.store(i, j, (k, v), turn, past, past + q)
@@ -210,11 +214,17 @@ class Engine(StackRunner):
                 kv, turn = walk.next()
                 rows = slice(o, o + b)
                 mask = inputs[j][0][layer.spec.window]
-                outs.append(layer.cached_core(*kv, past, mask)(q[rows], k[rows], v[rows]))
+                outs.append(self._cached_core(i, layer, kv, past, mask)(q[rows], k[rows], v[rows]))
                 self.cache.store(i, j, kv, turn, past, past + k.shape[1])
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         return core
+
+    def _cached_core(self, i: int, layer: FusedLayer, kv: KV, past: int, mask: torch.Tensor) -> AttentionCore:
+        """Layer ``i``'s core over one micro-batch's cache; with host-side attention, computed on the host by
+        the host's kernel where the cache was fetched to the host (``KVCache.attends_on_host``)."""
+        host = self.host_kernels if self.cache.attends_on_host(i, past) else None
+        return layer.cached_core(*kv, past, mask, host)
 
     # ---- generation --------------------------------------------------------------------------------
     def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:

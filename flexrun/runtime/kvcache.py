@@ -10,6 +10,13 @@ the next micro-batch's cache loads while this one computes. A layer with a slidi
 run keeps on disk only a ring of the last ``window`` rows (row t at t mod the ring's rows), read whole and
 put back in place in the staging buffer; the staging rows before the window keep another slot's (finite)
 values, which the window's mask hides.
+
+On CUDA a host or disk layer's slot is staged into one of two device buffers for attention: its rows copied in
+on the ``cache_in`` stream after the compute that last read that buffer, the new rows copied out on the
+``cache_out`` stream after the layer that wrote them (``runtime.transfer``). With host-side attention
+(``host_attention``, FlexGen's ``cpu_cache_compute``) a host or disk layer's decode attention runs on the CPU
+over the host copy instead, and nothing of the cache crosses to the device: ``attends_on_host`` says where. A
+prefill (nothing cached yet) is still staged and attended on the device, as FlexGen does.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from flexrun.placement import Shares
 from flexrun.runtime.iopool import IOPool, done
 from flexrun.runtime.kvformat import KVFormat
 from flexrun.runtime.tiers import Ledger
+from flexrun.runtime.transfer import Event, Mover
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -44,14 +52,21 @@ class KVCache:
         max_batch: int,
         num_batches: int,
         windows: list[int] | None = None,
+        mover: Mover | None = None,
+        host_attention: bool = False,
     ) -> None:
         """``windows``: each layer's attention window (0: global): a disk layer whose window is shorter than
-        ``max_len`` stores only a ring of it."""
+        ``max_len`` stores only a ring of it. ``host_attention``: decode attention over a host or disk layer's
+        cache runs on the host."""
         self.fmt = fmt
         self.device = device
         self.pool = pool
         self.max_len = max_len
         self.dtype = fmt.dtype
+        self.mover = mover or Mover(device)
+        self.staged = self.mover.separate  # the device's memory is apart from the host's: stage through it
+        self.host_attention = host_attention
+        self._last_store: Event = None  # the latest copy out on the cache_out stream
         on_cuda = device.type == "cuda"
         self.tiers = [t if on_cuda or t != "device" else "host" for t in shares.split(num_layers)]
         self.slot_elems = max_len * fmt.row_elems(max_batch)
@@ -77,7 +92,7 @@ class KVCache:
             ledger.add("host", "kv ring buffers", 4 * max(self.ring))
         # Staging: host buffers for disk slots; on CUDA also device buffers for host and disk slots.
         self._needs_host_staging = any(t == "disk" for t in self.tiers)
-        self._needs_gpu_staging = on_cuda and any(t != "device" for t in self.tiers)
+        self._needs_gpu_staging = self.staged and any(t != "device" for t in self.tiers)
         if self._needs_host_staging:
             ledger.add("host", "kv staging", 4 * diskio.padded(self.slot_bytes))
         if self._needs_gpu_staging:
@@ -90,7 +105,6 @@ class KVCache:
 
     def allocate(self) -> None:
         """Create the cache tensors, files and staging buffers (after the budgets were checked)."""
-        pin = self.device.type == "cuda"
         for i, tier in enumerate(self.tiers):
             for j in range(self.num_batches):
                 if tier == "disk":
@@ -103,18 +117,17 @@ class KVCache:
                             f"cannot create KV cache files in {self.workdir}: {exc.strerror}"
                         ) from None
                     self._files[(i, j)] = path
-                else:
-                    dev = self.device if tier == "device" else torch.device("cpu")
-                    k = torch.zeros(self.slot_elems, dtype=self.dtype, device=dev)
-                    v = torch.zeros(self.slot_elems, dtype=self.dtype, device=dev)
-                    self._resident[(i, j)] = (k, v)
+                elif tier == "device":
+                    k = torch.zeros(self.slot_elems, dtype=self.dtype, device=self.device)
+                    self._resident[(i, j)] = (k, torch.zeros_like(k))
+                else:  # page-locked on CUDA: copied to and from the device asynchronously
+                    host = self.mover.host_zeros
+                    self._resident[(i, j)] = (host(self.slot_elems, self.dtype), host(self.slot_elems, self.dtype))
         if self._needs_host_staging:
             size = diskio.padded(self.slot_bytes)
             # Zeroed once: rows a windowed read skips must hold finite values (masked, they weigh 0).
-            self._host_stage = [
-                (diskio.aligned_empty(size, pin=pin).zero_(), diskio.aligned_empty(size, pin=pin).zero_())
-                for _ in range(2)
-            ]
+            buf = self.mover.host_buffer
+            self._host_stage = [(buf(size).zero_(), buf(size).zero_()) for _ in range(2)]
         if any(self.ring):
             size = max(self.ring)
             self._ring_stage = [(diskio.aligned_empty(size), diskio.aligned_empty(size)) for _ in range(2)]
@@ -130,19 +143,34 @@ class KVCache:
     def _host_view(self, buf: torch.Tensor, b: int) -> torch.Tensor:
         return self._shape(buf[: self.slot_bytes].view(self.dtype), b)
 
+    def attends_on_host(self, i: int, length: int) -> bool:
+        """Whether layer ``i``'s attention after ``length`` cached positions runs on the host over the host copy
+        of its cache (host-side attention in decode), rather than where the layer computes."""
+        return self.host_attention and self.tiers[i] != "device" and length > 0
+
     def fetch(self, i: int, j: int, b: int, length: int, window: int = 0) -> Future[tuple[KV, int]]:
-        """Start making layer ``i``/micro-batch ``j``'s cache available on the compute device, with rows
-        [0, length) valid, or, from a disk ring, with a ``window`` only rows [length - window + 1, length), the
-        ones a query at ``length`` sees. The result is ((k, v), staging turn), each a slot of the format's (max_len, b, ...)."""
+        """Start making layer ``i``/micro-batch ``j``'s cache available where its attention runs (the compute
+        device, or the host: ``attends_on_host``), with rows [0, length) valid, or, from a disk ring, with a
+        ``window`` only rows [length - window + 1, length), the ones a query at ``length`` sees. The result is
+        ((k, v), staging turn), each a slot of the format's (max_len, b, ...); turn -1: the resident slot itself."""
         tier = self.tiers[i]
-        if tier == "device" or (tier == "host" and self.device.type == "cpu"):
+        on_host = not self.staged or self.attends_on_host(i, length)
+        if tier == "device" or (tier == "host" and on_host):
+            if tier == "host" and self._last_store is not None:  # the host slot's rows copied out must be in
+                self.mover.sync(self._last_store)
+                self._last_store = None
             k, v = self._resident[(i, j)]
             return done(((self._shape(k, b), self._shape(v, b)), -1))
         turn = self._turn
         self._turn ^= 1
-        return self.pool.submit(self._fetch, i, j, b, length, turn, window)
+        # The device buffer of this turn was last read by compute enqueued before now, and last copied out
+        # by the latest store: the copy in waits for both.
+        after = (self.mover.mark(), self._last_store) if self.staged and not on_host else ()
+        return self.pool.submit(self._fetch, i, j, b, length, turn, window, after)
 
-    def _fetch(self, i: int, j: int, b: int, length: int, turn: int, window: int = 0) -> tuple[KV, int]:
+    def _fetch(
+        self, i: int, j: int, b: int, length: int, turn: int, window: int = 0, after: tuple[Event, ...] = ()
+    ) -> tuple[KV, int]:
         pending = self._stage_pending[turn]
         if pending is not None:
             pending.result()
@@ -166,13 +194,14 @@ class KVCache:
         else:
             k, v = self._resident[(i, j)]
             src = (self._shape(k, b), self._shape(v, b))
-        if self.device.type == "cpu":
+        if not self.staged or self.attends_on_host(i, length):
             return src, turn
         gk, gv = self._gpu_stage[turn]
         dst = (self._shape(gk, b), self._shape(gv, b))
         if length:
-            dst[0][:length].copy_(src[0][:length])
-            dst[1][:length].copy_(src[1][:length])
+            pairs = [(dst[0][:length], src[0][:length]), (dst[1][:length], src[1][:length])]
+            # Waited for here, on the I/O thread: the caller's compute starts once its cache is in.
+            self.mover.sync(self.mover.copy("cache_in", pairs, after))
         return dst, turn
 
     def _read_ring(self, i: int, j: int, b: int, length: int, window: int, turn: int) -> None:
@@ -191,26 +220,30 @@ class KVCache:
         self.bytes_read += 2 * size
 
     def store(self, i: int, j: int, kv: KV, turn: int, start: int, end: int) -> None:
-        """Persist rows [start, end) that the layer wrote into the fetched buffers ``kv``."""
-        tier = self.tiers[i]
-        if tier == "device" or (tier == "host" and self.device.type == "cpu"):
+        """Persist rows [start, end) that the layer wrote into the fetched buffers ``kv`` (``start``: the
+        ``length`` they were fetched with)."""
+        if turn < 0:  # the resident slot itself was written
             return
-        rows = (
-            (kv[0][start:end].cpu(), kv[1][start:end].cpu())
-            if self.device.type == "cuda"
-            else (kv[0][start:end], kv[1][start:end])
-        )
-        if tier == "host":
-            k, v = self._resident[(i, j)]
-            b = kv[0].shape[1]
-            self._shape(k, b)[start:end].copy_(rows[0])
-            self._shape(v, b)[start:end].copy_(rows[1])
-            return
-        fut = self.pool.submit(self._write, i, j, rows, start)
+        b = kv[0].shape[1]
+        rows = (kv[0][start:end], kv[1][start:end])
+        copied: Event = None
+        if self.staged and not self.attends_on_host(i, start):  # rows in a device buffer: copy them out
+            if self.tiers[i] == "host":
+                k, v = self._resident[(i, j)]
+                dst = (self._shape(k, b)[start:end], self._shape(v, b)[start:end])
+            else:  # into the host staging rows they were fetched through, then to disk
+                hk, hv = self._host_stage[turn]
+                dst = (self._host_view(hk, b)[start:end], self._host_view(hv, b)[start:end])
+            copied = self._last_store = self.mover.copy("cache_out", zip(dst, rows, strict=True), [self.mover.mark()])
+            rows = dst
+            if self.tiers[i] == "host":
+                return
+        fut = self.pool.submit(self._write, i, j, rows, start, copied)
         self._file_pending[(i, j)] = fut
         self._stage_pending[turn] = fut
 
-    def _write(self, i: int, j: int, rows: KV, start: int) -> None:
+    def _write(self, i: int, j: int, rows: KV, start: int, copied: Event = None) -> None:
+        self.mover.sync(copied)  # the rows copied out of the device are in host memory
         row_bytes = self.fmt.row_bytes(rows[0].shape[1])
         ring = self.ring[i] // row_bytes  # rows a ring holds; 0: the whole slot, row t at row t
         if ring and len(rows[0]) > ring:  # only the last ``ring`` rows can be seen again

@@ -155,17 +155,31 @@ class FusedLayer:
             return x + mlp(w, h)
         return self._residual(x, [(self._up(w, h), w.fc2_w, w.fc2_b)])
 
-    def cached_core(self, k_slot: torch.Tensor, v_slot: torch.Tensor, past: int, mask: torch.Tensor) -> AttentionCore:
+    def cached_core(
+        self,
+        k_slot: torch.Tensor,
+        v_slot: torch.Tensor,
+        past: int,
+        mask: torch.Tensor,
+        kernels: KernelSet | None = None,
+    ) -> AttentionCore:
         """The core for one micro-batch: KV slots with rows [0, past) filled, into whose rows [past, past + s)
-        the new keys and values go; mask: additive, (b, 1 or nh, s, past + s)."""
+        the new keys and values go; mask: additive, (b, 1 or nh, s, past + s).
+
+        Attention runs where the slots are: slots in host memory while the layer computes on a GPU (host-side
+        attention) take the new q, k, v there and send only the output back, computed by ``kernels`` (the
+        host's kernel set; default: this layer's)."""
         sp, kv = self.spec, self.kv
+        attend = (kernels or self.k).cached_attention
 
         def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             t = past + k.shape[1]
-            kv.append(k_slot, past, k)
-            kv.append(v_slot, past, v)
+            where = k_slot.device
+            kv.append(k_slot, past, k.to(where))
+            kv.append(v_slot, past, v.to(where))
             # The cache may be kept in the stored dtype while attention runs in the compute dtype.
-            return self.k.cached_attention(q, kv.read(k_slot, t), kv.read(v_slot, t), mask, sp.scale)
+            out = attend(q.to(where), kv.read(k_slot, t), kv.read(v_slot, t), mask.to(where), sp.scale)
+            return out.to(q.device)  # (b, nh, s, d)
 
         return core
 

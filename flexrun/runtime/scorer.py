@@ -56,7 +56,9 @@ class Scorer(Engine):
         ledger.add("device", "k/v scratch", 2 * self.max_len * self._scratch_kv.row_bytes(gbs))
         ledger.add("device", "scored logits", 2 * HEAD_CHUNK * cfg.vocab_size * 4)  # logits and log-softmax
         common = (self.device, self.pool, ledger, self.workdir)
-        self.acts = ActivationStore(cfg, pl.activations, *common, max_tokens=gbs * self.max_len, num_batches=ngb)
+        self.acts = ActivationStore(
+            cfg, pl.activations, *common, max_tokens=gbs * self.max_len, num_batches=ngb, mover=self.mover
+        )
         self.layers = [
             FusedLayer(LayerSpec.from_config(cfg, i), self.kernels, self._scratch_kv)
             for i in range(cfg.num_hidden_layers)

@@ -28,8 +28,9 @@ from flexrun.precision import with_compute_dtype
 from flexrun.runtime.iopool import IOPool
 from flexrun.runtime.kvformat import kv_format
 from flexrun.runtime.malloc import release_large_frees
-from flexrun.runtime.stats import RunStats, current_rss, peak_rss, reset_peak_rss
+from flexrun.runtime.stats import RunStats, current_rss, device_peak, peak_rss, reset_device_peak, reset_peak_rss
 from flexrun.runtime.tiers import RUNTIME_RSS, Budgets, Ledger, compute_device, make_workdir
+from flexrun.runtime.transfer import Mover
 from flexrun.runtime.weights import WeightManager
 from flexrun.units import format_bytes
 from flexrun.weights.store import TORCH_DTYPES, TensorStore
@@ -41,8 +42,7 @@ R = TypeVar("R", bound="StackRunner")
 
 def check_supported(placement: Placement, device: torch.device, store: TensorStore) -> None:
     """Refuse placement options this runtime does not carry out, rather than ignore them: weights compressed
-    otherwise than the store holds them (compression happens when a store is converted), and host-side
-    attention on a GPU."""
+    otherwise than the store holds them (compression happens when a store is converted)."""
     kinds = {spec.kind for spec in store.compressed().values()}
     held = ", ".join(sorted(kinds)) or "uncompressed"
     if len(kinds) > 1 or store.weight_compression != placement.compress_weight:
@@ -50,11 +50,6 @@ def check_supported(placement: Placement, device: torch.device, store: TensorSto
         raise PlacementError(
             f"the placement asks for {want} weights but the store {store.path} holds {held} ones; convert the "
             f"checkpoint with the same --compress-weight (generate and bench do so themselves)"
-        )
-    if placement.cpu_cache_compute and device.type != "cpu":  # on a CPU the host computes attention anyway
-        raise PlacementError(
-            "attention on the host over a host-resident cache (cpu_cache_compute) is not implemented on a GPU; "
-            "run the placement without it"
         )
 
 
@@ -103,11 +98,13 @@ class StackRunner:
         self.dtype = TORCH_DTYPES[cfg.run_dtype]
         self.layout = stack_layout(cfg)
         self.kernels = select_kernels(self.device)
+        self.host_kernels = select_kernels(torch.device("cpu"))  # host-side attention's
         kv_heads = cfg.n_kv_head // tp.world  # a rank caches its own heads only
         self.kv_format = kv_format(TORCH_DTYPES[cfg.dtype], kv_heads, cfg.head_dim, placement.compress_cache)
         root = offload_root(offload_dir)
         self.workdir = make_workdir(root, self.workdir_prefix)
         self.pool = IOPool(placement.overlap)
+        self.mover = Mover(self.device)
         ledger = Ledger()
         try:
             # Budgets first: a rank's slice of a whole store, written below, takes the offload dir's disk too.
@@ -126,7 +123,9 @@ class StackRunner:
             cpu = self.device.type == "cpu"
             ledger.add("device", "working memory", cfg.working_bytes(placement.gpu_batch_size, self.max_len, cpu))
             self._plan(ledger)
-            self.weights = WeightManager(store, placement.weights, self.device, self.pool, ledger, self.kernels)
+            self.weights = WeightManager(
+                store, placement.weights, self.device, self.pool, ledger, self.kernels, self.mover
+            )
             if cpu:
                 ledger.fold_device_into_host()
             if sliced:  # the weights placed on disk are read from the slice; the rest of it is on disk too
@@ -159,6 +158,7 @@ class StackRunner:
     # ---- lifecycle -----------------------------------------------------------------------------------
     def close(self) -> None:
         self.pool.shutdown()
+        self.mover.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self: R) -> R:
@@ -194,6 +194,7 @@ class StackRunner:
     def _start_stats(self, sequences: int) -> tuple[RunStats, int]:
         """Fresh stats for a run of ``sequences``, and the disk bytes read before it."""
         reset_peak_rss()
+        reset_device_peak(self.device)
         stats = RunStats(sequences=sequences, planned=self.ledger.items, budgets=self.budgets)
         stats.budget_sources = self.budget_sources
         stats.planned_peak = self.base_rss + RUNTIME_RSS + self.ledger.total("host")
@@ -202,6 +203,7 @@ class StackRunner:
     def _finish_stats(self, stats: RunStats, read_before: int) -> RunStats:
         stats.disk_bytes_read = self._bytes_read() - read_before
         stats.peak_rss = peak_rss()
+        stats.peak_device = device_peak(self.device)
         stats.base_rss = self.base_rss
         stats.direct_io = self.store.direct
         return stats

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
@@ -33,6 +33,7 @@ class RunStats:
     disk_bytes_read: int = 0
     decode_bytes_read: int = 0  # of which by the decode steps (weights and cache)
     peak_rss: int = 0
+    peak_device: int = 0  # torch.cuda.max_memory_allocated over the run (0 without CUDA)
     base_rss: int = 0  # resident memory before the engine allocated anything (interpreter, libraries)
     planned: dict[str, dict[str, int]] = field(default_factory=dict)
     budgets: dict[str, int] = field(default_factory=dict)
@@ -68,7 +69,7 @@ class RunStats:
             mine, theirs = getattr(self, f.name), getattr(part, f.name)
             if f.name == "first_token_s":  # the earlier run's first token came first
                 self.first_token_s = mine or theirs
-            elif f.name in ("peak_rss", "base_rss", "planned_peak"):
+            elif f.name in ("peak_rss", "peak_device", "base_rss", "planned_peak"):
                 setattr(self, f.name, max(mine, theirs))
             elif f.name == "direct_io":
                 if theirs is not None:
@@ -132,6 +133,21 @@ def peak_rss() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_device_peak(device: torch.device) -> None:
+    """Start measuring the device's peak allocated memory afresh (nothing to do without CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def device_peak(device: torch.device, max_allocated: Callable[[torch.device], int] | None = None) -> int:
+    """The most memory tensors held on ``device`` since the last reset, as the CUDA caching allocator counts it
+    (``torch.cuda.max_memory_allocated``; the allocator's own reserve beside it is not counted); 0 on a CPU,
+    whose figure is the process's peak resident memory."""
+    if device.type != "cuda":
+        return 0
+    return int((max_allocated or torch.cuda.max_memory_allocated)(device))
 
 
 def current_rss() -> int:

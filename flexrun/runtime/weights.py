@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from flexrun import diskio
 from flexrun.errors import CheckpointError
 from flexrun.kernels import KernelSet, Weight
 from flexrun.layout import stack_layout
 from flexrun.placement import Shares
 from flexrun.runtime.iopool import IOPool, done
 from flexrun.runtime.tiers import Ledger
+from flexrun.runtime.transfer import Mover
 from flexrun.weights.store import TensorStore
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,20 @@ class _Loaded:
 
 class WeightManager:
     def __init__(
-        self, store: TensorStore, shares: Shares, device: torch.device, pool: IOPool, ledger: Ledger, kernels: KernelSet
+        self,
+        store: TensorStore,
+        shares: Shares,
+        device: torch.device,
+        pool: IOPool,
+        ledger: Ledger,
+        kernels: KernelSet,
+        mover: Mover | None = None,
     ) -> None:
         """Plan the residency and record it in ``ledger``; ``load()`` then reads and allocates. Weights held
-        on the compute device's side are prepared once in the layout ``kernels`` computes them fastest in."""
+        on the compute device's side are prepared once in the layout ``kernels`` computes them fastest in.
+        ``mover`` makes the host buffers copies to the device run from (page-locked on CUDA, exact sizes)."""
         self.store = store
+        self.mover = mover or Mover(device)
         self.kernels = kernels
         self.cfg = store.config
         self.device = device
@@ -91,7 +100,7 @@ class WeightManager:
             if tier == "disk":
                 continue
             meta = self.store.meta(name)
-            raw = self._read(name, diskio.aligned_empty(meta.nbytes, pin=self.on_cuda and tier == "host"))
+            raw = self._read(name, self.mover.host_buffer(meta.nbytes, pin=tier == "host"))
             if self.on_cuda and tier == "host":
                 self._raw[name] = raw
                 continue
@@ -99,7 +108,7 @@ class WeightManager:
             self.resident[name] = self.kernels.prepare(w) if self._prepared(name) else w
         for k in (0, 1):
             if self._arena_bytes[k]:
-                self._arenas[k] = [diskio.aligned_empty(self._arena_bytes[k], pin=self.on_cuda) for _ in range(2)]
+                self._arenas[k] = [self.mover.host_buffer(self._arena_bytes[k]) for _ in range(2)]
             if self._gpu_arena_bytes[k]:
                 size = self._gpu_arena_bytes[k]
                 self._gpu_arenas[k] = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
