@@ -360,9 +360,10 @@ def calibrate_cmd(offload_dir: str | None, out: str | None, dtype: str | None, q
     """Measure this machine's bandwidths and FLOP/s for the planner, and save them.
 
     Measures disk read (O_DIRECT) and write (fsync) bandwidth in the offload dir, host<->device copies
-    when there is a GPU, and matmul and attention FLOP/s at prefill- and decode-like shapes, in well
-    under a minute. `flexrun plan`, `generate` and `bench` then use the saved figures on this machine (a
-    job that finds none measures a shorter set on first use); the runs they record since are cleared.
+    when there is a GPU, matmul and attention FLOP/s at prefill- and decode-like shapes, and the all-reduce
+    between two local processes (gloo) that --tp ranks pay, in well under a minute. `flexrun plan`,
+    `generate` and `bench` then use the saved figures on this machine (a job that finds none measures a
+    shorter set on first use, the all-reduce left out); the runs they record since are cleared.
     """
     from flexrun.costmodel.calcache import path_for
     from flexrun.costmodel.calibrate import calibrate
@@ -398,3 +399,8 @@ def calibrate_cmd(offload_dir: str | None, out: str | None, dtype: str | None, q
             continue
         shown = f"{format_bytes(value)}/s" if unit == "B/s" else f"{value / 1e9:.1f} GFLOP/s"
         click.echo(f"{name + ':':<19} {shown}")
+    if spec.interconnect_bw:
+        click.echo(
+            f"{'all-reduce:':<19} {format_bytes(spec.interconnect_bw)}/s, {spec.interconnect_latency * 1e6:.0f} us "
+            "a call (gloo between 2 local ranks, for --tp)"
+        )

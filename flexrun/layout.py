@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -21,6 +22,10 @@ from flexrun.config import OptConfig, Shape
 INPUT_GLOBALS = ("embed_tokens", "embed_ln_w", "embed_ln_b", "embed_positions", "embed_token_types", "project_in")
 # The layer slots the fused layer multiplies with (``linear``): the ones weight compression applies to.
 MATMUL_SLOTS = ("qkv_w", "out_w", "gate_w", "fc1_w", "fc2_w")
+# The input tables a generation step reads only the rows of (the tokens' and their positions'), so a
+# disk-resident one costs a few pages per step rather than its size (``runtime.weights.RowTable``).
+GATHERED = ("embed_tokens", "embed_positions")
+GATHER_BUFFER = 1 << 20  # bytes of each such table's read buffer (runs of rows longer than that are read in parts)
 EXPERT_PREFIX = "expert"  # an expert's slots are expert{e}_gate_w, expert{e}_fc1_w, expert{e}_fc2_w
 
 
@@ -39,6 +44,20 @@ class Group:
         """(store name, slot name) pairs: ``layers.3.qkv_w`` is slot ``qkv_w`` of layer 3, ``layers.3.expert5_fc1_w``
         slot ``fc1_w`` of expert 5 of layer 3."""
         return tuple((n, expert_slot(n.rsplit(".", 1)[-1])) for n in self.names)
+
+
+@dataclass(frozen=True)
+class HotSet:
+    """Bytes along ``StackLayout.residency_order`` as a disk share grows from its end: the tables read by rows
+    go to disk first (``gathered`` bytes, read a few rows a step), the largest group's tensors last
+    (``first`` bytes at the order's front). The disk's double buffer holds the largest group on disk:
+    ``next_largest`` until the largest (``largest``) goes there too."""
+
+    total: int
+    gathered: int
+    first: int
+    largest: int
+    next_largest: int
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,56 @@ class StackLayout:
         """The stored tensors weight compression applies to: every layer's matmul weights (embeddings, the
         head, norms and biases stay in the model's dtype)."""
         return [n for g in self.groups if g.kind in ("layer", "expert") for n, slot in g.slots if slot in MATMUL_SLOTS]
+
+    def whole_reads(self, name: str, gathered: Collection[str] = ()) -> int:
+        """How many of a step's walked groups read ``name`` whole from disk: the input group reads a table in
+        ``gathered`` by rows only, and a tied head reads the token embeddings again."""
+        return sum(name in g.names and not (g.kind == "input" and name in gathered) for g in self.walked)
+
+    def residency_order(self, nbytes: Mapping[str, int], gathered: Collection[str] = ()) -> list[str]:
+        """Every stored tensor once, the one whose residency saves the most disk reads per step first: what
+        weight shares keep resident (device, then host) before the rest goes to disk.
+
+        A tensor read whole once per step saves its size; a routed expert, only when a token is routed to it;
+        a table read by rows, next to nothing: those follow, in that order. Among the first, the tensors of
+        the largest groups (a head as big as the vocabulary, say) come first: the disk's double buffer is
+        sized by the largest group left on disk, so keeping that one resident also shrinks the buffer.
+        """
+        group_bytes = dict.fromkeys(self.store_order, 0)  # the largest group each tensor is read whole in
+        for g in self.groups:
+            whole = [n for n in g.names if not (g.kind == "input" and n in gathered)]
+            size = sum(nbytes[n] for n in whole)
+            for n in whole:
+                group_bytes[n] = max(group_bytes[n], size)
+        experts = self._expert_names
+
+        def rank(item: tuple[int, str]) -> tuple[int, int, int, int]:
+            index, n = item
+            reads = self.whole_reads(n, gathered)
+            return (1 if n in experts else 0 if reads else 2), -reads, -group_bytes[n], index
+
+        return [n for _, n in sorted(enumerate(self.store_order), key=rank)]
+
+    def hot_set(self, nbytes: Mapping[str, int], gathered: Collection[str] = ()) -> HotSet:
+        """What the cost model needs of ``residency_order``: see ``HotSet``."""
+        order = self.residency_order(nbytes, gathered)
+        whole = [n for n in order if self.whole_reads(n, gathered) or n in self._expert_names]
+        sizes = [sum(nbytes[n] for n in g.names if not (g.kind == "input" and n in gathered)) for g in self.groups]
+        top = max(sizes)
+        first = next(g for g, size in zip(self.groups, sizes, strict=True) if size == top)
+        held = [n for n in whole if n in first.names]
+        rest = [size for g, size in zip(self.groups, sizes, strict=True) if g is not first and size]
+        return HotSet(
+            total=sum(nbytes[n] for n in order),
+            gathered=sum(nbytes[n] for n in order if n not in whole),
+            first=sum(nbytes[n] for n in held),
+            largest=top,
+            next_largest=max(rest, default=0),
+        )
+
+    @cached_property
+    def _expert_names(self) -> frozenset[str]:
+        return frozenset(n for g in self.groups if g.kind == "expert" for n in g.names)
 
     def group_elements(self, group: Group) -> int:
         return sum(math.prod(self.shapes[n]) for n in group.names)

@@ -98,6 +98,7 @@ def test_calibrate_quick_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert HardwareSpec.load(tmp_path / "hw.json") == spec
     assert spec.disk_to_host_bw > 0 and spec.host_to_disk_bw > 0 and spec.mm_flops_prefill > 0
     assert spec.host_mem > 0 and spec.disk_mem > 0
+    assert spec.interconnect_bw > 0 and spec.interconnect_latency > 0  # gloo between two local processes
     assert spec.device_is_host == (not torch.cuda.is_available())
     assert not list((tmp_path / "off").iterdir())  # the probe file is removed
     # The compute rates are measured per dtype; the spec's own fields are the requested dtype's.
@@ -116,7 +117,7 @@ def test_calibrate_cli_then_plan_with_it(group: FlexrunGroup, tmp_path: Path, mo
     out = tmp_path / "hw.json"
     result = run("calibrate", "--quick", "--offload-dir", str(tmp_path / "off"), "--out", str(out), command=group)
     assert result.exit_code == 0, result.output
-    assert str(out) in result.output and "disk->host" in result.output
+    assert str(out) in result.output and "disk->host" in result.output and "all-reduce:" in result.output
     result = run("plan", "-m", "opt-125m", "--hardware", str(out), "--json", command=group)
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["hardware"]["name"] == "calibrated"

@@ -135,13 +135,23 @@ def test_host_side_attention_by_hand() -> None:
 def test_disk_weights_add_to_the_read_path() -> None:
     placement = dataclasses.replace(ON_HOST, weights=Shares(host=0.5, disk=0.5))
     p = predict(TINY, BOX, placement, prompt_len=16, gen_len=4)
-    # Half the layer's weights come off disk at 0.1 GB/s, then all of them over host->device.
-    assert p.decode.links["disk->host"] == pytest.approx(0.5 * 172416 / 1e8)  # 862.08 us
-    assert p.decode.seconds == pytest.approx((862.08 + 200.832) * US)
+    # The hot set: the tied embeddings (the head) stay resident, the position table (16640 B) goes to disk
+    # first and is read by rows. Half the weights on disk: 0.5 * 344832 - 16640 B read whole a step, 77888 B
+    # a layer, and half of the 6 sequences' rows, a page a row of each table (of the position table's 5
+    # pages at most), 11264 B a layer, at 0.1 GB/s; then the host's half and those over host->device
+    # (1 GB/s), beside the 28.416 us of cache.
+    assert p.decode.links["disk->host"] == pytest.approx((77888 + 11264) / 1e8)  # 891.52 us
+    assert p.decode.links["host->device"] == pytest.approx((172416 / 2 + 77888 + 11264) / 1e9 + 28.416 * US)
+    assert p.decode.seconds == pytest.approx((891.52 + 203.776) * US)
     assert p.decode.bottleneck == "disk->host"
     assert p.disk_weight_bytes == 344832 // 2
-    # The disk arena: two copies of the largest group, prorated by the disk share (0.5 * 289280).
-    assert p.peak["host"] == 344832 // 2 + 289280 // 2 + 61440 + 15360
+    assert p.step_weight_reads == 2 * (77888 + 11264)
+    # The disk arena: two copies of the largest group on disk, a layer (99968 B), for the share read whole
+    # (0.5 - g) / (1 - g), g = 16640 / 344832; the read buffers of the two tables (each held whole, 131072
+    # and 20480 B padded), prorated by the disk share.
+    whole = (0.5 - 16640 / 344832) / (1 - 16640 / 344832)
+    buffers = (131072 + 20480) / 2
+    assert p.peak["host"] == round(344832 // 2 + 2 * 99968 * whole + buffers + 61440 + 15360)
 
 
 def test_compression_shrinks_transfers() -> None:

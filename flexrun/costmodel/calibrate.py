@@ -3,8 +3,9 @@
 Each figure is measured on the operation the engine runs: disk reads with O_DIRECT into page-aligned
 buffers (``flexrun.diskio``), disk writes ending in fsync, pinned host<->device copies, the fused layer's
 ``linear`` at prefill-like (many tokens) and decode-like (one token per sequence) shapes, its
-``cached_attention`` over a prompt and over a position-major cache, and on a CPU its linears over int8 and
-int4 weights (dequantizing, and torch's fused ops). A full run takes well under a
+``cached_attention`` over a prompt and over a position-major cache, on a CPU its linears over int8 and
+int4 weights (dequantizing, and torch's fused ops), and the all-reduce between two local tensor-parallel
+ranks (gloo, ``costmodel.interconnect``). A full run takes well under a
 minute; ``quick=True`` shrinks every size for tests (figures then understate the machine).
 
 Everything CUDA is created inside the functions, so this module imports on a machine without a GPU.
@@ -28,6 +29,7 @@ import torch
 from flexrun import diskio
 from flexrun.costmodel.calcache import Calibration, DiskFigures
 from flexrun.costmodel.hardware import HardwareSpec
+from flexrun.costmodel.interconnect import measure_interconnect
 from flexrun.costmodel.machine_id import filesystem_key, machine_fingerprint
 from flexrun.errors import ConfigError
 from flexrun.kernels import select_kernels
@@ -57,12 +59,16 @@ class Sizes:
     min_seconds: float  # repeat each compute measurement at least this long
     decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the decode matmul rate's row counts
     disk_repeats: int = 5  # reads of the file, for a median and a spread (a virtual disk moves 2x between runs)
+    # Rows of the (rows, hidden) activations all-reduced between two local processes (empty: not measured).
+    tp_rows: tuple[int, ...] = (1, 16, 256, 2048)
 
 
 FULL = Sizes(512 << 20, 32 << 20, 256 << 20, 2048, 512, 64, 16, 512, 1024, 0.5)
 # What a job measures on first use, before its first plan: the engine's shapes, a few seconds in all.
-FIRST = Sizes(128 << 20, 16 << 20, 128 << 20, 2048, 256, 64, 16, 256, 512, 0.1, (1, 4, 16, 64, 256), 3)
-QUICK = Sizes(8 << 20, 4 << 20, 8 << 20, 256, 64, 16, 4, 64, 128, 0.02, (1, 4, 16), 2)
+# A job's first-use calibration leaves the interconnect to `flexrun calibrate` (the cost model's loopback
+# figures stand in): most jobs run on one process.
+FIRST = Sizes(128 << 20, 16 << 20, 128 << 20, 2048, 256, 64, 16, 256, 512, 0.1, (1, 4, 16, 64, 256), 3, ())
+QUICK = Sizes(8 << 20, 4 << 20, 8 << 20, 256, 64, 16, 4, 64, 128, 0.02, (1, 4, 16), 2, (1, 16, 256))
 
 
 def _sync(device: torch.device) -> None:
@@ -278,8 +284,14 @@ def measure_machine(
         if not has_cuda:  # the GPU dequantizes with the reference, priced as passes over memory
             quant.update(measure_quant(device, sizes))
 
+    def interconnect() -> None:
+        if sizes.tp_rows:  # gloo between local CPU ranks (NCCL between GPUs is not measured)
+            bw, latency = measure_interconnect(sizes.hidden, sizes.tp_rows, repeats=sizes.disk_repeats)
+            figures["interconnect_bw"], figures["interconnect_latency"] = bw, latency
+
     steps: list[tuple[str, Callable[[], None]]] = [
         ("disk", disk),
+        ("interconnect", interconnect),
         ("host<->device", links),
         ("memory bandwidth", lambda: figures.__setitem__("device_mem_bw", measure_memory_bw(device, sizes))),
         *[(f"compute ({d})", functools.partial(compute, d)) for d in rates],

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from flexrun.config import OptConfig
 from flexrun.costmodel.hardware import HardwareSpec
+from flexrun.costmodel.hotset import LARGEST, WHOLE, hot_terms
 from flexrun.layout import active_layer_bytes, expected_experts, expert_bytes, stack_layout
 from flexrun.placement import TIERS
 
@@ -140,6 +141,9 @@ class CostTerms:
     compress_cache: str
     cpu_cache_compute: bool
     device_is_host: bool
+    # Breakpoints of the derived shares (``costmodel.hotset``) and the weight bytes a decode step reads from disk.
+    derived: Mapping[Key, float] = field(default_factory=dict)
+    step_reads: Affine = field(default_factory=Affine)
 
     @property
     def block_size(self) -> int:
@@ -299,8 +303,19 @@ def cost_terms(
         hw.cache_write_bw("host->disk"),
     )
     disk2h = hw.disk_to_host_bw
-    weights_in = Affine.share("weights", off_device, w_layer_p / h2d)
-    weights_disk = Affine.share("weights", ["disk"], w_layer_p / disk2h)
+    # The hot set (``costmodel.hotset``): the tables read by rows go to disk first, and cost only their rows.
+    hot, per_layer = hot_terms(cfg), w_frac / tp / l
+    gathered = hot.hot.gathered * per_layer
+
+    def weight_reads(w_layer: float, rows: float, bw: float, host: bool = False) -> Affine:
+        """Seconds per layer to read the disk share's weights (``host``: and the host share's) at ``bw``."""
+        read = Affine(0.0, {WHOLE: (w_layer - gathered) / bw}) + Affine.share(
+            "weights", ["disk"], hot.rows_bytes(rows) / l / bw
+        )
+        return read + Affine.share("weights", ["host"], w_layer / bw) if host else read
+
+    weights_in = weight_reads(w_layer_p, nb * min(b * s, cfg.vocab_size), h2d, host=True)
+    weights_disk = weight_reads(w_layer_p, nb * min(b * s, cfg.vocab_size), disk2h)
 
     def acts(tokens: float) -> dict[str, Affine]:
         """The block's hidden state in at the layer's start and out at its end, from/to its tier."""
@@ -333,8 +348,8 @@ def cost_terms(
     )
 
     a_d, c_d = acts(1), cache_out(1)
-    weights_in = Affine.share("weights", off_device, w_layer_d / h2d)
-    weights_disk = Affine.share("weights", ["disk"], w_layer_d / disk2h)
+    weights_in = weight_reads(w_layer_d, B, h2d, host=True)
+    weights_disk = weight_reads(w_layer_d, B, disk2h)
     cache_read = B * L * kv_tok  # the context's K/V, read by each decode step
     # A layer whose window is shorter than the run keeps (and reads) only a ring of its window on disk.
     windows = [cfg.attention_window(i) for i in range(l)]
@@ -385,9 +400,14 @@ def cost_terms(
     # attention too), and the next micro-batch's hidden state brought in while one computes.
     device += Affine.share("cache", off_device, 4 * slot)
     device += Affine.share("activations", off_device, b * S * h_tok)
+    # The disk's double buffer holds the largest group on disk: the next largest until the largest goes too.
+    nl, lg = hot.hot.next_largest * per_layer * l, hot.hot.largest * per_layer * l
+    ex = expert_bytes(cfg) * w_frac if cfg.moe else 0.0  # experts stream through arenas of their own
+    arena = Affine(0.0, {WHOLE: 2 * (nl + ex), LARGEST: 2 * (lg - nl)})
     host = (
         Affine.share("weights", ["host"], weights_total)
-        + Affine.share("weights", ["disk"], 2 * group)  # double-buffered arena for disk reads
+        + arena
+        + Affine.share("weights", ["disk"], hot.buffer_bytes)  # the gathered tables' read buffers
         + Affine.share("cache", ["host"], cache_total)
         + Affine.share("cache", ["disk"], 4 * slot)
         + Affine.share("activations", ["host"], acts_total)
@@ -417,4 +437,6 @@ def cost_terms(
         compress_cache=compress_cache,
         cpu_cache_compute=cpu_cache_compute,
         device_is_host=hw.device_is_host,
+        derived=hot.starts,
+        step_reads=(weights_disk * disk2h) * l,
     )

@@ -18,6 +18,7 @@ import pulp
 from flexrun.config import OptConfig
 from flexrun.costmodel.equations import KINDS, SHARE_KEYS, Affine, CostTerms, Key, cost_terms
 from flexrun.costmodel.hardware import HardwareSpec
+from flexrun.costmodel.hotset import derived_shares
 from flexrun.errors import PlacementError
 from flexrun.placement import TIERS, Shares
 from flexrun.units import format_bytes
@@ -61,6 +62,16 @@ def _add_shares(prob: pulp.LpProblem, hw: HardwareSpec, fixed: Mapping[str, Shar
     return var
 
 
+def _add_derived(prob: pulp.LpProblem, terms: CostTerms, var: dict[Key, Any]) -> None:
+    """The derived shares (``costmodel.hotset``): each at least its piece of the weights' disk share and 0;
+    every term they enter grows with them, so the solution holds them at that bound."""
+    x = var.get(("weights", "disk"))
+    for n, (key, start) in enumerate(terms.derived.items()):
+        var[key] = pulp.LpVariable(f"derived_{n}", lowBound=0)
+        if x is not None and start < 1:
+            prob += var[key] >= (x - start) * (1 / (1 - start)), f"derived_{n}"
+
+
 def _add_time(prob: pulp.LpProblem, terms: CostTerms, var: dict[Key, Any], unit: float = 1.0) -> Any:
     """Per-layer time variables bounded by each path; returns the objective (time per sequence, in ``unit``
     seconds: the solver's tolerances are absolute, so times are scaled to be of order 1)."""
@@ -92,12 +103,13 @@ def solve_lp(terms: CostTerms, hw: HardwareSpec, fixed: Mapping[str, Shares] | N
     """
     prob = pulp.LpProblem("placement", pulp.LpMinimize)
     var = _add_shares(prob, hw, fixed)
+    _add_derived(prob, terms, var)
     # Many placements often tie (a transfer hidden under compute costs nothing); a penalty worth <0.01% of
     # the time breaks ties toward the faster tiers, so that nothing goes to disk without a reason.
     rank = {"device": 0.0, "host": 1.0, "disk": 2.0}
     # Times are in units of the compute-only floor, so the objective is >= 1 whatever the model's size.
     unit = max(time_floor(terms), 1e-15)
-    tie = 1e-5 * pulp.lpSum(rank[t] * v for (_, t), v in var.items())
+    tie = 1e-5 * pulp.lpSum(rank[t] * v for (_, t), v in var.items() if t in rank)
     prob += _add_time(prob, terms, var, unit) + tie
     for tier in real_tiers(hw):
         cap = hw.memory(tier) * RELAXATION[tier] / _GIB
@@ -110,6 +122,7 @@ def solve_lp(terms: CostTerms, hw: HardwareSpec, fixed: Mapping[str, Shares] | N
 
 def fits(terms: CostTerms, hw: HardwareSpec, shares: dict[Key, float]) -> bool:
     # The solver's tolerances may overshoot a binding constraint by a hair; allow 1e-5 of the budget.
+    shares = derived_shares(terms.derived, shares)
     return all(
         terms.memory[t].value(shares) <= hw.memory(t) * RELAXATION[t] * (1 + 1e-5) + 4096 for t in real_tiers(hw)
     )
@@ -138,6 +151,7 @@ def shortfall(terms: CostTerms, hw: HardwareSpec, fixed: Mapping[str, Shares] | 
     """Bytes each tier's budget must grow by for ``terms`` to fit (empty when it fits)."""
     prob = pulp.LpProblem("shortfall", pulp.LpMinimize)
     var = _add_shares(prob, hw, fixed)
+    _add_derived(prob, terms, var)
     slack = {t: pulp.LpVariable(f"slack_{t}", lowBound=0) for t in real_tiers(hw)}
     prob += pulp.lpSum(_SLACK_PRICE[t] * slack[t] for t in slack)
     for tier in real_tiers(hw):

@@ -13,6 +13,7 @@ from typing import Any
 from flexrun.config import OptConfig
 from flexrun.costmodel.equations import KINDS, CostTerms, Key, PhaseTerms, compressed_fraction, compression, cost_terms
 from flexrun.costmodel.hardware import HardwareSpec
+from flexrun.costmodel.hotset import derived_shares
 from flexrun.placement import TIERS, Placement
 
 
@@ -46,6 +47,7 @@ class Prediction:
     decode_s: float  # the block's gen_len - 1 decode steps
     peak: dict[str, int]  # bytes per tier (disk: the offload dir)
     disk_weight_bytes: int  # weights read in place from the tensor store
+    step_weight_reads: int  # of them, the bytes a decode step reads (the hot set resident, tables by rows)
     block_size: int
     prompt_len: int
     gen_len: int
@@ -88,6 +90,7 @@ class Prediction:
             "decode_per_layer": self.decode.to_dict(),
             "peak_bytes": self.peak,
             "disk_weight_bytes": self.disk_weight_bytes,
+            "step_weight_read_bytes": self.step_weight_reads,
         }
 
 
@@ -112,6 +115,7 @@ def _phase_time(terms: PhaseTerms, shares: Mapping[Key, float], overlap: bool) -
 
 def evaluate(terms: CostTerms, shares: Mapping[Key, float], overlap: bool = True) -> Prediction:
     """The prediction of ``terms`` at these shares."""
+    shares = derived_shares(terms.derived, shares)
     pre = _phase_time(terms.prefill, shares, overlap)
     dec = _phase_time(terms.decode, shares, overlap)
     l = terms.num_layers
@@ -122,6 +126,7 @@ def evaluate(terms: CostTerms, shares: Mapping[Key, float], overlap: bool = True
         decode_s=l * terms.decode_steps * dec.seconds,
         peak={tier: int(round(a.value(shares))) for tier, a in terms.memory.items()},
         disk_weight_bytes=int(round(terms.disk_weights.value(shares))),
+        step_weight_reads=int(round(terms.step_reads.value(shares))),
         block_size=terms.block_size,
         prompt_len=terms.prompt_len,
         gen_len=terms.gen_len,

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from flexrun.costmodel.equations import block_bytes
 from flexrun.errors import InputError
 from flexrun.kernels import positions as P
+from flexrun.layout import GATHERED
 from flexrun.runtime.activations import ActivationStore
 from flexrun.runtime.kvcache import KV, KVCache
 from flexrun.runtime.layer import AttentionCore, FusedLayer, LayerSpec, LayerWeights, Mlp, Rotary
@@ -28,6 +28,7 @@ from flexrun.runtime.sampling import Sampler, SamplingParams
 from flexrun.runtime.stack import StackRunner, token_problem
 from flexrun.runtime.stats import RunStats, Timers
 from flexrun.runtime.tiers import Ledger
+from flexrun.runtime.weights import RowTable, lookup
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class _Block:
 
 class Engine(StackRunner):
     """Generates with a placement over device / host / disk. Use as a context manager (it owns temp files)."""
+
+    gathered = GATHERED
 
     def _plan(self, ledger: Ledger) -> None:
         cfg, pl = self.cfg, self.placement
@@ -97,7 +100,11 @@ class Engine(StackRunner):
 
     # ---- compute of the non-layer groups ---------------------------------------------------------
     def _embed(self, w: dict[str, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.tp.embed(ids, w["embed_tokens"], self.cfg.vocab_size).to(self.dtype)  # (b, q, word_embed_proj_dim)
+        table = w["embed_tokens"]
+        if isinstance(table, RowTable):  # read by rows from disk (one rank only)
+            x = table.lookup(ids).to(self.device, self.dtype)  # (b, q, word_embed_proj_dim)
+        else:
+            x = self.tp.embed(ids, table, self.cfg.vocab_size).to(self.dtype)  # (b, q, word_embed_proj_dim)
         if "embed_ln_w" in w:
             x = self.kernels.norms[self.cfg.norm](x, w["embed_ln_w"], w.get("embed_ln_b"), self.cfg.layer_norm_eps)
         if "project_in" in w:
@@ -105,7 +112,7 @@ class Engine(StackRunner):
         if "embed_positions" in w:
             # Padding (position -1) may fall before the table when there is no offset; it is never attended to.
             pos = (positions + self.cfg.position_offset).clamp(min=0)
-            x = x + F.embedding(pos, w["embed_positions"]).to(self.dtype)
+            x = x + lookup(pos, w["embed_positions"]).to(self.dtype)
         return x
 
     def _head(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,8 @@ class StackRunner:
 
     #: Prefix of the run's temporary directory under the offload root.
     workdir_prefix = "run-"
+    #: The input group's tables the runner looks rows up in (``weights.lookup``): read by rows from disk.
+    gathered: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -124,7 +126,14 @@ class StackRunner:
             ledger.add("device", "working memory", cfg.working_bytes(placement.gpu_batch_size, self.max_len, cpu))
             self._plan(ledger)
             self.weights = WeightManager(
-                store, placement.weights, self.device, self.pool, ledger, self.kernels, self.mover
+                store,
+                placement.weights,
+                self.device,
+                self.pool,
+                ledger,
+                self.kernels,
+                self.mover,
+                gathered=self.gathered if tp.world == 1 else (),  # a rank's vocabulary slice is read whole
             )
             if cpu:
                 ledger.fold_device_into_host()

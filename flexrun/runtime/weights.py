@@ -1,24 +1,30 @@
 """Weight residency: which tier holds each tensor, and loading a group's weights for compute.
 
 The stack is walked in the groups of ``flexrun.layout`` (input embeddings, each decoder layer, output
-head). Weight shares are realised per tensor, by bytes, along that order. Device- and host-resident tensors are read once at
-start; disk-resident tensors are read from the tensor store in place (never copied to the offload dir),
-every step, into one of two reusable page-aligned arenas, so the next group loads while this one computes.
+head). Weight shares are realised per tensor, by bytes, along ``StackLayout.residency_order``: the tensors
+whose residency saves the most reads per step are kept resident (a tied or large head first), the tables a
+step reads only rows of go to disk first. Device- and host-resident tensors are read once at start;
+disk-resident tensors are read from the tensor store in place (never copied to the offload dir), every
+step, into one of two reusable page-aligned arenas, so the next group loads while this one computes; a
+disk-resident table in ``gathered`` is read by rows instead (``RowTable``), only those a step's ids use.
 On CUDA, host and disk tensors are then copied into one of two device arenas on a side stream.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from flexrun import diskio
 from flexrun.errors import CheckpointError
 from flexrun.kernels import KernelSet, Weight
-from flexrun.layout import stack_layout
+from flexrun.layout import GATHER_BUFFER, stack_layout
 from flexrun.placement import Shares
 from flexrun.runtime.iopool import IOPool, done
 from flexrun.runtime.tiers import Ledger
@@ -46,10 +52,12 @@ class WeightManager:
         ledger: Ledger,
         kernels: KernelSet,
         mover: Mover | None = None,
+        gathered: tuple[str, ...] = (),
     ) -> None:
         """Plan the residency and record it in ``ledger``; ``load()`` then reads and allocates. Weights held
         on the compute device's side are prepared once in the layout ``kernels`` computes them fastest in.
-        ``mover`` makes the host buffers copies to the device run from (page-locked on CUDA, exact sizes)."""
+        ``mover`` makes the host buffers copies to the device run from (page-locked on CUDA, exact sizes).
+        ``gathered``: the input group's tables the runner looks rows up in (``lookup``), read by rows from disk."""
         self.store = store
         self.mover = mover or Mover(device)
         self.kernels = kernels
@@ -58,7 +66,7 @@ class WeightManager:
         self.pool = pool
         self.on_cuda = device.type == "cuda"
         layout = stack_layout(self.cfg)
-        order = layout.store_order
+        order = layout.residency_order({n: store.meta(n).nbytes for n in layout.store_order}, gathered)
         tiers = shares.split([store.meta(n).nbytes for n in order])
         # Without CUDA the device tier is host RAM.
         self.tier = {n: (t if self.on_cuda or t != "device" else "host") for n, t in zip(order, tiers, strict=True)}
@@ -74,9 +82,14 @@ class WeightManager:
             if self.tier[name] != "disk":
                 extra = kernels.prepared_extra(meta.encoding, meta.shape) if self._prepared(name) else 0
                 ledger.add(self.tier[name], "weights", meta.nbytes + extra)
-        # Per group: the disk tensors (read each step) and, on CUDA, everything not on the device.
-        self._disk = [[n for n in g if self.tier[n] == "disk"] for g in self.groups]
-        self._streamed = [[n for n in g if self.tier[n] != "device"] for g in self.groups] if self.on_cuda else []
+        # The input group's disk-resident tables, read by rows; per group, the disk tensors read whole each
+        # step and, on CUDA, everything not on the device.
+        self.rows = {n: RowTable(store, n) for n in self.groups[0] if n in gathered and self.tier[n] == "disk"}
+        for table in self.rows.values():
+            ledger.add("host", "gathered rows", table.size)
+        whole = [[n for n in g if k or n not in self.rows] for k, g in enumerate(self.groups)]
+        self._disk = [[n for n in g if self.tier[n] == "disk"] for g in whole]
+        self._streamed = [[n for n in g if self.tier[n] != "device"] for g in whole] if self.on_cuda else []
         disk_bytes = [sum(store.meta(n).padded_nbytes for n in names) for names in self._disk]
         self._arena_bytes = _largest_per_pair(disk_bytes, self._pair)
         ledger.add("host", "weight buffers", 2 * self._arena_bytes[0])
@@ -91,7 +104,7 @@ class WeightManager:
         self._gpu_arenas: list[list[torch.Tensor]] = [[], []]
         self._turn = [0, 0]
         # Every expert counted: a step reads only the routed ones (``layout.active_layer_bytes``).
-        self.bytes_read_per_step = sum(store.meta(n).nbytes for names in self._disk for n in names)
+        self.bytes_read_per_step = sum(store.meta(n).padded_nbytes for names in self._disk for n in names)
 
     def load(self) -> None:
         """Read the resident tensors and allocate the streaming arenas (after the budgets were checked)."""
@@ -106,6 +119,8 @@ class WeightManager:
                 continue
             w = self.store.decode(name, raw.to(self.device) if tier == "device" else raw)
             self.resident[name] = self.kernels.prepare(w) if self._prepared(name) else w
+        for table in self.rows.values():
+            table.allocate()
         for k in (0, 1):
             if self._arena_bytes[k]:
                 self._arenas[k] = [self.mover.host_buffer(self._arena_bytes[k]) for _ in range(2)]
@@ -150,7 +165,9 @@ class WeightManager:
         return self.pool.submit(self._load, g, turn, done_reading)
 
     def _load(self, g: int, turn: int, done_reading: Any = None) -> _Loaded:
-        out = {n: self.resident[n] for n in self.groups[g] if n in self.resident}
+        out: dict[str, Any] = {n: self.resident[n] for n in self.groups[g] if n in self.resident}
+        if g == 0:
+            out.update(self.rows)
         if self._disk[g]:
             arena, off = self._arenas[self._pair[g]][turn], 0
             for n in self._disk[g]:
@@ -186,3 +203,63 @@ class WeightManager:
 def _largest_per_pair(sizes: list[int], pair: list[int]) -> list[int]:
     """The largest size among the layers' groups and among the experts' (what each pair of arenas holds)."""
     return [max((b for b, p in zip(sizes, pair, strict=True) if p == k), default=0) for k in (0, 1)]
+
+
+class RowTable:
+    """A disk-resident table (token or position embeddings) read by rows: a lookup reads the aligned pages its
+    ids' rows lie on, runs of consecutive rows in one read, through a buffer of at most ``GATHER_BUFFER``."""
+
+    def __init__(self, store: TensorStore, name: str) -> None:
+        self.store, self.name, self.meta = store, name, store.meta(name)
+        self.width = self.meta.shape[-1]
+        self.row_bytes = self.meta.nbytes // self.meta.shape[0]
+        padded = self.meta.padded_nbytes  # the whole table fits, or runs of rows through GATHER_BUFFER
+        self.size = padded if padded <= GATHER_BUFFER else GATHER_BUFFER + 2 * diskio.ALIGN
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def allocate(self) -> None:
+        self._buf = diskio.aligned_empty(self.size)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (any shape) of the table: ``F.embedding(ids, table)``."""
+        uniq, inverse = torch.unique(ids.flatten().cpu(), return_inverse=True)  # sorted
+        out = torch.empty((len(uniq), self.width), dtype=self.meta.torch_dtype)
+        rows = uniq.tolist()
+        if rows and not 0 <= rows[0] <= rows[-1] < self.meta.shape[0]:
+            raise IndexError(f"row {rows[-1] if rows[0] >= 0 else rows[0]} is outside {self.name}")
+        whole = self.size == self.meta.padded_nbytes
+        per_read = self.meta.shape[0] if whole else max(1, GATHER_BUFFER // self.row_bytes)
+        rb, page = self.row_bytes, diskio.ALIGN
+        file = self.store.path / self.meta.file
+        fd, _ = diskio.open_for_read(file)
+        try:
+            start = 0
+            while start < len(rows):
+                end = start + 1  # a run of rows whose pages touch, read at once if it fits the buffer
+                while (
+                    end < len(rows)
+                    and rows[end] * rb // page <= -(-(rows[end - 1] + 1) * rb // page)
+                    and rows[end] - rows[start] < per_read
+                ):
+                    end += 1
+                lo, hi = rows[start] * rb, (rows[end - 1] + 1) * rb
+                first = lo - lo % page
+                got = diskio.read_into(fd, self._buf, first, diskio.padded(hi - first))
+                self.store.count_read(got)
+                if got < hi - first:
+                    raise CheckpointError(f"{file} is truncated; convert again")
+                span = self._buf[lo - first : hi - first].view(out.dtype).view(-1, self.width)
+                out[start:end] = span[torch.tensor(rows[start:end]) - rows[start]]
+                start = end
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {file}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+        return out[inverse].view(*ids.shape, self.width)
+
+
+def lookup(ids: torch.Tensor, table: torch.Tensor | RowTable) -> torch.Tensor:
+    """Rows ``ids`` of ``table``, resident (a tensor) or read by rows from disk (a ``RowTable``)."""
+    if isinstance(table, RowTable):
+        return table.lookup(ids).to(ids.device)
+    return F.embedding(ids, table)

@@ -291,6 +291,11 @@ class TensorStore:
             return decode(raw, spec, meta.shape)
         return raw[: meta.nbytes].view(meta.torch_dtype).view(meta.shape)
 
+    def count_read(self, nbytes: int) -> None:
+        """Count ``nbytes`` read from the store's files by a reader of parts of them (rows of a table)."""
+        with self._lock:
+            self.bytes_read += nbytes
+
     def read_raw(self, name: str, buf: torch.Tensor | None = None) -> torch.Tensor:
         """The bytes of tensor ``name`` read into ``buf`` (a page-aligned uint8 buffer from
         ``diskio.aligned_empty`` of at least its padded size) or into a new buffer, checksum verified."""
