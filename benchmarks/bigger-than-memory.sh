@@ -9,9 +9,10 @@
 #   DUMMY       1: random weights of MODEL's shape (default 1)
 #   MEM_LIMIT   the cgroup's limit (default 1G); REPEAT (default 3); GEN (new tokens, default 32)
 #   CASES       "1x32 16x128": sequences x prompt length (default both)
-#   GGUF_F16 / GGUF_Q8  GGUF files of the same weights for llama.cpp (written with llama.cpp's
-#               convert_hf_to_gguf.py from a checkpoint dir, `--outtype f16` / `q8_0`); without them, or
-#               without llama-cpp-python, the llama.cpp side is skipped and the script says so.
+#   GGUF_F16 / GGUF_Q8  GGUF files of one model for llama.cpp (benchmarks/make_gguf.py writes random weights
+#               in a real shape, f16 and q8_0 from one seed); given them with DUMMY=0, flexrun runs the same
+#               files (f16 in bf16, q8_0 as int8) instead of MODEL. Without them, or without
+#               llama-cpp-python, the llama.cpp side is skipped and the script says so.
 MEM_LIMIT=${MEM_LIMIT:-1G} # before lib.sh, whose default is 4G
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 MODEL=${MODEL:-opt-1.3b}
@@ -46,72 +47,77 @@ field() { grep -m1 -- "$2" "$1" | awk "${@:3}" || true; }
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR) print a[int((NR + 1) / 2)]; else print "n/a"}'; }
 
+# flexrun_side MODEL LABEL [OPTION...]: REPEAT runs of each case, one median row per case.
+flexrun_side() {
+  local model=$1 label=$2 tag
+  shift 2
+  tag=$(basename "$model")
+  for case in $CASES; do
+    n=${case%x*} s=${case#*x}
+    prompts "$n" "$s" >"$WORK/in-$case.jsonl"
+    : >"$WORK/flexrun-$tag-$case.runs"
+    for r in $(seq "$REPEAT"); do
+      log="$WORK/flexrun-$tag-$case-$r.log"
+      rm -f "$WORK/out-$case.jsonl" "$WORK/out-$case.jsonl.job.json"
+      rc=0
+      limited "$PYTHON" -m flexrun generate -m "$model" "$@" --verbose \
+        --input "$WORK/in-$case.jsonl" --output "$WORK/out-$case.jsonl" --max-new-tokens "$GEN" \
+        >"$log" 2>&1 || rc=$?
+      cat "$log" >>"$raw"
+      if [[ $rc != 0 ]]; then
+        echo "| $case | $label | run $r exited $rc (137: killed by the kernel): $(tail -1 "$log") | | | | | |"
+        continue
+      fi
+      decode=$(field "$log" "decode latency" '{for (i = 1; i <= NF; i++) if ($i == "throughput:") print $(i + 1)}')
+      total=$(field "$log" "total latency" '{for (i = 1; i <= NF; i++) if ($i == "throughput:") print $(i + 1)}')
+      echo "$decode $total" >>"$WORK/flexrun-$tag-$case.runs"
+    done
+    [[ -s "$WORK/flexrun-$tag-$case.runs" ]] || continue # every run failed: said above
+    last=$(grep -l "^peak resident memory" "$WORK"/flexrun-"$tag"-"$case"-*.log | tail -1)
+    dec=$(awk '{print $1}' "$WORK/flexrun-$tag-$case.runs" | median)
+    tot=$(awk '{print $2}' "$WORK/flexrun-$tag-$case.runs" | median)
+    peak=$(field "$last" "peak resident memory (measured)" -F'[:,]' '{print $2}')
+    planned=$(field "$last" "planned peak resident memory" '{print $5, $6}')
+    budget=$(field "$last" "^plan (" -F'host from ' '{split($2, a, "): "); print a[1]}')
+    host=$(field "$last" "^plan (" -F'budgets host ' '{split($2, a, ","); print a[1]}')
+    disk=$(field "$last" "^disk read" '{print $3, $4}')
+    echo "| $n x p$s g$GEN | $label | $dec | $tot | $peak | $planned | $host ($budget) | $disk |"
+  done
+}
+
 printf '\n| case | side | decode tok/s | overall tok/s | peak RSS | planned peak | host budget (source) | disk read (whole run) |\n'
 printf '|---|---|---|---|---|---|---|---|\n'
-for case in $CASES; do
-  n=${case%x*} s=${case#*x}
-  prompts "$n" "$s" >"$WORK/in-$case.jsonl"
-  : >"$WORK/flexrun-$case.runs"
-  for r in $(seq "$REPEAT"); do
-    log="$WORK/flexrun-$case-$r.log"
-    rm -f "$WORK/out-$case.jsonl" "$WORK/out-$case.jsonl.job.json"
-    rc=0
-    limited "$PYTHON" -m flexrun generate -m "$MODEL" "${dummy[@]}" --dtype bfloat16 --verbose \
-      --input "$WORK/in-$case.jsonl" --output "$WORK/out-$case.jsonl" --max-new-tokens "$GEN" \
-      >"$log" 2>&1 || rc=$?
-    cat "$log" >>"$raw"
-    if [[ $rc != 0 ]]; then
-      echo "| $case | flexrun bf16 | run $r exited $rc (137: killed by the kernel): $(tail -1 "$log") | | | | | |"
-      continue
-    fi
-    decode=$(field "$log" "decode latency" '{for (i = 1; i <= NF; i++) if ($i == "throughput:") print $(i + 1)}')
-    total=$(field "$log" "total latency" '{for (i = 1; i <= NF; i++) if ($i == "throughput:") print $(i + 1)}')
-    echo "$decode $total" >>"$WORK/flexrun-$case.runs"
-  done
-  [[ -s "$WORK/flexrun-$case.runs" ]] || continue # every run failed: said above
-  last=$(grep -l "^peak resident memory" "$WORK"/flexrun-"$case"-*.log | tail -1)
-  dec=$(awk '{print $1}' "$WORK/flexrun-$case.runs" | median)
-  tot=$(awk '{print $2}' "$WORK/flexrun-$case.runs" | median)
-  peak=$(field "$last" "peak resident memory (measured)" -F'[:,]' '{print $2}')
-  planned=$(field "$last" "planned peak resident memory" '{print $5, $6}')
-  budget=$(field "$last" "^plan (" -F'host from ' '{split($2, a, "): "); print a[1]}')
-  host=$(field "$last" "^plan (" -F'budgets host ' '{split($2, a, ","); print a[1]}')
-  disk=$(field "$last" "^disk read" '{print $3, $4}')
-  echo "| $n x p$s g$GEN | flexrun bf16 | $dec | $tot | $peak | $planned | $host ($budget) | $disk |"
-done
+if [[ -n "${GGUF_F16:-}${GGUF_Q8:-}" && $DUMMY != 1 ]]; then
+  # The same bytes as llama.cpp's: flexrun reads the GGUF files (f16 computed in bf16; q8_0 as int8 g32).
+  [[ -n "${GGUF_F16:-}" ]] && flexrun_side "$GGUF_F16" "flexrun bf16 ($(basename "$GGUF_F16"))" --dtype bfloat16
+  [[ -n "${GGUF_Q8:-}" ]] && flexrun_side "$GGUF_Q8" "flexrun int8 ($(basename "$GGUF_Q8"))" --dtype bfloat16
+else
+  flexrun_side "$MODEL" "flexrun bf16" "${dummy[@]}" --dtype bfloat16
+fi
 
-# llama.cpp: mmap of the GGUF file, the kernel paging it within the same cgroup.
+# llama.cpp: mmap of the GGUF file, the kernel paging it within the same cgroup; all sequences decoded
+# together (llamacpp_batched.py), medians of REPEAT runs.
 if ! "$PYTHON" -c 'import llama_cpp' 2>/dev/null; then
   echo
   echo "llama.cpp: skipped, llama-cpp-python is not importable with $PYTHON (pip install llama-cpp-python)"
 elif [[ -z "${GGUF_F16:-}" && -z "${GGUF_Q8:-}" ]]; then
   echo
-  echo "llama.cpp: skipped, no GGUF_F16 / GGUF_Q8 given (convert the same checkpoint with convert_hf_to_gguf.py)"
+  echo "llama.cpp: skipped, no GGUF_F16 / GGUF_Q8 given (benchmarks/make_gguf.py writes them)"
 else
   for gguf in ${GGUF_F16:-} ${GGUF_Q8:-}; do
     for case in $CASES; do
       n=${case%x*} s=${case#*x}
-      for r in $(seq "$REPEAT"); do
-        limited "$PYTHON" - "$gguf" "$n" "$s" "$GEN" "$THREADS" <<'PY' | tee -a "$raw"
-import random, sys, time
-from llama_cpp import Llama
-path, n, s, gen, threads = sys.argv[1], *map(int, sys.argv[2:])
-llm = Llama(path, n_ctx=s + gen + 8, n_threads=threads, use_mmap=True, verbose=False)
-random.seed(0)
-start, decode = time.perf_counter(), 0.0
-for _ in range(n):  # one sequence at a time: llama-cpp-python's high-level API does not batch
-    llm.reset()
-    llm.eval([random.randint(4, 30000) for _ in range(s)])
-    t = time.perf_counter()
-    for _ in range(gen):
-        tok = llm.sample(temp=0.0)
-        llm.eval([tok])
-    decode += time.perf_counter() - t
-total = time.perf_counter() - start
-peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
-print(f"| {n} x p{s} g{gen} | llama.cpp {path.rsplit('/', 1)[-1]} | {n * gen / decode:.2f} | {n * gen / total:.2f} | {peak / 2**20:.0f} MiB | | mmap | |")
-PY
+      rows="$WORK/llama-$(basename "$gguf")-$case.rows"
+      : >"$rows"
+      for _ in $(seq "$REPEAT"); do
+        limited "$PYTHON" "$BENCH_DIR/llamacpp_batched.py" "$gguf" "$n" "$s" "$GEN" "$THREADS" 2>>"$raw" >>"$rows" || true
       done
+      cat "$rows" >>"$raw"
+      [[ -s $rows ]] || { echo "| $n x p$s g$GEN | llama.cpp $(basename "$gguf") | every run failed (see $raw) | | | | | |"; continue; }
+      dec=$(awk -F'|' '{print $4}' "$rows" | median)
+      tot=$(awk -F'|' '{print $5}' "$rows" | median)
+      peak=$(awk -F'|' '{print $6}' "$rows" | tail -1 | xargs)
+      echo "| $n x p$s g$GEN | llama.cpp $(basename "$gguf") (mmap) | $dec | $tot | $peak | | | |"
     done
   done
 fi
