@@ -109,9 +109,7 @@ def _plan_text(
     if cfg.run_dtype != rule_dtype:  # generate would compute in the rule's dtype when nothing is planned
         lines[-1] += f" --compute-dtype {cfg.run_dtype}"
     if pl.cpu_cache_compute:
-        lines.append(
-            "note:       a what-if: generate computes attention on the device (host-side attention is not built)"
-        )
+        lines[-1] += " --cpu-cache-compute on"
     return "\n".join(lines)
 
 
@@ -156,8 +154,9 @@ def _plan_text(
     type=click.Choice(list(_TRI)),
     default="off",
     show_default=True,
-    help="Attention over a host-resident cache on the host (a what-if on a GPU machine: the runtime computes "
-    "attention on the device); auto tries both.",
+    help="Decode attention over a cache in host memory or on disk computed on the host, as generate's "
+    "--cpu-cache-compute; auto tries both on a GPU machine, as generate and bench do by default (off here by "
+    "default: trying both doubles the search).",
 )
 @click.option(
     "--compute-dtype",

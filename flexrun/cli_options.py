@@ -82,6 +82,7 @@ _ENGINE_KEYS = (
     "compress_weight",
     "group_size",
     "compress_cache",
+    "cpu_cache_compute",
 )
 COMPRESSIONS = ["none", "int8", "int4"]
 # Left to the planner under --placement auto; off when nothing is planned.
@@ -195,6 +196,18 @@ def engine_options(encoder: bool = False) -> Callable[[Callable[..., Any]], Call
                 "none." + _PLANNED_HELP,
             )
         )
+        options.append(
+            click.option(
+                "--cpu-cache-compute",
+                type=click.Choice(["auto", "on", "off"]),
+                default="auto",
+                show_default=True,
+                help="On a GPU, decode attention over the KV cache held in host memory or on disk runs on the CPU, "
+                "so only the new token's q, k, v and the attention output cross PCIe (FlexGen's "
+                "--cpu-cache-compute). auto: the planner's choice under --placement auto, off under manual. On "
+                "a CPU attention runs there anyway.",
+            )
+        )
     options += [
         click.option("--activations", callback=tier_shares, help="Activation shares, e.g. host=100."),
         click.option("--gpu-batch-size", callback=positive_int, help="Sequences per micro-batch.", **batch_defaults),
@@ -293,6 +306,7 @@ def _engine_options(v: dict[str, Any], encoder: bool) -> Any:
             overlap=v["overlap"],
             hardware=v.get("hardware"),
             compress_cache=compression_kind(v.get("compress_cache")),
+            cpu_cache_compute={"on": True, "off": False}.get(v.get("cpu_cache_compute") or "auto"),
         ),
         budgets=budgets,
         offload_dir=v["offload_dir"],

@@ -169,3 +169,25 @@ def test_summary_prints_the_device_peak_beside_the_plan() -> None:
     )
     assert summary_dict(cfg, Placement(), stats)["peak_device_bytes"] == 5 << 29
     assert RunStats(peak_device=7).merge(RunStats(peak_device=5)).peak_device == 7
+
+
+# ---- the command line ---------------------------------------------------------------------------------------
+def test_generate_takes_cpu_cache_compute(job_ckpt, stores: Path, tmp_path: Path) -> None:
+    """``--cpu-cache-compute on`` reaches the engine's placement (and the summary's JSON); a bad value is a usage
+    error; under --placement auto on a CPU the planner leaves it off (the host is the device)."""
+    import json
+
+    from tests.helpers import gen, run
+
+    path = job_ckpt.path
+    on = gen(job_ckpt, stores, tmp_path, "--cpu-cache-compute", "on", "--prompt", "hello", "--json")
+    assert on.exit_code == 0, on.output
+    assert json.loads(on.stderr.splitlines()[-1])["placement"]["cpu_cache_compute"] is True
+    bad = gen(job_ckpt, stores, tmp_path, "--cpu-cache-compute", "maybe", "--prompt", "hello")
+    assert bad.exit_code == 2 and "maybe" in bad.output
+    bench = run(
+        "bench", "-m", str(path), "--store-dir", str(stores), "--prompt-len", "4", "--gen-len", "2", "--json",
+        "--offload-dir", str(tmp_path / "off"),
+    )  # fmt: skip
+    assert bench.exit_code == 0, bench.output
+    assert json.loads(bench.stdout)["placement"]["cpu_cache_compute"] is False

@@ -5,7 +5,8 @@ the planner chooses the rest for this job's prompt and generation lengths, withi
 runtime will enforce: with them, the weight and cache compression and the compute dtype when those are
 left open (``AUTO``). Each weight compression is a store of its own, so a job plans first (``plan_job``,
 on the config converting would give), opens the store the plan chose, then builds its engine
-(``build_engine``). Host-side attention, which the runtime does not implement, is not offered.
+(``build_engine``). Host-side attention (``cpu_cache_compute``) is the planner's to choose when the request
+leaves it open and the device is not the host.
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ def fitting_flags(
     flags += f"--gpu-batch-size {pl.gpu_batch_size} --num-gpu-batches {pl.num_gpu_batches}"
     flags += f" --compress-weight {pl.compress_weight}" if pl.compress_weight else ""
     flags += f" --compress-cache {pl.compress_cache}" if pl.compress_cache else ""
+    flags += " --cpu-cache-compute on" if pl.cpu_cache_compute else ""
     return f"; these flags fit: {flags} (or leave the placement to the planner)"
 
 
@@ -334,7 +336,7 @@ def choose_placement(
             prompt_len,
             gen_len,
             compress=(compress_weight, cache),
-            cpu_cache_compute=False,
+            cpu_cache_compute=request.cpu_cache_compute,
             gpu_batch_sizes=[gbs] if gbs else None,
             max_block_size=max_block,
             fixed=fixed,

@@ -87,6 +87,7 @@ class PlacementRequest:
     overlap: bool = True
     hardware: HardwareSpec | None = None  # the planner's figures (None: this machine's)
     compress_cache: str = ""  # "int8" or "int4": the KV cache stored compressed; AUTO: the planner's choice
+    cpu_cache_compute: bool | None = False  # host-side attention over an off-device cache; None: the planner's
 
     #: What ``manual`` uses for an option left out.
     MANUAL_BATCH = 4
@@ -107,6 +108,7 @@ class PlacementRequest:
             num_gpu_batches=self.num_gpu_batches or 1,
             overlap=self.overlap,
             compress_cache="" if self.compress_cache == AUTO else self.compress_cache,
+            cpu_cache_compute=bool(self.cpu_cache_compute),
         )
 
 
