@@ -19,7 +19,8 @@
 # Settings: MODELS ("opt-30b opt-6.7b"), LAYERS_30B (8), POLICIES ("fp16"; "fp16 comp" adds FlexGen's
 # compressed policies), REPEAT (3), ACC_BATCHES ("auto": the largest batch that leaves accelerate two layers
 # on the GPU; or a list), BUDGET_S (420), RUN_TIMEOUT (240), DEVICE_MEM (16, GiB), PROMPT (512), GEN (32),
-# WORK (/dev/shm/flexrun-gpu when it has room, else /tmp/flexrun-gpu: config dirs, stores, logs).
+# WORK (/dev/shm/flexrun-gpu when it has room, else /tmp/flexrun-gpu: config dirs, stores), OFFDIR
+# (/tmp/flexrun-gpu-offload: the offload dirs, on a disk).
 # flexgen and PuLP come from .whl/ when not installed (benchmarks/gpu/prepare.sh downloads them here).
 # WARMUP (1): one short untimed flexrun run per model first, so no timed run compiles Triton kernels.
 # GPU_SH_SMALL=1: the same pipeline on a CPU, to test it before a GPU sees it: a tiny OPT shape on
@@ -51,8 +52,11 @@ fi
 STAMP=$(date +%Y%m%d-%H%M%S)
 RUNS="$OUT/gpu-$STAMP.jsonl" REPORT="$OUT/gpu-$STAMP.md" LOG="$OUT/gpu-$STAMP.log"
 MODELS_DIR=$WORK/models STORES=$WORK/stores
-rm -rf "$WORK/offload" "$WORK/flexgen-offload"
-mkdir -p "$MODELS_DIR" "$STORES" "$WORK/offload" "$WORK/flexgen-offload"
+# The offload dirs (flexrun's disk tier, calibrated; flexgen's TorchDisk) stay on a disk even when WORK is
+# in RAM: a tmpfs "disk" would be host memory by another name. Neither published policy puts anything there.
+OFFDIR=${OFFDIR:-/tmp/flexrun-gpu-offload}
+rm -rf "$OFFDIR"
+mkdir -p "$MODELS_DIR" "$STORES" "$OFFDIR/flexrun" "$OFFDIR/flexgen"
 : >"$LOG"
 say() { echo "[gpu.sh $((SECONDS - START))s] $*" | tee -a "$LOG" >&2; }
 
@@ -81,7 +85,7 @@ for model in $MODELS; do
   [[ $model == tiny ]] && POLICY_OF[$model]=opt-30b
   say "$model: $name ($layers of $full_layers layers), GPU cap $cap bytes"
 done
-export OFFLOAD_DIR=$WORK/offload  # lib.sh's machine() reads the calibration of this dir
+export OFFLOAD_DIR=$OFFDIR/flexrun  # lib.sh's machine() reads the calibration of this dir
 (cd "$ROOT" && "$PYTHON" -m flexrun calibrate --offload-dir "$OFFLOAD_DIR") >>"$LOG" 2>&1 ||
   say "flexrun calibrate failed (see the log)"
 pids=()
@@ -91,7 +95,8 @@ for model in $MODELS; do
   # The compression flexrun's own plan takes (the planner says before any store exists).
   own=$(cd "$ROOT" && "$PYTHON" -m flexrun plan --model "$dir" --dtype float16 --device-mem "${CAP[$model]}" \
     --prompt-len "$PROMPT" --gen-len "$GEN" --json 2>>"$LOG" |
-    "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["placement"]["compress_weight"] or "none")') || own=none
+    "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["placement"]["compress_weight"] or "none")' \
+      2>>"$LOG") || own=none
   kinds+=("$own")
   [[ " $POLICIES " == *" comp "* && ${POLICY_OF[$model]} == opt-6.7b ]] && kinds+=(int4)
   for kind in $(printf '%s\n' "${kinds[@]}" | sort -u); do
@@ -109,7 +114,7 @@ if [[ $CUDA == 1 && ${WARMUP:-1} == 1 ]]; then
     mapfile -t extra < <("$PYTHON" "$G/policies.py" flexrun "${POLICY_OF[$model]}" "$p" 2>/dev/null)
     (cd "$ROOT" && timeout -k 10 "$RUN_TIMEOUT" "$PYTHON" -m flexrun bench --model "$MODELS_DIR/${NAME[$model]}" \
       --dummy-weights --store-dir "$STORES" --dtype float16 --prompt-len 32 --gen-len 2 --device-mem "${CAP[$model]}" \
-      --offload-dir "$WORK/offload" "${extra[@]}") >>"$LOG" 2>&1 || say "the warm-up run of $model failed (see the log)"
+      --offload-dir "$OFFLOAD_DIR" "${extra[@]}") >>"$LOG" 2>&1 || say "the warm-up run of $model failed (see the log)"
   done
 fi
 say "setup done"
@@ -128,7 +133,7 @@ run() {
   case $side in
     flexrun)
       cmd=(-m flexrun bench --model "$dir" --dummy-weights --store-dir "$STORES" --dtype float16
-        --prompt-len "$PROMPT" --gen-len "$GEN" --device-mem "$cap" --offload-dir "$WORK/offload" --json)
+        --prompt-len "$PROMPT" --gen-len "$GEN" --device-mem "$cap" --offload-dir "$OFFLOAD_DIR" --json)
       if [[ $policy == own ]]; then
         cmd+=(--placement auto)
       else
@@ -137,13 +142,13 @@ run() {
       fi ;;
     flexgen)
       mapfile -t extra < <("$PYTHON" "$G/policies.py" flexgen "${POLICY_OF[$model]}" "$policy" --prompt-len "$PROMPT" \
-        --gen-len "$GEN" --offload-dir "$WORK/flexgen-offload" --log-file "$WORK/flexgen.log")
+        --gen-len "$GEN" --offload-dir "$OFFDIR/flexgen" --log-file "$WORK/flexgen.log")
       cmd=("$G/flexgen_run.py" --config-dir "$dir" --tokenizer "$MODELS_DIR/tokenizer")
       [[ $CUDA == 1 ]] || cmd+=(--dry-run)
       cmd+=(-- "${extra[@]}") ;;
     accelerate)
       cmd=("$G/accelerate_run.py" --config-dir "$dir" --batch "${policy#b=}" --gpu-mem "$cap" --prompt-len "$PROMPT"
-        --gen-len "$GEN" --offload-dir "$WORK/accelerate-offload")
+        --gen-len "$GEN" --offload-dir "$OFFDIR/accelerate")
       [[ $CUDA == 1 ]] || cmd+=(--share 400000) ;;  # the tiny shape: part in RAM, the rest on disk
   esac
   rm -f "$peak"

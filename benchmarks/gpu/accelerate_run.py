@@ -11,7 +11,7 @@ GPU at every forward. The GPU share is --gpu-mem less the batch's KV cache and a
 transformers keeps the whole cache on the GPU. Its best batch (``--batch auto``) is the largest power of two
 whose cache leaves at least two decoder layers' weights on the GPU: each forward moves the offloaded
 layers to the GPU whatever the batch, so tokens per second grow with the batch until the cache crowds the
-weights out. Timing as hf_common's (prefill = a one-token generate,
+weights out; a batch that still runs out of GPU memory is halved until one runs. Timing as hf_common's (prefill = a one-token generate,
 decode = the full generate less it), with a CUDA synchronize around each. One JSON line.
 
 Without CUDA (gpu.sh's small mode) the same code runs with the GPU share mapped to "cpu" and the offloaded
@@ -133,7 +133,17 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     args = argparse.Namespace(model=a.config_dir.name, dtype="float16", batch=batch, prompt_len=a.prompt_len,
                               gen_len=a.gen_len)  # fmt: skip
-    t = timed(model, ids, a.gen_len, sync)
+    while True:  # a batch whose activations do not fit the cap after all: half of it, and so on
+        try:
+            t = timed(model, ids, a.gen_len, sync)
+            break
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch //= 2
+            ids, args.batch = ids[:batch], batch
+            torch.cuda.empty_cache()
+            print(f"out of GPU memory: batch {batch} next", file=sys.stderr)
     offloaded = sum(1 for v in device_map.values() if v == rest)
     emit("accelerate", args, t, load_s=load_s, modules_by_device=placed, offloaded_modules=offloaded,
          gpu_share_bytes=share, batch_asked=a.batch)  # fmt: skip
