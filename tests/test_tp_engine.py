@@ -1,7 +1,7 @@
 """Tensor parallelism against one process: 2 ranks (gloo on loopback, forked once for the whole module) run
-every family under a couple of placements, and must give the same greedy tokens and logits within 1e-4 as one
-process (itself checked against Hugging Face in test_engine_vs_hf / test_policies_vs_hf), and the same seeded
-samples.
+every family under every placement of the engine-vs-HF matrix, and must give the same greedy tokens and logits
+within 1e-4 as one process (itself checked against Hugging Face in test_engine_vs_hf / test_policies_vs_hf),
+and the same seeded samples.
 
 The ranks are started once by ``flexrun.parallel.launch.run_local`` (as ``generate --tp 2`` starts them) and run
 all the cases in turn, rank 0 saving each case's tokens and logits; the tests then compare case by case.
@@ -50,6 +50,13 @@ MODELS: dict[str, dict[str, Any]] = {
 PLACEMENTS: dict[str, Placement] = {
     "host": place(b=2, n=3),
     "disk": place(weights="host=30,disk=70", cache="disk=100", acts="disk=100", b=3, n=1),
+    # The rest of the engine-vs-HF matrix (test_engine_vs_hf); "device" is host memory on a CPU.
+    "weights-split": place(weights="host=40,disk=60", b=3, n=2),
+    "cache-split": place(cache="host=50,disk=50", b=1, n=5),
+    "acts-disk": place(acts="disk=100", b=2, n=2),
+    "all-disk-no-overlap": place("disk=100", "disk=100", "disk=100", b=2, n=2, overlap=False),
+    "weights-disk": place(weights="disk=100", b=2, n=3),
+    "device-share": place(weights="device=30,host=30,disk=40", cache="device=50,disk=50"),
     "int8": place(b=2, n=3, compress_weight="int8"),
     "int4-disk": place(weights="disk=100", b=3, n=1, compress_weight="int4"),
 }
@@ -61,8 +68,8 @@ SAMPLED = SamplingParams(
     max_new_tokens=NEW, temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=7, stop_at_eos=False
 )
 PENALISED = SamplingParams(max_new_tokens=NEW, repetition_penalty=1.5, stop_at_eos=False)
-# (model, placement, sampling): every family under both placements greedily, and the samplers on two families.
-CASES = [(m, p, "greedy") for m in MODELS for p in ("host", "disk")] + [
+# (model, placement, sampling): every family greedily under every placement, and the samplers on two families.
+CASES = [(m, p, "greedy") for m in MODELS for p in PLACEMENTS if p not in COMPRESSED] + [
     ("wide", "int8", "greedy"),
     ("wide", "int4-disk", "greedy"),
     ("llama", "host", "sampled"),
