@@ -228,8 +228,10 @@ def plan_cmd(
     from flexrun.costmodel.machine import hardware_for
     from flexrun.costmodel.prediction import kind_bytes
     from flexrun.costmodel.search import plan
+    from flexrun.errors import PlacementError
     from flexrun.precision import with_compute_dtype
     from flexrun.resolver import resolve
+    from flexrun.runtime.tiers import ranks_note
     from flexrun.units import format_bytes
 
     cfg = resolve(model, **({"dtype": dtype} if dtype else {}))
@@ -276,16 +278,21 @@ def plan_cmd(
     # The CPU the spec describes is taken to be this one: its flags say whether 16-bit matmuls are native.
     cfg = with_compute_dtype(cfg, compute_dtype, torch.device("cpu" if hw.device_is_host else "cuda"))
     rule_dtype = cfg.run_dtype
-    result = plan(
-        cfg,
-        hw,
-        prompt_len,
-        gen_len,
-        compress=(_planned_kind(compress_weight, compress), _planned_kind(compress_cache, compress)),
-        cpu_cache_compute=_TRI[host_attention],
-        max_block_size=max_block_size,
-        compute_dtypes=compute_dtype_candidates(cfg.dtype, rule_dtype, hw) if compute_dtype == "auto" else (),
-    )
+    try:
+        result = plan(
+            cfg,
+            hw,
+            prompt_len,
+            gen_len,
+            compress=(_planned_kind(compress_weight, compress), _planned_kind(compress_cache, compress)),
+            cpu_cache_compute=_TRI[host_attention],
+            max_block_size=max_block_size,
+            compute_dtypes=compute_dtype_candidates(cfg.dtype, rule_dtype, hw) if compute_dtype == "auto" else (),
+        )
+    except PlacementError as exc:
+        if local == 1:
+            raise
+        raise PlacementError(f"{exc}{ranks_note(local)}") from None
     cfg = dataclasses.replace(cfg, compute_dtype="" if result.compute_dtype == cfg.dtype else result.compute_dtype)
     pl = result.placement
     kinds = kind_bytes(cfg, pl.block_size, prompt_len, gen_len, pl.compress_weight, pl.compress_cache)

@@ -96,5 +96,9 @@ def test_plan_tp_divides_a_machines_budgets_among_its_ranks() -> None:
     # Two machines, one rank each: each has its machine's budgets whole.
     apart = json.loads(run(*PLAN, *flags, "--tp", "2", "--nodes", "2").stdout)
     assert apart["budgets"]["host"] == 8 * GiB and apart["tensor_parallel"]["nodes"] == 2
+    # Nothing fits: the budgets the refusal names are a rank's, the flags the machine's.
+    r = run(*PLAN, "--host-mem", "100MiB", "--disk-mem", "100MiB", "--tp", "2")
+    assert r.exit_code == 1 and "(now 50.0 MiB)" in r.stderr
+    assert "each one of 2 local tensor-parallel ranks' part: --host-mem and --disk-mem give the machine's" in r.stderr
     r = run(*PLAN, "--tp", "4", "--nodes", "3")
     assert r.exit_code == 2 and "--tp 4 ranks do not spread evenly over 3 machines" in r.output

@@ -34,7 +34,7 @@ from flexrun.precision import with_compute_dtype
 from flexrun.quant.formats import QuantSpec
 from flexrun.resolver import ModelSource
 from flexrun.runtime.engine import Engine
-from flexrun.runtime.tiers import Budgets, budget_fix, compute_device, disk_free
+from flexrun.runtime.tiers import Budgets, budget_fix, compute_device, disk_free, ranks_note
 from flexrun.units import format_bytes
 from flexrun.weights.store import TensorStore
 
@@ -344,7 +344,7 @@ def choose_placement(
             compute_dtypes=compute_dtype_candidates(cfg.dtype, cfg.run_dtype, hw) if choose_dtype else (),
         )
     except PlacementError as exc:
-        note = ""
+        note = ranks_note(budgets.ranks)
         if "disk" in getattr(exc, "short", {}) and tiers["disk"] >= disk_free(root):
             # More --disk-mem cannot help when the offload dir's filesystem itself is the limit.
             note = (

@@ -201,6 +201,16 @@ class Ledger:
                 )
 
 
+def ranks_note(ranks: int) -> str:
+    """What a refusal naming budgets adds when they are one of ``ranks`` local ranks' parts."""
+    if ranks == 1:
+        return ""
+    return (
+        f"; these budgets are each one of {ranks} local tensor-parallel ranks' part: --host-mem and --disk-mem "
+        f"give the machine's, {ranks}x a rank's"
+    )
+
+
 def budget_fix(tier: str, have: int, offload_dir: Path | None = None) -> str:
     """What to do about a ``tier`` budget of ``have`` bytes that a placement exceeds: a disk budget that is
     the offload dir's free space is raised by another disk, any other by its flag."""
