@@ -110,17 +110,22 @@ class Mover:
         return self.host_buffer(numel * dtype.itemsize).zero_()[: numel * dtype.itemsize].view(dtype)
 
     def _register(self, buf: torch.Tensor) -> None:
-        cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
-        if err != cudart.cudaError.success:  # still correct, only the copies from it are synchronous
+        # A buffer left pageable is still correct: only the copies from it wait for the host.
+        try:
+            cudart = torch.cuda.cudart()
+            err = cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+            ok = err == cudart.cudaError.success
+        except (AttributeError, RuntimeError) as exc:
+            ok, err = False, exc
+        if not ok:
             log.warning("cudaHostRegister of %d bytes failed (%s): copies from it will not overlap", buf.numel(), err)
             return
         self._registered.append(buf.data_ptr())
 
     def close(self) -> None:
-        """Wait for the side streams and unlock the host buffers (before they are freed)."""
-        for stream in self._streams.values():
-            stream.synchronize()
+        """Wait for the device's work and unlock the host buffers (before they are freed)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
         if self._registered:
             cudart = torch.cuda.cudart()
             for ptr in self._registered:
