@@ -35,6 +35,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv(machine.ENV, raising=False)
     monkeypatch.setattr(machine, "machine_fingerprint", lambda: dict(FP))
     monkeypatch.setattr(machine, "FIRST", QUICK)  # the first-use sizes shrunk: seconds, not the real figures
+    monkeypatch.setattr(machine, "machine_load", lambda: (0.5, 2))  # a quiet machine, whatever this one's load
     return tmp_path / "cache"
 
 
@@ -132,6 +133,32 @@ def test_one_run_moves_a_constant_half_way_and_the_correction_is_bounded() -> No
     assert entry.corrections()["decode compute"][0] == pytest.approx(1.2 ** (4 / 5))
     entry.runs = [_run(0.5, "disk"), {"phases": {"decode": {"predicted_s": 0, "measured_s": 1, "class": "disk"}}}]
     assert set(entry.corrections()) == {"disk"} and entry.corrections()["disk"][1] == 1
+
+
+def test_runs_recorded_on_a_busy_machine_are_left_out_of_the_corrections() -> None:
+    entry = _entry()
+    quiet = {**_run(2.0), "load": 1.5, "load_end": 3.0, "threads": 2, "cores": 2}  # itself 2 of the 3 at its end
+    busy_start = {**_run(40.0), "load": 2.5, "load_end": 3.0, "threads": 2, "cores": 2}  # others above 2 cores
+    busy_end = {**_run(40.0), "load": 0.5, "load_end": 4.5, "threads": 2, "cores": 2}  # 2.5 of others by its end
+    unknown = _run(2.0)  # recorded before loads were: counted
+    entry.runs = [quiet, busy_start, busy_end]
+    assert [calcache.busy(r) for r in entry.runs] == [False, True, True] and not calcache.busy(unknown)
+    assert entry.corrections()["decode compute"] == pytest.approx((math.sqrt(2.0), 1))
+    entry.runs = [busy_start] * 30 + [unknown]  # busy records do not crowd quiet ones out of the recent window
+    assert entry.corrections()["decode compute"] == pytest.approx((math.sqrt(2.0), 1))
+
+
+def test_a_record_carries_the_load_when_planned_and_at_its_end(cache: Path, tmp_path: Path, monkeypatch) -> None:
+    _entry(FP, tmp_path).save()
+    loads = iter([(3.25, 2), (4.5, 2)])  # when planning, then when recording
+    monkeypatch.setattr(machine, "machine_load", lambda: next(loads))
+    machine.hardware_for(None, tmp_path)
+    pred = SimpleNamespace(prefill_s=1.0, decode_s=3.0, gen_len=4, prefill=SimpleNamespace(bottleneck="compute"))
+    pred.decode = SimpleNamespace(bottleneck="disk->host")
+    stats = RunStats(blocks=1, prefill_s=1.0, decode_s=3.0, decode_steps=3)
+    record = machine.run_record(pred, stats, Placement(), "m", "float32")
+    assert record is not None and record["load"] == 3.25 and record["load_end"] == 4.5 and record["cores"] == 2
+    assert record["threads"] >= 1 and calcache.busy(record)
 
 
 def test_corrections_scale_only_their_class_constants() -> None:

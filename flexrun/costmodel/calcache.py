@@ -46,6 +46,20 @@ def path_for(fingerprint: dict[str, str]) -> Path:
     return calibration_dir() / f"{fingerprint_key(fingerprint)}.json"
 
 
+def busy(run: dict[str, Any]) -> bool:
+    """Whether a run was recorded on a busy machine: other work alone above its cores, by the load average
+    when the run was planned (before its own threads ran) or at its end less its own threads. Its phase
+    times then say more about the others than about the machine; a record without loads counts as quiet."""
+    try:
+        cores = float(run["cores"])
+        start = run.get("load")
+        end = run.get("load_end")
+        others_end = float(end) - min(float(run.get("threads", 0)), cores) if end is not None else 0.0
+        return (start is not None and float(start) > cores) or others_end > cores
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def bound_class(phase: str, bottleneck: str) -> str:
     """The correction class of a phase bounded by ``bottleneck`` (``PhaseTime.bottleneck``)."""
     if bottleneck in ("disk->host", "host->disk"):
@@ -124,9 +138,10 @@ class Calibration:
         self.save()
 
     def corrections(self) -> dict[str, tuple[float, int]]:
-        """{class: (measured / predicted factor, records it rests on)} from the recent runs, bounded."""
+        """{class: (measured / predicted factor, records it rests on)} from the recent runs recorded on a quiet
+        machine (``busy``), bounded."""
         ratios: dict[str, list[float]] = {c: [] for c in CLASSES}
-        for run in self.runs[-RECENT:]:
+        for run in [r for r in self.runs if not busy(r)][-RECENT:]:
             for phase in run.get("phases", {}).values():
                 try:
                     predicted, measured = float(phase["predicted_s"]), float(phase["measured_s"])

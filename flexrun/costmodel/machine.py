@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import torch
+
 from flexrun.costmodel import calcache
 from flexrun.costmodel.calcache import Calibration, DiskFigures, bound_class
 from flexrun.costmodel.calibrate import FIRST, measure_disk, measure_machine
@@ -34,6 +36,13 @@ ENV = "FLEXRUN_HARDWARE"
 _PREFILL_RATES = ("mm_flops_prefill", "bmm_flops_prefill")
 _DECODE_RATES = tuple(r for r in COMPUTE_RATES if r not in _PREFILL_RATES)
 MIN_RECORD_S = 1.0  # runs shorter than this are mostly start-up and are not recorded
+_PLANNED: dict[str, float] = {}  # the load average when this process last planned with its calibration
+
+
+def machine_load() -> tuple[float, int]:
+    """The 1-minute load average and the cores this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return os.getloadavg()[0], cores
 
 
 def _scaled(rates: Mapping[str, float], keys: tuple[str, ...], factor: float) -> dict[str, float]:
@@ -150,6 +159,7 @@ def hardware_for(
         return load_hardware(named)
     entry = machine_calibration(offload_dir, stderr=stderr)
     assert entry is not None
+    _PLANNED["load"] = machine_load()[0]  # before this job's own threads load the machine
     hw = corrected(base_spec(entry, offload_dir), entry.corrections())
     probe = offload_root(offload_dir)
     while not probe.exists() and probe != probe.parent:
@@ -178,4 +188,9 @@ def run_record(prediction: Any, stats: Any, placement: Any, cfg_name: str, dtype
         }
     if not phases:
         return None
-    return {"model": cfg_name, "dtype": dtype, "placement": placement.describe(), "phases": phases}
+    load, cores = machine_load()
+    record = {"model": cfg_name, "dtype": dtype, "placement": placement.describe(), "phases": phases}
+    # The machine's load, so that corrections can leave out runs taken while other work filled it (``busy``).
+    start = _PLANNED.pop("load", None)
+    record |= {"load_end": round(load, 2), "cores": cores, "threads": torch.get_num_threads()}
+    return record | ({"load": round(start, 2)} if start is not None else {})
