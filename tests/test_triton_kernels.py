@@ -13,6 +13,7 @@ truncation, so here everything is float32; the 16-bit comparisons are the ``gpu`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -206,8 +207,15 @@ def test_the_triton_set_runs_the_fused_layer_as_the_reference_set_does(
     spec = LayerSpec(nh, nkv, d, pre_norm, "silu" if gated else "relu", norm, 1e-5, gated, d**-0.5)
     w = _layer_weights(h, ffn, nh, nkv, d, quant, norm)
     fmt = kv_format(torch.float32, nkv, d, cache)
+    read_compressed = []  # the steps whose attention read the compressed cache in its own bytes
+
+    def quant_attention(*args: object) -> torch.Tensor:
+        read_compressed.append(args[0])
+        return TA.quant_cache_attention(*args)
+
+    triton_set = dataclasses.replace(TS.TRITON, cache_attentions={QuantKV: quant_attention})
     outs: dict[str, list[torch.Tensor]] = {}
-    for ks in (K.REFERENCE, TS.TRITON):
+    for ks in (K.REFERENCE, triton_set):
         layer = FusedLayer(spec, ks, fmt)
         slots = [fmt.slot(torch.zeros(8 * fmt.row_elems(b), dtype=fmt.dtype, device=DEV), 8, b) for _ in range(2)]
         torch.manual_seed(5)
@@ -221,6 +229,7 @@ def test_the_triton_set_runs_the_fused_layer_as_the_reference_set_does(
             past += s
     for got, want in zip(outs["triton"], outs["reference"], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # a layer's worth of float32 reorderings
+    assert read_compressed == ([fmt] * 3 if cache else [])
 
 
 def test_every_kernel_set_has_a_fused_norm_for_every_norm() -> None:

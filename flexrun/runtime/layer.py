@@ -170,15 +170,16 @@ class FusedLayer:
         attention) take the new q, k, v there and send only the output back, computed by ``kernels`` (the
         host's kernel set; default: this layer's)."""
         sp, kv = self.spec, self.kv
-        attend = (kernels or self.k).cached_attention
+        ks = kernels or self.k
 
         def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             t = past + k.shape[1]
             where = k_slot.device
             kv.append(k_slot, past, k.to(where))
             kv.append(v_slot, past, v.to(where))
-            # The cache may be kept in the stored dtype while attention runs in the compute dtype.
-            out = attend(q.to(where), kv.read(k_slot, t), kv.read(v_slot, t), mask.to(where), sp.scale)
+            # The cache may be kept in the stored dtype (or compressed) while attention runs in the compute
+            # dtype: the set reads it through the format, or in the format's own bytes where it has a kernel.
+            out = ks.attend_cache(kv, q.to(where), k_slot, v_slot, t, mask.to(where), sp.scale)
             return out.to(q.device)  # (b, nh, s, d)
 
         return core
