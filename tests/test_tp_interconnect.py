@@ -1,21 +1,29 @@
 """The interconnect between local tensor-parallel ranks: ``calibrate`` times gloo all-reduces between two forked
 processes at the engine's message sizes and fits the cost model's latency + bytes / bandwidth; the planner's
-all-reduce terms then use the calibrated figures instead of the loopback constants."""
+all-reduce terms then use the calibrated figures instead of the loopback constants. A rank's roofline is its
+share's; its runs are not recorded into the corrections."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from flexrun.costmodel import machine, machine_id
+from flexrun.costmodel import calcache, machine, machine_id
 from flexrun.costmodel.calcache import Calibration, DiskFigures
 from flexrun.costmodel.equations import LOOPBACK_BW
 from flexrun.costmodel.hardware import PRESETS
 from flexrun.costmodel.interconnect import fit, measure_interconnect
+from flexrun.jobs import calibration
+from flexrun.jobs.calibration import record_run
+from flexrun.jobs.options import EngineOptions, ModelOptions
 from flexrun.paths import offload_root
+from flexrun.placement import Placement
+from flexrun.resolver import resolve
+from flexrun.runtime.stats import RunStats
 from tests.helpers import run
 
 FP = {"cpu": "Test CPU", "cpu_flags": "avx avx2", "cores": "2", "memory_gib": "24", "gpu": "none", "torch": "2.13"}
@@ -60,3 +68,24 @@ def test_plan_tp_uses_this_machines_calibrated_interconnect(tmp_path: Path, monk
     # A preset carries no interconnect: the loopback constants, said to be assumed.
     r = run(*args, "--hardware", "cpu")
     assert f"over {LOOPBACK_BW / 1e9:.3g} GB/s" in r.stdout and "(assumed: gloo over loopback)" in r.stdout
+
+
+def test_a_tp_rank_plans_its_share_and_its_run_is_not_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEXRUN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(machine.ENV, raising=False)
+    monkeypatch.setattr(machine, "machine_fingerprint", lambda: dict(FP))
+    monkeypatch.setattr(machine, "machine_load", lambda: (0.5, 2), raising=False)  # a quiet machine
+    spec = dataclasses.replace(PRESETS["cpu"], name="calibrated", source="test")
+    Calibration(dict(FP), spec, {machine_id.filesystem_key(tmp_path): DiskFigures(2 * GiB, GiB, [2 * GiB])}).save()
+    cfg = resolve("opt-125m")
+    placement = Placement(gpu_batch_size=4, num_gpu_batches=1)
+    stats = RunStats(sequences=4, blocks=1, prefill_s=0.5, decode_s=3.0, decode_steps=3)
+    opts = EngineOptions(ModelOptions("opt-125m"), offload_dir=str(tmp_path))
+    assert record_run(opts, cfg, placement, stats, 16, 4) and calibration.job_hardware(opts).tp_ranks == 1
+    # Rank 0 of two: the roofline's spec is one rank's; the run, its collectives included, is kept out of the
+    # corrections of one process's constants.
+    monkeypatch.setattr(calibration, "current", lambda: SimpleNamespace(world=2))
+    assert calibration.job_hardware(opts).tp_ranks == 2
+    assert not record_run(opts, cfg, placement, stats, 16, 4)
+    entry = calcache.load(FP)
+    assert entry is not None and len(entry.runs) == 1

@@ -20,11 +20,12 @@ import torch
 
 from flexrun.config import OptConfig
 from flexrun.costmodel.choice import compute_dtype_candidates
-from flexrun.costmodel.hardware import PRESETS, HardwareSpec
+from flexrun.costmodel.hardware import PRESETS
 from flexrun.costmodel.machine import hardware_for
 from flexrun.costmodel.prediction import predict
 from flexrun.costmodel.search import plan
 from flexrun.errors import BudgetError, PlacementError
+from flexrun.jobs.calibration import per_rank
 from flexrun.jobs.options import AUTO, EngineOptions, ModelOptions, PlacementRequest
 from flexrun.jobs.tp import announce
 from flexrun.parallel import SLICE_FIX, current, slice_bytes, sliced_at_load
@@ -203,13 +204,6 @@ def _rounded(shares: Shares) -> str:
     top = max(pct, key=lambda t: shares.get(t))
     pct[top] = round(100 - sum(v for t, v in pct.items() if t != top), 1)
     return ",".join(f"{t}={v:g}" for t, v in pct.items() if v > 0)
-
-
-def per_rank(hw: HardwareSpec) -> HardwareSpec:
-    """``hw`` for one of this job's tensor-parallel ranks: it holds 1/world of every layer and all-reduces
-    over the interconnect ``hw`` carries (``calibrate``'s between local ranks)."""
-    world = current().world
-    return hw if world == 1 else dataclasses.replace(hw, tp_ranks=world)
 
 
 def compressible(cfg: OptConfig, group_size: int | None = None) -> tuple[str, ...]:
