@@ -116,10 +116,25 @@ def _encode(store: TensorStore, pooling: str, off: Path, tp: Any = None) -> list
     return out
 
 
+def _logits() -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (6, 211) whose rows' best tokens lie in either rank's half (row 3: a tie across the halves), and
+    targets: each row's best, another token, then tokens in either half."""
+    logits = torch.randn(6, 211, generator=torch.Generator().manual_seed(4)) * 3
+    logits[3, 20] = logits[3, 150] = logits[3].max() + 1  # the first (rank 0's) is argmax's choice
+    best = logits.argmax(-1)
+    targets = torch.stack([best, (best + 7) % 211, torch.tensor([0, 105, 106, 150, 210, 3])]).flatten()
+    return logits.repeat(3, 1), targets
+
+
 def _ranks(root: Path, argv: list[str]) -> None:
     """One rank: every case, rank 0 saving what it generated."""
     tp = init_from_env(WORLD)
     try:
+        logits, targets = _logits()
+        lo, hi = tp.shard.vocab(logits.shape[1])
+        scored = tp.token_logprobs(logits[:, lo:hi], targets, logits.shape[1])  # this rank's columns only
+        if tp.rank == 0:
+            torch.save(scored, root / "logprobs.pt")
         for name, pooling in ENCODERS.items():
             out = _encode(TensorStore(root / name / "store"), pooling, root / f"off{tp.rank}", tp)
             if tp.rank == 0:
@@ -180,6 +195,19 @@ def test_two_ranks_encode_as_one_process(ranked: Path, name: str) -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)  # float32, summation order only
+
+
+def test_log_probabilities_across_ranks_match_one_process(ranked: Path) -> None:
+    logits, targets = _logits()
+    logprobs, greedy = torch.load(ranked / "logprobs.pt")
+    want = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+    # float32, the sums of exponentials added per half then across: ~1e-7 relative.
+    torch.testing.assert_close(logprobs, want, rtol=1e-5, atol=1e-5)
+    assert greedy.tolist() == (logits.argmax(-1) == targets).tolist()
+    # Each row's best is greedy, another token is not; in the tie (row 3: tokens 20 and 150, one in each rank's
+    # half) the first is, as argmax has it, and the second (target 15) not.
+    assert greedy[:6].all() and not greedy[6:12].any()
+    assert logits[3].argmax() == 20 and targets[15] == 150 and not greedy[15]
 
 
 def test_rank_store_is_about_half(ranked: Path, tmp_path: Path) -> None:

@@ -126,6 +126,36 @@ class TensorParallel:
             dist.all_gather(out, padded, group=self.group)
         return torch.cat([o[:, : b - a] for o, (a, b) in zip(out, parts, strict=True)], dim=1).to(logits.device)
 
+    def token_logprobs(
+        self, logits: torch.Tensor, targets: torch.Tensor, vocab: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's log-probability of its ``targets`` (n,) over the whole vocabulary, and whether the target is
+        the row's greedy choice (argmax's first best), from this rank's columns of float32 ``logits`` (n, part):
+        the rows' maxima, the target's logit, the sums of exponentials and the first best token are reduced
+        across ranks (4 x n values), never the [n, vocab] logits."""
+        if self.world == 1:
+            logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+            return logprobs, logits.argmax(-1) == targets
+        lo, hi = self.shard.vocab(vocab)
+        inside = (targets >= lo) & (targets < hi)
+        held = logits.gather(1, (targets - lo).clamp(0, hi - lo - 1)[:, None])[:, 0]
+        top = torch.stack([logits.max(-1).values, torch.where(inside, held, float("-inf"))])  # (2, n)
+        top = self._reduce(top, dist.ReduceOp.MAX)
+        best, target = top[0], top[1]  # the rows' maxima and their targets' logits over the whole vocabulary
+        sums = self._reduce((logits - best[:, None]).exp().sum(-1), dist.ReduceOp.SUM)  # (n,)
+        # The first token holding the maximum, as argmax chooses: each rank's first, the smallest of them.
+        mine = (logits == best[:, None]).int().argmax(-1) + lo
+        has = (logits == best[:, None]).any(-1)
+        first = -self._reduce(torch.where(has, -mine.double(), float("-inf")), dist.ReduceOp.MAX)
+        return target - best - sums.log(), first.long() == targets
+
+    def _reduce(self, t: torch.Tensor, op: Any) -> torch.Tensor:
+        """``t`` reduced with ``op`` over the ranks, on the collectives' device, returned where it was."""
+        wide = t.to(self.device).contiguous()
+        with self._guard("reducing the log-probabilities"):
+            dist.all_reduce(wide, op=op, group=self.group)
+        return wide.to(t.device)
+
     def choose(
         self, sample: Sample, logits: torch.Tensor, history: torch.Tensor, vocab: int, greedy: bool, penalty: float
     ) -> torch.Tensor:
