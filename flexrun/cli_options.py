@@ -235,8 +235,9 @@ def engine_options(encoder: bool = False) -> Callable[[Callable[..., Any]], Call
             default=1,
             show_default=True,
             callback=positive_int,
-            help="Tensor-parallel ranks: N local processes, each holding 1/N of every layer (budgets are per "
-            "rank). Under torchrun, its WORLD_SIZE.",
+            help="Tensor-parallel ranks: N local processes, each holding 1/N of every layer and taking 1/N of "
+            "this machine's memory and disk budgets. Under torchrun, its WORLD_SIZE (a machine's budgets divided "
+            "among its LOCAL_WORLD_SIZE ranks).",
         )
     )
 

@@ -120,7 +120,7 @@ class EngineOptions:
     placement: PlacementRequest = field(default_factory=PlacementRequest)
     budgets: Budgets = field(default_factory=Budgets)
     offload_dir: str | None = None
-    tp: int = 1  # tensor-parallel ranks (each holds 1/tp of every layer; budgets are per rank)
+    tp: int = 1  # tensor-parallel ranks (each holds 1/tp of every layer and its machine's part of the budgets)
 
     def settled(
         self, compress_weight: str = AUTO, compress_cache: str = AUTO, compute_dtype: str = AUTO
