@@ -124,6 +124,48 @@ def test_staging_buffers_are_planned_only_when_staged(model_and_store, staged: N
         assert host["activations in flight (device)"] == engine.acts.nbytes
 
 
+def test_every_transfer_lane_runs_when_staged(model_and_store, staged: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights in, cache in and out, activations out and in: each copy goes through its lane (its CUDA stream on
+    a GPU), and the tokens stay HF's."""
+    model, store, d = model_and_store
+    lanes: list[str] = []
+    copy = transfer.Mover.copy
+
+    def record(self: transfer.Mover, lane: str, *args: object) -> object:
+        lanes.append(lane)
+        return copy(self, lane, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transfer.Mover, "copy", record)
+    placement = place("device=30,host=30,disk=40", "device=34,host=33,disk=33", "device=50,host=50", b=2, n=2)
+    assert _generate(store, d, placement)[0] == hf_greedy(model, PROMPTS, NEW)[0]
+    assert set(lanes) == set(transfer.LANES)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_staged_compressed_weights_are_decoded_from_the_device_arena(
+    kind: str, staged: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Compressed weights streamed as a GPU streams them (their bytes copied into a device arena, decoded there),
+    through the reference kernels (float32 dequantize): HF's greedy tokens on the dequantized weights."""
+    from flexrun import kernels
+    from flexrun.quant.formats import QuantSpec, quantize
+    from flexrun.runtime import stack
+    from flexrun.weights.convert import convert_checkpoint
+
+    monkeypatch.setattr(stack, "select_kernels", lambda device: kernels.REFERENCE)
+    spec = QuantSpec.of(kind, 32 if kind == "int4" else None)
+    _, model = tiny_opt(seed=4, hidden_size=64, n_head=4, ffn_embed_dim=128)
+    model.save_pretrained(tmp_path / "ckpt")
+    store = TensorStore(convert_checkpoint(tmp_path / "ckpt", tmp_path / "store", progress=False, compress=spec))
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                        layer.self_attn.out_proj, layer.fc1, layer.fc2):  # fmt: skip
+                lin.weight.copy_(quantize(lin.weight, spec).dequantize())
+    placement = place("device=30,host=30,disk=40", "host=50,disk=50", b=2, n=2, compress_weight=kind)
+    assert _generate(store, tmp_path, placement)[0] == hf_greedy(model, PROMPTS, NEW)[0]
+
+
 def test_attends_on_host_only_past_the_prefill_and_off_the_device(tmp_path: Path) -> None:
     from flexrun.placement import Shares
     from flexrun.runtime.iopool import IOPool

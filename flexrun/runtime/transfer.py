@@ -1,7 +1,7 @@
 """Copies between host memory and the compute device, as FlexGen schedules them.
 
-Each kind of transfer has a CUDA stream of its own (``LANES``: the KV cache in and out, the activations in and
-out; the weights keep theirs in ``runtime.weights``), and each copy is ordered by events after the compute that
+Each kind of transfer has a CUDA stream of its own (``LANES``: the weights in, the KV cache in and out, the
+activations in and out), and each copy is ordered by events after the compute that
 produced its source or last read its destination, so the next micro-batch's cache and activations move while
 the current one computes. Host buffers the copies touch are page-locked (``cudaHostRegister`` on an ordinary
 allocation: exact sizes, where torch's pinned allocator rounds each one up to a power of two), so the copies
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 #: Tests set this to run a CPU engine's cache and activations through the staging paths a GPU takes.
 STAGE_ON_CPU = False
 
-LANES = ("cache_in", "cache_out", "acts_in", "acts_out")
+LANES = ("weights", "cache_in", "cache_out", "acts_in", "acts_out")
 
 #: A CUDA event, or None where the work it would mark is already complete (a CPU).
 Event = Any

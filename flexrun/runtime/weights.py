@@ -64,12 +64,14 @@ class WeightManager:
         self.cfg = store.config
         self.device = device
         self.pool = pool
-        self.on_cuda = device.type == "cuda"
+        # The device's memory is apart from the host's (CUDA; on a CPU under transfer.STAGE_ON_CPU, in tests):
+        # host and disk tensors are copied into device arenas, on the ``weights`` lane's stream.
+        self.staged = self.mover.separate
         layout = stack_layout(self.cfg)
         order = layout.residency_order({n: store.meta(n).nbytes for n in layout.store_order}, gathered)
         tiers = shares.split([store.meta(n).nbytes for n in order])
         # Without CUDA the device tier is host RAM.
-        self.tier = {n: (t if self.on_cuda or t != "device" else "host") for n, t in zip(order, tiers, strict=True)}
+        self.tier = {n: (t if self.staged or t != "device" else "host") for n, t in zip(order, tiers, strict=True)}
         self.groups = [list(g.names) for g in layout.groups]
         # Experts (loaded as tokens are routed to them) stream through arenas of their own, so loading one
         # never overwrites the layer whose router chose it.
@@ -89,14 +91,14 @@ class WeightManager:
             ledger.add("host", "gathered rows", table.size)
         whole = [[n for n in g if k or n not in self.rows] for k, g in enumerate(self.groups)]
         self._disk = [[n for n in g if self.tier[n] == "disk"] for g in whole]
-        self._streamed = [[n for n in g if self.tier[n] != "device"] for g in whole] if self.on_cuda else []
+        self._streamed = [[n for n in g if self.tier[n] != "device"] for g in whole] if self.staged else []
         disk_bytes = [sum(store.meta(n).padded_nbytes for n in names) for names in self._disk]
         self._arena_bytes = _largest_per_pair(disk_bytes, self._pair)
         ledger.add("host", "weight buffers", 2 * self._arena_bytes[0])
         if self._arena_bytes[1]:
             ledger.add("host", "expert buffers", 2 * self._arena_bytes[1])
         self._gpu_arena_bytes = [0, 0]
-        if self.on_cuda:
+        if self.staged:
             sizes = [self._gpu_offsets(names)[1] for names in self._streamed]
             self._gpu_arena_bytes = _largest_per_pair(sizes, self._pair)
             ledger.add("device", "weight buffers", 2 * sum(self._gpu_arena_bytes))
@@ -114,7 +116,7 @@ class WeightManager:
                 continue
             meta = self.store.meta(name)
             raw = self._read(name, self.mover.host_buffer(meta.nbytes, pin=tier == "host"))
-            if self.on_cuda and tier == "host":
+            if self.staged and tier == "host":
                 self._raw[name] = raw
                 continue
             w = self.store.decode(name, raw.to(self.device) if tier == "device" else raw)
@@ -127,7 +129,6 @@ class WeightManager:
             if self._gpu_arena_bytes[k]:
                 size = self._gpu_arena_bytes[k]
                 self._gpu_arenas[k] = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
-                self._stream = torch.cuda.Stream(self.device)
 
     def _read(self, name: str, buf: torch.Tensor) -> torch.Tensor:
         """``store.read_raw``, with a failing read (a disk error, a file replaced by a directory) named by its
@@ -140,7 +141,7 @@ class WeightManager:
 
     def _prepared(self, name: str) -> bool:
         """Whether ``name`` is kept in the kernels' own layout: a compressed weight held where it is computed."""
-        return bool(self.store.meta(name).encoding) and (self.tier[name] == "device" or not self.on_cuda)
+        return bool(self.store.meta(name).encoding) and (self.tier[name] == "device" or not self.staged)
 
     def _gpu_offsets(self, names: list[str]) -> tuple[dict[str, int], int]:
         offsets, off = {}, 0
@@ -151,18 +152,14 @@ class WeightManager:
 
     def prefetch(self, g: int) -> Future[_Loaded]:
         """Start loading group ``g``'s weights into the next free arena (of the experts' pair for an expert)."""
-        if not self._disk[g] and not (self.on_cuda and self._streamed[g]):
+        if not self._disk[g] and not (self.staged and self._streamed[g]):
             # Nothing to read or copy: handing the lookup to an I/O thread would only cost a GIL hand-off
             # (milliseconds on a busy machine, for every group of every decode step).
             return done(self._load(g, 0))
         turn = self._turn[self._pair[g]]
         self._turn[self._pair[g]] ^= 1
-        # On CUDA the target device arena was last read by compute enqueued before now: wait for it.
-        done_reading = None
-        if self.on_cuda:
-            done_reading = torch.cuda.Event()
-            done_reading.record(torch.cuda.current_stream())
-        return self.pool.submit(self._load, g, turn, done_reading)
+        # The target device arena was last read by compute enqueued before now: the copy waits for it.
+        return self.pool.submit(self._load, g, turn, self.mover.mark())
 
     def _load(self, g: int, turn: int, done_reading: Any = None) -> _Loaded:
         out: dict[str, Any] = {n: self.resident[n] for n in self.groups[g] if n in self.resident}
@@ -173,30 +170,27 @@ class WeightManager:
             for n in self._disk[g]:
                 size = self.store.meta(n).padded_nbytes
                 raw = self._read(n, arena[off : off + size])
-                out[n] = raw if self.on_cuda else self.store.decode(n, raw)  # on CUDA decoded once on the device
+                out[n] = raw if self.staged else self.store.decode(n, raw)  # on CUDA decoded once on the device
                 off += size
-        if not self.on_cuda or not self._streamed[g]:
+        if not self.staged or not self._streamed[g]:
             return _Loaded(out)
         offsets, _ = self._gpu_offsets(self._streamed[g])
         gpu = self._gpu_arenas[self._pair[g]][turn]
-        with torch.cuda.stream(self._stream):
-            self._stream.wait_event(done_reading)
-            for n in self._streamed[g]:
-                meta = self.store.meta(n)
-                dst = gpu[offsets[n] : offsets[n] + meta.nbytes]  # the file's bytes, decoded on the device
-                dst.copy_(out[n] if n in out else self._raw[n][: meta.nbytes], non_blocking=True)
-                out[n] = self.store.decode(n, dst)
-            event = torch.cuda.Event()
-            event.record(self._stream)
+        dsts: dict[str, torch.Tensor] = {}
+        pairs = []
+        for n in self._streamed[g]:
+            meta = self.store.meta(n)
+            dsts[n] = gpu[offsets[n] : offsets[n] + meta.nbytes]  # the file's bytes, decoded on the device
+            pairs.append((dsts[n], out[n] if n in out else self._raw[n][: meta.nbytes]))
+        event = self.mover.copy("weights", pairs, [done_reading])
         # The host arena is reused two loads later; make sure the copies out of it have finished.
-        event.synchronize()
+        self.mover.sync(event)
+        out.update({n: self.store.decode(n, dst) for n, dst in dsts.items()})
         return _Loaded(out, event)
 
-    @staticmethod
-    def wait(fut: Future[_Loaded]) -> dict[str, torch.Tensor]:
+    def wait(self, fut: Future[_Loaded]) -> dict[str, torch.Tensor]:
         loaded = fut.result()
-        if loaded.event is not None:
-            torch.cuda.current_stream().wait_event(loaded.event)
+        self.mover.wait(loaded.event)
         return loaded.tensors
 
 
