@@ -12,14 +12,16 @@ from typing import Any
 
 import pytest
 
-from flexrun.costmodel import calcache, machine, machine_id
+from flexrun.costmodel import calcache, calibrate, machine, machine_id
 from flexrun.costmodel.calcache import Calibration, DiskFigures
 from flexrun.costmodel.calibrate import QUICK
 from flexrun.costmodel.hardware import PRESETS
+from flexrun.costmodel.hotset import hot_terms
+from flexrun.costmodel.prediction import predict
 from flexrun.jobs.autoplace import choose_placement
 from flexrun.jobs.calibration import record_run
 from flexrun.jobs.options import EngineOptions, ModelOptions, PlacementRequest
-from flexrun.placement import Placement
+from flexrun.placement import Placement, Shares
 from flexrun.resolver import resolve
 from flexrun.runtime.stats import RunStats
 from flexrun.runtime.tiers import Budgets
@@ -224,3 +226,38 @@ def test_a_cache_dir_that_cannot_be_written_costs_no_job(cache: Path, tmp_path: 
     monkeypatch.setattr(Calibration, "save", refuse)
     hw = machine.hardware_for(None, tmp_path / "off", stderr=io.StringIO())
     assert hw.name == "calibrated" and not calcache.path_for(FP).exists()
+
+
+# ---- the disk at the engine's request sizes ------------------------------------------------------------
+def test_the_disk_probe_reads_at_each_request_size_the_file_holds(tmp_path: Path) -> None:
+    reads, write, _, by_size = calibrate.measure_disk(tmp_path, QUICK)
+    assert len(reads) == QUICK.disk_repeats and write > 0
+    assert set(by_size) == {str(r) for r in QUICK.disk_requests} and all(v > 0 for v in by_size.values())
+    small = dataclasses.replace(QUICK, disk_requests=(1 << 20, 1 << 40))  # a call bigger than the file: skipped
+    assert set(calibrate.measure_disk(tmp_path, small)[3]) == {str(1 << 20)}
+    disk = DiskFigures(2 * GiB, GiB, [2 * GiB], read_by_size={"1048576": GiB, "67108864": 3 * GiB})
+    assert DiskFigures.from_dict(disk.to_dict()) == disk
+
+
+def test_the_planner_reads_weights_at_the_rate_of_the_engines_request_size(tmp_path: Path) -> None:
+    curve = {str(1 << 20): 0.5e9, str(64 << 20): 2e9}
+    spec = dataclasses.replace(PRESETS["cpu"], disk_read_by_size=curve)
+    assert spec.disk_read_rate(1 << 10) == 0.5e9 and spec.disk_read_rate(1 << 30) == 2e9  # clamped
+    assert spec.disk_read_rate(8 << 20) == pytest.approx(0.5e9 * 4**0.5)  # log-log: half way from 1 to 64 MiB
+    assert PRESETS["cpu"].disk_read_rate(8 << 20) == PRESETS["cpu"].disk_to_host_bw  # no curve: one rate
+    assert type(spec).from_dict(spec.to_dict()).disk_read_by_size == curve
+    # A calibration's curve reaches the planner's spec, and a disk correction scales it with the rest.
+    entry = _entry(FP, tmp_path)
+    entry.disks[machine_id.filesystem_key(tmp_path)].read_by_size = curve
+    base = machine.base_spec(entry, tmp_path)
+    assert base.disk_read_by_size == curve
+    assert machine.corrected(base, {"disk": (2.0, 3)}).disk_read_rate(1 << 20) == 0.25e9
+    # OPT-1.3B reads its weights in calls of tens of MiB (a tensor each): the rate there, not the 16 MiB probe's.
+    cfg = resolve("opt-1.3b")
+    placement = Placement(weights=Shares.only("disk"))
+    slow = predict(cfg, dataclasses.replace(spec, disk_read_by_size={}), placement, 32, 8)
+    fast = predict(cfg, spec, placement, 32, 8)
+    request = hot_terms(cfg).request
+    assert 16 << 20 < request < 128 << 20
+    ratio = spec.disk_read_rate(request) / spec.disk_to_host_bw
+    assert slow.decode.links["disk->host"] / fast.decode.links["disk->host"] == pytest.approx(ratio)

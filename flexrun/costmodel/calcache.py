@@ -78,6 +78,7 @@ class DiskFigures:
     read_samples: list[float] = field(default_factory=list)
     direct: bool = True
     measured: str = ""
+    read_by_size: dict[str, float] = field(default_factory=dict)  # bytes per read call -> bytes/s
 
     def spread(self) -> tuple[float, float]:
         samples = self.read_samples or [self.read_bw]
@@ -90,6 +91,7 @@ class DiskFigures:
             "read_samples": self.read_samples,
             "direct": self.direct,
             "measured": self.measured,
+            "read_by_size": self.read_by_size,
         }
 
     @classmethod
@@ -100,6 +102,7 @@ class DiskFigures:
             [float(x) for x in data.get("read_samples", [])],
             bool(data.get("direct", True)),
             str(data.get("measured", "")),
+            {str(k): float(v) for k, v in dict(data.get("read_by_size", {})).items()},
         )
 
 

@@ -13,6 +13,7 @@ Everything CUDA is created inside the functions, so this module imports on a mac
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -61,14 +62,18 @@ class Sizes:
     disk_repeats: int = 5  # reads of the file, for a median and a spread (a virtual disk moves 2x between runs)
     # Rows of the (rows, hidden) activations all-reduced between two local processes (empty: not measured).
     tp_rows: tuple[int, ...] = (1, 16, 256, 2048)
+    # Bytes per read call the disk is also read at: the engine reads each tensor in one call, from a page of
+    # biases to a vocabulary's embeddings, most of its bytes in calls of a few to a few hundred MiB.
+    disk_requests: tuple[int, ...] = (1 << 20, 4 << 20, 16 << 20, 64 << 20)
 
 
 FULL = Sizes(512 << 20, 32 << 20, 256 << 20, 2048, 512, 64, 16, 512, 1024, 0.5)
+FULL = dataclasses.replace(FULL, disk_requests=(256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20))
 # What a job measures on first use, before its first plan: the engine's shapes, a few seconds in all.
 # A job's first-use calibration leaves the interconnect to `flexrun calibrate` (the cost model's loopback
 # figures stand in): most jobs run on one process.
 FIRST = Sizes(128 << 20, 16 << 20, 128 << 20, 2048, 256, 64, 16, 256, 512, 0.1, (1, 4, 16, 64, 256), 3, ())
-QUICK = Sizes(8 << 20, 4 << 20, 8 << 20, 256, 64, 16, 4, 64, 128, 0.02, (1, 4, 16), 2, (1, 16, 256))
+QUICK = Sizes(8 << 20, 4 << 20, 8 << 20, 256, 64, 16, 4, 64, 128, 0.02, (1, 4, 16), 2, (1, 16, 256), (1 << 20, 4 << 20))
 
 
 def _sync(device: torch.device) -> None:
@@ -91,15 +96,18 @@ def _best_time(fn: Callable[[], object], device: torch.device, min_seconds: floa
 
 
 # ---- disk ------------------------------------------------------------------------------------------
-def measure_disk(directory: Path, sizes: Sizes) -> tuple[list[float], float, bool]:
-    """(read bytes/s with O_DIRECT of each of ``sizes.disk_repeats`` reads, write bytes/s ending in fsync,
-    whether reads bypassed the page cache)."""
+def measure_disk(directory: Path, sizes: Sizes) -> tuple[list[float], float, bool, dict[str, float]]:
+    """(read bytes/s with O_DIRECT of each of ``sizes.disk_repeats`` reads in ``disk_chunk`` calls, write
+    bytes/s ending in fsync, whether reads bypassed the page cache, read bytes/s by bytes per read call for
+    each of ``disk_requests`` that the file holds)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"calibrate-{os.getpid()}.bin"
-    chunk = diskio.aligned_empty(sizes.disk_chunk)
-    chunk.copy_(torch.randint(0, 256, (chunk.numel(),), dtype=torch.uint8))  # incompressible
-    view = memoryview(chunk.numpy())  # type: ignore[arg-type]
     total = diskio.padded(sizes.disk_bytes)
+    requests = sorted(r for r in sizes.disk_requests if r <= total)
+    chunk = diskio.aligned_empty(max([sizes.disk_chunk, *requests]))
+    chunk.copy_(torch.randint(0, 256, (chunk.numel(),), dtype=torch.uint8))  # incompressible
+    view = memoryview(chunk.numpy()[: sizes.disk_chunk])  # type: ignore[arg-type]
+    direct = False
     try:
         start = time.perf_counter()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -113,25 +121,34 @@ def measure_disk(directory: Path, sizes: Sizes) -> tuple[list[float], float, boo
         write_bw = total / (time.perf_counter() - start)
         reads: list[float] = []
         for _ in range(max(sizes.disk_repeats, 1)):
-            fd = os.open(path, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):  # drop what the writes (or the last read) left in the page cache
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-            fd, direct = diskio.open_for_read(path, direct=True)
-            try:
-                start = time.perf_counter()
-                offset = 0
-                while offset < total:
-                    n = diskio.read_into(fd, chunk, offset, min(chunk.numel(), total - offset))
-                    if n == 0:
-                        break
-                    offset += n
-                reads.append(offset / (time.perf_counter() - start))
-            finally:
-                os.close(fd)
+            rate, direct = _read_pass(path, chunk, total, sizes.disk_chunk)
+            reads.append(rate)
+        # Smaller calls cost a request's latency each: read enough of them to time (a few dozen MiB at least).
+        by_size = {str(r): _read_pass(path, chunk, min(total, max(8 * r, 32 << 20)), r)[0] for r in requests}
     finally:
         path.unlink(missing_ok=True)
-    return reads, write_bw, direct
+    return reads, write_bw, direct, by_size
+
+
+def _read_pass(path: Path, buf: torch.Tensor, nbytes: int, request: int) -> tuple[float, bool]:
+    """Bytes/s of reading ``nbytes`` of ``path`` from its start in calls of ``request`` bytes into ``buf``,
+    with O_DIRECT where the filesystem allows it (and whether it did), the page cache dropped first."""
+    fd = os.open(path, os.O_RDONLY)
+    if hasattr(os, "posix_fadvise"):  # drop what the writes (or the last read) left in the page cache
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    fd, direct = diskio.open_for_read(path, direct=True)
+    try:
+        start = time.perf_counter()
+        offset = 0
+        while offset < nbytes:
+            n = diskio.read_into(fd, buf, offset, min(request, nbytes - offset))
+            if n == 0:
+                break
+            offset += n
+        return offset / (time.perf_counter() - start), direct
+    finally:
+        os.close(fd)
 
 
 # ---- memory and links ------------------------------------------------------------------------------
@@ -246,8 +263,8 @@ def measure_machine(
     disks: list[DiskFigures] = []
 
     def disk() -> None:
-        reads, write, direct = measure_disk(directory, sizes)
-        disks.append(DiskFigures(statistics.median(reads), write, reads, direct, time.strftime("%Y-%m-%d")))
+        reads, write, direct, by_size = measure_disk(directory, sizes)
+        disks.append(DiskFigures(statistics.median(reads), write, reads, direct, time.strftime("%Y-%m-%d"), by_size))
         figures["disk_to_host_bw"], figures["host_to_disk_bw"] = disks[0].read_bw, write
 
     def links() -> None:
@@ -333,6 +350,7 @@ def measure_machine(
         rates_by_dtype=rates,
         decode_by_batch=curves,
         quant_rates=quant,
+        disk_read_by_size=dict(disks[0].read_by_size),
         **figures,
     )
     log.info("calibrated in %.1f s: %s", time.perf_counter() - start, spec.source)

@@ -306,6 +306,7 @@ def cost_terms(
     # The hot set (``costmodel.hotset``): the tables read by rows go to disk first, and cost only their rows.
     hot, per_layer = hot_terms(cfg), w_frac / tp / l
     gathered = hot.hot.gathered * per_layer
+    disk_w = hw.disk_read_rate(hot.request * w_frac / tp)  # weights are read a tensor a call: at that call's rate
 
     def weight_reads(w_layer: float, rows: float, bw: float, host: bool = False) -> Affine:
         """Seconds per layer to read the disk share's weights (``host``: and the host share's) at ``bw``."""
@@ -315,7 +316,7 @@ def cost_terms(
         return read + Affine.share("weights", ["host"], w_layer / bw) if host else read
 
     weights_in = weight_reads(w_layer_p, nb * min(b * s, cfg.vocab_size), h2d, host=True)
-    weights_disk = weight_reads(w_layer_p, nb * min(b * s, cfg.vocab_size), disk2h)
+    weights_disk = weight_reads(w_layer_p, nb * min(b * s, cfg.vocab_size), disk_w)
 
     def acts(tokens: float) -> dict[str, Affine]:
         """The block's hidden state in at the layer's start and out at its end, from/to its tier."""
@@ -349,7 +350,7 @@ def cost_terms(
 
     a_d, c_d = acts(1), cache_out(1)
     weights_in = weight_reads(w_layer_d, B, h2d, host=True)
-    weights_disk = weight_reads(w_layer_d, B, disk2h)
+    weights_disk = weight_reads(w_layer_d, B, disk_w)
     cache_read = B * L * kv_tok  # the context's K/V, read by each decode step
     # A layer whose window is shorter than the run keeps (and reads) only a ring of its window on disk.
     windows = [cfg.attention_window(i) for i in range(l)]
@@ -438,5 +439,5 @@ def cost_terms(
         cpu_cache_compute=cpu_cache_compute,
         device_is_host=hw.device_is_host,
         derived=hot.starts,
-        step_reads=(weights_disk * disk2h) * l,
+        step_reads=(weights_disk * disk_w) * l,
     )

@@ -35,7 +35,16 @@ COMPUTE_RATES = ("mm_flops_prefill", "mm_flops_decode", "bmm_flops_prefill", "bm
 # by chunk into the compute dtype, FLOP/s of torch's fused weight-only op at decode shapes, and values/s
 # repacked into that op's layout (int4 read from disk).
 QUANT_RATES = ("dequant", "fused_mm_flops", "repack")
-_NOT_FIGURES = ("name", "source", "dtype", "device_is_host", "rates_by_dtype", "decode_by_batch", "quant_rates")
+_NOT_FIGURES = (
+    "name",
+    "source",
+    "dtype",
+    "device_is_host",
+    "rates_by_dtype",
+    "decode_by_batch",
+    "quant_rates",
+    "disk_read_by_size",
+)
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,9 @@ class HardwareSpec:
     tp_ranks: int | float = 1  # a whole number (float: calibrate passes its figures as one float mapping)
     interconnect_bw: float = 0.0
     interconnect_latency: float = 0.0
+    # The disk's read rate by bytes per read call, {"16777216": bytes/s, ...}: the engine reads a tensor a call,
+    # and small calls read slower. ``disk_read_rate`` interpolates; empty: ``disk_to_host_bw`` at every size.
+    disk_read_by_size: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -115,6 +127,12 @@ class HardwareSpec:
                         raise ConfigError(f"hardware spec {self.name!r}: {table}[{which!r}] has unknown rate {key!r}")
                     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                         raise ConfigError(f"hardware spec {self.name!r}: {table}[{which!r}][{key!r}] must be > 0")
+        for size, value in dict(self.disk_read_by_size).items():
+            if not str(size).isdigit() or int(size) < 1 or isinstance(value, bool) or not value > 0:
+                raise ConfigError(
+                    f"hardware spec {self.name!r}: disk_read_by_size must map bytes per read >= 1 to bytes/s > 0, "
+                    f"got {size!r}: {value!r}"
+                )
         for dtype, curve in dict(self.decode_by_batch).items():
             for size, value in dict(curve).items():
                 if not str(size).isdigit() or int(size) < 1 or isinstance(value, bool) or not value > 0:
@@ -147,6 +165,12 @@ class HardwareSpec:
             "host->device": self.host_to_device_bw,
             "device->host": self.device_to_host_bw,
         }[link]
+
+    def disk_read_rate(self, request: float) -> float:
+        """Disk read bytes/s in calls of ``request`` bytes: interpolated (log-log) between the measured sizes,
+        clamped at the ends; ``disk_to_host_bw`` without them."""
+        curve = sorted((int(k), float(v)) for k, v in dict(self.disk_read_by_size).items())
+        return _interpolate(curve, request) if curve else self.disk_to_host_bw
 
     def mm_decode_rate(self, batch: int) -> float:
         """Decode matmul FLOP/s for ``batch`` rows (sequences) in this spec's dtype: interpolated
@@ -200,6 +224,7 @@ class HardwareSpec:
         data["rates_by_dtype"] = {d: dict(r) for d, r in self.rates_by_dtype.items()}
         data["decode_by_batch"] = {d: dict(c) for d, c in self.decode_by_batch.items()}
         data["quant_rates"] = {k: dict(r) for k, r in self.quant_rates.items()}
+        data["disk_read_by_size"] = dict(self.disk_read_by_size)
         return data
 
     @classmethod
@@ -381,6 +406,17 @@ _PRESET_LIST = [
     ),
 ]
 PRESETS: dict[str, HardwareSpec] = {spec.name: spec for spec in _PRESET_LIST}
+
+
+def _interpolate(curve: list[tuple[int, float]], x: float) -> float:
+    """``curve`` (sorted (x, y) points) at ``x``, log-log between points, clamped at the ends."""
+    if x <= curve[0][0]:
+        return curve[0][1]
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False):
+        if x <= x1:
+            t = math.log(x / x0) / math.log(x1 / x0)
+            return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
+    return curve[-1][1]
 
 
 def preset_names() -> list[str]:

@@ -33,6 +33,7 @@ class HotTerms:
     hot: HotSet
     tables: tuple[tuple[float, int], ...]  # per table read by rows: expected bytes a row costs, the padded table
     buffer_bytes: int  # the gathered tables' read buffers, as the runtime allocates them
+    request: float  # bytes per read call of the tensors read whole, weighted by bytes (a tensor a call)
 
     @property
     def starts(self) -> dict[Key, float]:
@@ -63,7 +64,8 @@ def hot_terms(cfg: OptConfig) -> HotTerms:
     padded = {n: -(-nbytes[n] // ALIGN) * ALIGN for n in tables}
     rows = tuple((_page_span(layout.shapes[n][-1] * cfg.dtype_bytes), padded[n]) for n in tables)
     buffers = sum(padded[n] if padded[n] <= GATHER_BUFFER else GATHER_BUFFER + 2 * ALIGN for n in tables)
-    return HotTerms(hot, rows, buffers)
+    whole = [nbytes[n] for n in layout.store_order if layout.whole_reads(n, GATHERED) or n not in tables]
+    return HotTerms(hot, rows, buffers, sum(b * b for b in whole) / max(sum(whole), 1))
 
 
 def derived_shares(starts: Mapping[Key, float], shares: Mapping[Key, float]) -> dict[Key, float]:

@@ -68,6 +68,7 @@ def corrected(spec: HardwareSpec, factors: Mapping[str, tuple[float, int]]) -> H
         "decode_by_batch": {d: {b: v / dec for b, v in c.items()} for d, c in spec.decode_by_batch.items()},
         "quant_rates": {k: {n: v / dec for n, v in r.items()} for k, r in spec.quant_rates.items()},
         "disk_to_host_bw": spec.disk_to_host_bw / disk,
+        "disk_read_by_size": {r: v / disk for r, v in spec.disk_read_by_size.items()},
         "host_to_disk_bw": spec.host_to_disk_bw / disk,
         "host_to_disk_cache_bw": spec.host_to_disk_cache_bw and spec.host_to_disk_cache_bw / disk,
         "host_to_device_bw": spec.host_to_device_bw / link,
@@ -88,6 +89,7 @@ def _with_disk(spec: HardwareSpec, disk: DiskFigures, where: str) -> HardwareSpe
     return dataclasses.replace(
         spec,
         disk_to_host_bw=disk.read_bw,
+        disk_read_by_size=dict(disk.read_by_size),
         host_to_disk_bw=disk.write_bw,
         source=spec.source.split("; disk ")[0] + note,
     )
@@ -95,8 +97,8 @@ def _with_disk(spec: HardwareSpec, disk: DiskFigures, where: str) -> HardwareSpe
 
 def measure_filesystem(directory: Path) -> DiskFigures:
     """The disk under ``directory``: a short O_DIRECT read/write measurement, its median and spread."""
-    reads, write, direct = measure_disk(directory, FIRST)
-    return DiskFigures(statistics.median(reads), write, reads, direct, time.strftime("%Y-%m-%d"))
+    reads, write, direct, by_size = measure_disk(directory, FIRST)
+    return DiskFigures(statistics.median(reads), write, reads, direct, time.strftime("%Y-%m-%d"), by_size)
 
 
 def _first_calibration(fingerprint: dict[str, str], directory: Path, stderr: IO[str]) -> Calibration:
