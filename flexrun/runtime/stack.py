@@ -106,7 +106,7 @@ class StackRunner:
         root = offload_root(offload_dir)
         self.workdir = make_workdir(root, self.workdir_prefix)
         self.pool = IOPool(placement.overlap)
-        self.mover = Mover(self.device)
+        self.mover = Mover(self.device, placement.overlap)
         ledger = Ledger()
         try:
             # Budgets first: a rank's slice of a whole store, written below, takes the offload dir's disk too.

@@ -7,8 +7,9 @@ the current one computes. Host buffers the copies touch are page-locked (``cudaH
 allocation: exact sizes, where torch's pinned allocator rounds each one up to a power of two), so the copies
 run on the copy engines asynchronously.
 
-On a CPU the device *is* host memory: nothing is staged, and a copy is an ordinary copy, complete when it
-returns. ``STAGE_ON_CPU`` (for tests) makes a CPU engine stage as a GPU one does, "device" buffers being
+With overlap off (``--no-overlap``, the sequential reference) a copy runs on the compute stream itself and
+is complete, for the host too, when it returns: no side stream, no event. On a CPU the device *is* host
+memory: nothing is staged, and a copy is an ordinary copy, complete when it returns. ``STAGE_ON_CPU`` (for tests) makes a CPU engine stage as a GPU one does, "device" buffers being
 other host tensors, so every path but the streams and events runs on a machine without CUDA.
 """
 
@@ -41,9 +42,10 @@ def separate(device: torch.device) -> bool:
 class Mover:
     """The compute device's side streams, the events that order them, and its page-locked host buffers."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, overlap: bool = True) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        self.streams = self.cuda and overlap  # copies on side streams, ordered by events
         self.separate = separate(device)
         self._streams: dict[str, Any] = {}
         self._registered: list[int] = []  # host addresses page-locked by cudaHostRegister
@@ -54,8 +56,8 @@ class Mover:
         return self._streams[lane]
 
     def mark(self) -> Event:
-        """An event after all the work enqueued on the compute stream so far (None on a CPU)."""
-        if not self.cuda:
+        """An event after all the work enqueued on the compute stream so far (None without side streams)."""
+        if not self.streams:
             return None
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
@@ -63,15 +65,15 @@ class Mover:
 
     def copy(self, lane: str, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], after: Sequence[Event] = ()) -> Event:
         """Copy each (dst, src) on ``lane``'s stream once the events ``after`` have happened; returns the event
-        that marks the copies' end (None on a CPU, where they are complete on return)."""
+        that marks the copies' end (None without side streams, where they are complete on return)."""
         # Inference mode is per thread: an I/O thread copying into a tensor the step made needs it too.
         with torch.inference_mode():
             return self._copy(lane, pairs, after)
 
     def _copy(self, lane: str, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], after: Sequence[Event]) -> Event:
-        if not self.cuda:
+        if not self.streams:
             for dst, src in pairs:
-                dst.copy_(src)
+                dst.copy_(src)  # on the compute stream; a copy to or from the host waits for it
             return None
         stream = self._stream(lane)
         with torch.cuda.stream(stream):
