@@ -23,6 +23,8 @@
 # (/tmp/flexrun-gpu-offload: the offload dirs, on a disk).
 # flexgen and PuLP come from .whl/ when not installed (benchmarks/gpu/prepare.sh downloads them here).
 # WARMUP (1): one short untimed flexrun run per model first, so no timed run compiles Triton kernels.
+# NOCAP_RETRY (1): a flexrun run of a published policy refused at the cap (its device ledger) or out of GPU
+# memory runs again with the cap lifted (--device-mem the GPU's total), as its own row ("fp16-nocap").
 # GPU_SH_SMALL=1: the same pipeline on a CPU, to test it before a GPU sees it: a tiny OPT shape on
 # opt-30b's policies, prompt 32, gen 4, one round; flexgen as far as it goes without CUDA
 # (flexgen_run.py --dry-run: arguments, tokenizer stand-in, prompts, config, policy); accelerate offloading
@@ -69,21 +71,22 @@ if ! "$PYTHON" -c 'import flexgen, pulp' 2>/dev/null; then
   fi
   "$PYTHON" -c 'import flexgen' 2>/dev/null || say "flexgen is not importable: its runs will fail (run benchmarks/gpu/prepare.sh here and carry .whl)"
 fi
-CUDA=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')
+read -r CUDA GPU_TOTAL < <("$PYTHON" -c 'import torch; c = torch.cuda.is_available()
+print(int(c), torch.cuda.get_device_properties(0).total_memory if c else 0)')
 [[ $CUDA == 1 || $SMALL == 1 ]] || { echo "gpu.sh: no CUDA device here; GPU_SH_SMALL=1 runs the CPU dry run" >&2; exit 1; }
 
 # Config dirs, the tokenizer stand-in and the cap of each model; flexrun's stores, several built at once.
-declare -A NAME CAP POLICY_OF
+declare -A NAME CAP CAP_COMP POLICY_OF
 for model in $MODELS; do
   depth=()
   [[ $model == opt-30b ]] && depth=(--layers "$LAYERS_30B")
-  read -r name layers full_layers cap < <("$PYTHON" "$G/models.py" "$MODELS_DIR" "$model" "${depth[@]}" \
+  read -r name layers full_layers cap cap_comp < <("$PYTHON" "$G/models.py" "$MODELS_DIR" "$model" "${depth[@]}" \
     --device-mem "$DEVICE_MEM" | tail -n 1)
-  [[ -n ${cap:-} ]] || { echo "gpu.sh: benchmarks/gpu/models.py failed for $model" >&2; exit 1; }
-  NAME[$model]=$name CAP[$model]=$cap
+  [[ -n ${cap_comp:-} ]] || { echo "gpu.sh: benchmarks/gpu/models.py failed for $model" >&2; exit 1; }
+  NAME[$model]=$name CAP[$model]=$cap CAP_COMP[$model]=$cap_comp
   POLICY_OF[$model]=$model
   [[ $model == tiny ]] && POLICY_OF[$model]=opt-30b
-  say "$model: $name ($layers of $full_layers layers), GPU cap $cap bytes"
+  say "$model: $name ($layers of $full_layers layers), GPU cap $cap bytes ($cap_comp for the comp policy)"
 done
 export OFFLOAD_DIR=$OFFDIR/flexrun  # lib.sh's machine() reads the calibration of this dir
 (cd "$ROOT" && "$PYTHON" -m flexrun calibrate --offload-dir "$OFFLOAD_DIR") >>"$LOG" 2>&1 ||
@@ -113,7 +116,7 @@ if [[ $CUDA == 1 && ${WARMUP:-1} == 1 ]]; then
     p=${POLICIES%% *}
     mapfile -t extra < <("$PYTHON" "$G/policies.py" flexrun "${POLICY_OF[$model]}" "$p" 2>/dev/null)
     (cd "$ROOT" && timeout -k 10 "$RUN_TIMEOUT" "$PYTHON" -m flexrun bench --model "$MODELS_DIR/${NAME[$model]}" \
-      --dummy-weights --store-dir "$STORES" --dtype float16 --prompt-len 32 --gen-len 2 --device-mem "${CAP[$model]}" \
+      --dummy-weights --store-dir "$STORES" --dtype float16 --prompt-len 32 --gen-len 2 --device-mem "$GPU_TOTAL" \
       --offload-dir "$OFFLOAD_DIR" "${extra[@]}") >>"$LOG" 2>&1 || say "the warm-up run of $model failed (see the log)"
   done
 fi
@@ -129,7 +132,9 @@ run() {
     return
   fi
   timeout_s=$((left + 60 < RUN_TIMEOUT ? left + 60 : RUN_TIMEOUT))
-  local cap=${CAP[$model]} cmd=()
+  local cap=${CAP[$model]} published=${policy%-nocap} cmd=()
+  [[ $published == comp ]] && cap=${CAP_COMP[$model]}
+  [[ $policy == *-nocap && $CUDA == 1 ]] && cap=$GPU_TOTAL
   case $side in
     flexrun)
       cmd=(-m flexrun bench --model "$dir" --dummy-weights --store-dir "$STORES" --dtype float16
@@ -137,7 +142,7 @@ run() {
       if [[ $policy == own ]]; then
         cmd+=(--placement auto)
       else
-        mapfile -t extra < <("$PYTHON" "$G/policies.py" flexrun "${POLICY_OF[$model]}" "$policy" 2>>"$LOG")
+        mapfile -t extra < <("$PYTHON" "$G/policies.py" flexrun "${POLICY_OF[$model]}" "$published" 2>>"$LOG")
         cmd+=("${extra[@]}")
       fi ;;
     flexgen)
@@ -163,6 +168,12 @@ run() {
   fi
   "$PYTHON" "$G/record.py" "$RUNS" "${NAME[$model]}" "$side" "$policy" "$status" "$WORK/stdout" "$WORK/stderr" \
     "$peak" | tee -a "$LOG" >&2
+  # flexrun refusing a published policy at the cap (its ledger) or running out of GPU memory under it: the
+  # same policy once more with the cap lifted, a row of its own, so the run still says how fast it goes.
+  if [[ $side == flexrun && $policy != own && $policy != *-nocap && $status != 0 && ${NOCAP_RETRY:-1} == 1 ]] &&
+    grep -qE 'placement does not fit: the device tier|OutOfMemoryError|CUDA out of memory' "$WORK/stderr"; then
+    run flexrun "$policy-nocap" "$model"
+  fi
 }
 
 for ((r = 1; r <= REPEAT; r++)); do

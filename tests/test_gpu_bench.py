@@ -71,6 +71,7 @@ def test_a_truncated_30b_keeps_every_dim_but_depth_and_the_whole_models_gpu_head
     per_layer = models.layer_bytes(cfg)
     assert 1.23e9 < per_layer < 1.24e9
     assert models.device_cap(cfg, "opt-30b", full, 16) == 16 * GIB - int(40 * 0.2 * per_layer)
+    assert models.device_cap(cfg, "opt-30b", full, 16, "comp") == 16 * GIB  # that policy keeps no weights there
     assert models.device_cap(models.hf_config("opt-6.7b", "float16"), "opt-6.7b", 32, 16) == 16 * GIB
 
 
@@ -103,6 +104,8 @@ def test_the_table_takes_medians_and_the_ratios_the_targets_are_stated_in(tmp_pa
     lines += [_line("m", "flexgen", "fp16", t) for t in (10.0, 5.0)] + [_line("m", "flexrun", "own", 40.0)]
     lines += [_line("m", "accelerate", "b=8", 2.0), _line("m", "accelerate", "b=16", 4.0)]
     lines.append(json.dumps({"case": "m", "side": "flexgen", "policy": "fp16", "failed": "exit 1: CUDA out of memory"}))
+    lines.append(_line("m", "flexrun", "comp-nocap", 100.0))  # refused at the cap: not in flexrun's best
+    lines.append(_line("m", "flexgen", "comp", 50.0))
     runs.write_text("\n".join(lines) + "\n")
     sys.argv = ["gpu_table.py", str(runs)]
     gpu_table.main()
@@ -110,9 +113,11 @@ def test_the_table_takes_medians_and_the_ratios_the_targets_are_stated_in(tmp_pa
     assert "| m | flexrun, FlexGen's policy (fp16) | 4 | 3 | 20.00 (10.00, 30.00, 20.00) |" in out
     assert "| m | flexgen, FlexGen's policy (fp16) | 4 | 2 (+1 failed) | 7.50 (10.00, 5.00) |" in out
     assert "both on FlexGen's fp16 policy | **2.67x** |" in out  # 20 / 7.5: the failed run is not counted
-    assert "own plan / flexgen's best published policy | **5.33x** |" in out
+    assert "own plan / flexgen's best published policy | **0.80x** |" in out  # 40 / 50 (comp)
     assert "accelerate at its best batch (b=16) | **10.00x** |" in out  # flexrun's best (40) / 4
     assert "- failed: m, flexgen, FlexGen's policy (fp16): exit 1: CUDA out of memory" in out
+    assert "| m | flexrun / flexgen, both on FlexGen's comp policy | - |" in out
+    assert "cap lifted / flexgen under it, FlexGen's comp policy (not like for like) | **2.00x** |" in out
 
 
 def test_a_run_is_recorded_from_its_last_json_line_or_as_failed(tmp_path: Path) -> None:

@@ -11,9 +11,11 @@
   pads every prompt to --prompt-len and attends over all of it.
 
 `python models.py DIR MODEL [--layers N] [--device-mem GIB]` writes both and prints one line: the model
-directory's name, its layers, the model's full depth and the GPU memory cap in bytes for every side: --device-mem GiB for a whole
-model; for a truncated one, that less what FlexGen's published policy keeps on the GPU for the layers left
-out (its weight share of each), so the remaining layers see the headroom the whole model has.
+directory's name, its layers, the model's full depth and two GPU memory caps in bytes, for the fp16
+policy's runs (also flexrun's own plan's and accelerate's) and for the comp policy's: --device-mem GiB for a whole
+model; for a truncated one, that less what the published policy keeps on the GPU for the layers left out
+(its weight share of each: 20% for OPT-30B's fp16 policy, none for its comp policy), so the remaining
+layers see the headroom the whole model has.
 
 `python models.py --store-root STORES --compress none|int4|int8 DIR/MODEL` writes flexrun's dummy store of
 that model directory, compressed so, where `flexrun bench --dummy-weights --store-dir STORES` looks for it
@@ -85,12 +87,13 @@ def write_tokenizer(out: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def device_cap(cfg: OPTConfig, model: str, full_layers: int, device_mem_gib: float) -> int:
-    """The GPU memory cap in bytes (see the module's doc)."""
+def device_cap(cfg: OPTConfig, model: str, full_layers: int, device_mem_gib: float, name: str = "fp16") -> int:
+    """The GPU memory cap in bytes for the runs of published policy ``name`` (see the module's doc); the
+    fp16 policy's is also the cap of flexrun's own plan and of accelerate."""
     cap = int(device_mem_gib * GIB)
     dropped = full_layers - cfg.num_hidden_layers
     if dropped:
-        gpu_share = policy(model, "fp16").percent[0] / 100
+        gpu_share = policy(model, name).percent[0] / 100
         cap -= int(dropped * gpu_share * layer_bytes(cfg))
     return cap
 
@@ -129,14 +132,14 @@ def main() -> None:
         name, full = "tiny", cfg.num_hidden_layers
         (a.dir / name).mkdir(parents=True, exist_ok=True)
         cfg.save_pretrained(a.dir / name)
-        cap = int(a.device_mem * GIB)
+        caps = [int(a.device_mem * GIB)] * 2
     else:
         name, cfg, full = write_config(a.dir, a.model, a.layers)
-        cap = device_cap(cfg, base_name(name), full, a.device_mem)
+        caps = [device_cap(cfg, base_name(name), full, a.device_mem, p) for p in ("fp16", "comp")]
     tok_dir = a.dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
         write_tokenizer(tok_dir)
-    print(name, cfg.num_hidden_layers, full, cap)
+    print(name, cfg.num_hidden_layers, full, *caps)
 
 
 if __name__ == "__main__":
