@@ -113,7 +113,8 @@ def test_memory_all_on_host_by_hand() -> None:
     #   intermediates 2*20*(6*64 + 2*256)*2 + 2*4*20*20*4 + 2*2*1000*4 = 71680 + 12800 + 16000 = 100480;
     #   the block's (6 sequences') logits 3*6*1000*4 and a decode step's rows 6*(6*64 + 2*256)*2 = 82752;
     #   the next micro-batch's hidden state brought in while one computes 2*20*64*2 = 5120.
-    assert p.peak["device"] == 289280 + 20480 + 100480 + 82752 + 5120
+    #   a shared prefill's scratch: K and V of a micro-batch and the stem 2*3*20*64*2 + its hidden state 20*128 = 17920.
+    assert p.peak["device"] == 289280 + 20480 + 100480 + 82752 + 5120 + 17920
     assert p.peak["disk"] == 0 and p.disk_weight_bytes == 0
 
 
@@ -129,7 +130,7 @@ def test_host_side_attention_by_hand() -> None:
     assert p.decode.host_compute == pytest.approx(27.648 * US)
     assert p.decode.compute == pytest.approx((5.89824 + 3.84) * US)
     # The device peak as without it: a prefill still attends over the cache staged on the device.
-    assert p.peak["device"] == 289280 + 20480 + 100480 + 82752 + 5120
+    assert p.peak["device"] == 289280 + 20480 + 100480 + 82752 + 5120 + 17920
 
 
 def test_disk_weights_add_to_the_read_path() -> None:
@@ -182,8 +183,8 @@ def test_device_is_host_has_no_copies_and_merges_device_into_host() -> None:
     assert p.peak["device"] == 0
     # Everything, including the device's working memory, is host RAM; no arenas, no staging. A CPU's
     # working memory also holds float32 copies of a micro-batch's float16 K and V for attention:
-    # 2 * 2*20*64 * 4 = 20480.
-    assert p.peak["host"] == 344832 + 61440 + 15360 + 100480 + 20480 + 82752
+    # 2 * 2*20*64 * 4 = 20480. And a shared prefill's scratch, 17920.
+    assert p.peak["host"] == 344832 + 61440 + 15360 + 100480 + 20480 + 82752 + 17920
     assert placement_shares(on_device, device_is_host=True)[("weights", "host")] == 1.0
 
 

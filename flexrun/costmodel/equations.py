@@ -222,6 +222,17 @@ def block_bytes(cfg: OptConfig, block_size: int) -> int:
     return 3 * block_size * cfg.vocab_size * 4 + rows
 
 
+#: Scored positions per LM-head matmul in a scorer's pass (``runtime.scorer``).
+SCORED_ROWS = 128
+
+
+def scorer_bytes(cfg: OptConfig, gpu_batch_size: int, seq_len: int) -> int:
+    """A scorer's buffers beside one micro-batch's working memory, as it reserves them: one layer's K and V of
+    a micro-batch in the compute dtype (kept one layer long: a scorer keeps no KV cache), and the float32
+    logits of ``SCORED_ROWS`` scored positions with their log-softmax."""
+    return 2 * gpu_batch_size * seq_len * cfg.kv_dim * cfg.run_dtype_bytes + 2 * SCORED_ROWS * cfg.vocab_size * 4
+
+
 def cost_terms(
     cfg: OptConfig,
     hw: HardwareSpec,
@@ -233,7 +244,8 @@ def cost_terms(
     compress_cache: bool | str = False,
     cpu_cache_compute: bool = False,
 ) -> CostTerms:
-    """The cost model's affine terms for this batch shape and these options (shares left free)."""
+    """The cost model's affine terms for this batch shape and these options (shares left free). ``gen_len`` 0:
+    a scorer's pass (prefill only, nothing generated), which keeps no KV cache."""
     hw = hw.for_dtype(cfg.run_dtype)  # the compute rates of the dtype the model runs in
     cpu_cache_compute = cpu_cache_compute and not hw.device_is_host  # the host *is* the device there
     dt, h, l = cfg.dtype_bytes, cfg.hidden_size, cfg.num_hidden_layers
@@ -247,6 +259,9 @@ def cost_terms(
     S = s + n  # the cache and activation buffers are sized for the longest sequence
     L = s + n / 2  # mean context length over the decode steps
     compress_weight, compress_cache = compression(compress_weight), compression(compress_cache)
+    prefill_only = n == 0
+    if prefill_only:  # no cache to compress
+        compress_cache = ""
     w_frac = compressed_fraction(dt, compress_weight) if compress_weight else 1.0
     c_frac = compressed_fraction(dt, compress_cache) if compress_cache else 1.0
 
@@ -336,7 +351,7 @@ def cost_terms(
             "host->disk": Affine.share("cache", ["disk"], nbytes / h2disk_c),
         }
 
-    a_p, c_p = acts(s), cache_out(s)
+    a_p, c_p = acts(s), cache_out(0 if prefill_only else s)
     prefill = PhaseTerms(
         links={
             "disk->host": link("disk->host", [weights_disk, a_p["disk->host"]]),
@@ -384,6 +399,8 @@ def cost_terms(
     # ---- memory (bytes held on each tier) ----
     slot = b * S * kvd * dt * c_frac  # K (or V) of one micro-batch in one layer  # (S, b, kv_dim)
     cache_total = cfg.cache_bytes(B, S) * c_frac / tp
+    if prefill_only:  # nothing cached, nothing staged
+        slot = cache_total = 0.0
     acts_total = B * S * h_tok  # one layer boundary of the block  # (B, S, h)
     group = _max_group_bytes(cfg) * w_frac / tp
     # Staging buffers the runtime allocates when any of a kind is off a tier; prorated by the share
@@ -394,7 +411,13 @@ def cost_terms(
         + Affine.share("cache", ["device"], cache_total)
         + Affine.share("activations", ["device"], acts_total)
         + working_bytes(cfg, b, S, hw.device_is_host)
-        + block_bytes(cfg, B)  # the whole block's logits and a decode step's merged rows
+        # The whole block's logits and a decode step's merged rows, and a shared prefill's scratch (one
+        # micro-batch's K and V and the stem's, the stem's hidden state: runtime.prefix); or a scorer's buffers.
+        + (
+            scorer_bytes(cfg, b, S)
+            if prefill_only
+            else block_bytes(cfg, B) + 2 * (b + 1) * S * kvd * dt * c_frac + S * h_tok
+        )
         + (cfg.layer_bytes() if compress_weight else 0)  # one dequantized layer
     )
     # Two micro-batches' K and V in flight through the device (a prefill attends over them with host-side

@@ -58,8 +58,10 @@ class Prediction:
 
     @property
     def throughput(self) -> float:
-        """Generated tokens per second over the whole generation, FlexGen's headline figure."""
-        return self.gen_len * self.block_size / self.total_s if self.total_s > 0 else 0.0
+        """Generated tokens per second over the whole generation, FlexGen's headline figure; of a scorer's pass
+        (``gen_len`` 0), the tokens read per second."""
+        tokens = self.gen_len or self.prompt_len
+        return tokens * self.block_size / self.total_s if self.total_s > 0 else 0.0
 
     @property
     def prefill_throughput(self) -> float:

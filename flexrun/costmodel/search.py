@@ -281,8 +281,8 @@ def plan(
     (``gpu_batch_sizes`` narrows the sizes). Raises PlacementError, with the shortfall and the smallest
     budgets that would do, when nothing fits.
     """
-    if prompt_len < 1 or gen_len < 1:
-        raise PlacementError(f"prompt_len and gen_len must be >= 1, got {prompt_len} and {gen_len}")
+    if prompt_len < 1 or gen_len < 0:
+        raise PlacementError(f"prompt_len must be >= 1 and gen_len >= 0, got {prompt_len} and {gen_len}")
     start = time.perf_counter()
     w_kinds, c_kinds, open_kinds = _kind_candidates(compress)
     both_given = not open_kinds[1] and cpu_cache_compute is not None

@@ -150,13 +150,13 @@ class _Prepared:
 def _prepare(
     opts: EngineOptions, model: ModelSource, requests: list[ScoreRequest], share: bool, progress: bool
 ) -> _Prepared:
-    """Pack ``requests`` into rows and plan for them (each row is a prompt; one token of generation, which
-    the planner needs, is the row's last token)."""
+    """Pack ``requests`` into rows and plan for them: each row a prompt and nothing generated (``gen_len`` 0,
+    the planner's prefill-only pass, which keeps no KV cache)."""
     cfg = model.config
     longest = max(len(r) for r in requests)
     rows = pack(requests, row_limit(cfg, longest), share and can_share(cfg))
-    prompt_len = max(max(len(row) for row in rows) - 1, 1)
-    settled = plan_job(opts, model, prompt_len, 1, len(rows))
+    prompt_len = max(len(row) for row in rows)
+    settled = plan_job(opts, model, prompt_len, 0, len(rows))
     store = settled.opts.model.open_store("generate", progress=progress)
     run_cfg = settled.opts.model.run_config(store, compute_device())
     return _Prepared(rows, prompt_len, settled.opts, settled.planned, store, run_cfg)
@@ -164,7 +164,7 @@ def _prepare(
 
 def _build(prep: _Prepared) -> tuple[Scorer, str | None]:
     engine, line = build_engine(
-        prep.store, prep.cfg, prep.opts, prep.prompt_len, 1, len(prep.rows), prep.planned, runner=Scorer
+        prep.store, prep.cfg, prep.opts, prep.prompt_len, 0, len(prep.rows), prep.planned, runner=Scorer
     )
     assert isinstance(engine, Scorer)
     return engine, line

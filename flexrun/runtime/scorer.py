@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flexrun.costmodel.equations import SCORED_ROWS
 from flexrun.errors import InputError
 from flexrun.kernels import positions as P
 from flexrun.runtime.activations import ActivationStore
@@ -29,8 +30,8 @@ from flexrun.runtime.stats import RunStats
 from flexrun.runtime.tiers import Ledger
 
 #: Scored positions per LM-head matmul: large enough that the head's weight is read for many rows at once,
-#: small enough that the (chunk, vocab) float32 logits stay a modest buffer.
-HEAD_CHUNK = 128
+#: small enough that the (chunk, vocab) float32 logits stay a modest buffer (the planner counts them).
+HEAD_CHUNK = SCORED_ROWS
 
 
 @dataclass
