@@ -260,6 +260,20 @@ def test_flexrun_imports_and_runs_its_reference_kernels_without_triton() -> None
     assert out.stdout.split() == ["reference", "None"]
 
 
+@pytest.mark.slow
+def test_every_kernel_compiles_for_ampere_and_hopper(request: pytest.FixtureRequest) -> None:
+    """What the interpreter cannot check: that each kernel variant compiles (Triton's front end and ptxas,
+    to a cubin for sm_80 and sm_90, no GPU needed). A few minutes on this machine: run with -m slow."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("slow: select with -m slow")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    script = os.path.join(os.path.dirname(__file__), "triton_aot.py")
+    out = subprocess.run([sys.executable, script, "80", "90"], env=env, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    compiled = sum(line.startswith("ok ") for line in out.stdout.splitlines())
+    assert compiled == 2 * 3 * 17  # targets x dtypes x kernel variants
+
+
 # On a CUDA device: the same comparisons in 16-bit, and the engine's choice of set.
 GPU16 = [
     pytest.param(torch.bfloat16, {"rtol": 2e-2, "atol": 2e-2}, id="bf16"),

@@ -51,16 +51,19 @@ def _kv_tile(ptr, row, rt, rd, t_ok, D, stride_t, CODE_BYTES: tl.constexpr, KIND
     0 outside. KIND 0: as stored; 1: int8 codes then a float16 scale; 2: int4 codes then scale and low."""
     inside = t_ok[:, None] & (rd < D)[None, :]
     base = ptr + row + rt * stride_t  # (T,) start of each position's row
-    if KIND == 0:
-        return tl.load(base[:, None] + rd[None, :], mask=inside, other=0.0).to(DTYPE)
-    scale = _fp16_at(base + CODE_BYTES, t_ok)  # (T,)
-    if KIND == 1:
-        q = tl.load(base[:, None] + rd[None, :], mask=inside, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        return tl.where(inside, q * scale[:, None], 0.0).to(DTYPE)
-    byte = tl.load(base[:, None] + (rd // 2)[None, :], mask=inside, other=0).to(tl.int32)
-    code = (byte >> ((rd % 2) * 4)[None, :]) & 0xF  # even dim: low nibble
-    low = _fp16_at(base + CODE_BYTES + 2, t_ok)
-    return tl.where(inside, code.to(tl.float32) * scale[:, None] + low[:, None], 0.0).to(DTYPE)
+    if KIND == 0:  # one return, after the branches: no early return for the compiler to fold
+        tile = tl.load(base[:, None] + rd[None, :], mask=inside, other=0.0).to(DTYPE)
+    else:
+        scale = _fp16_at(base + CODE_BYTES, t_ok)  # (T,)
+        if KIND == 1:
+            q = tl.load(base[:, None] + rd[None, :], mask=inside, other=0).to(tl.int8, bitcast=True)
+            value = q.to(tl.float32) * scale[:, None]
+        else:
+            byte = tl.load(base[:, None] + (rd // 2)[None, :], mask=inside, other=0).to(tl.int32)
+            code = (byte >> ((rd % 2) * 4)[None, :]) & 0xF  # even dim: low nibble
+            value = code.to(tl.float32) * scale[:, None] + _fp16_at(base + CODE_BYTES + 2, t_ok)[:, None]
+        tile = tl.where(inside, value, 0.0).to(DTYPE)
+    return tile
 
 
 @triton.jit

@@ -37,13 +37,14 @@ def _dequant_tile(q_ptr, scale_ptr, low_ptr, rn, rk, N, K, stride_q, stride_s, G
     g = rk * 0 if GROUP == 0 else rk // GROUP  # each column's group
     s_off = rn[:, None] * stride_s + g[None, :]
     scale = tl.load(scale_ptr + s_off, mask=inside, other=0.0).to(tl.float32)
-    if INT4:
+    if INT4:  # one return, after both branches: no early return for the compiler to fold
         byte = tl.load(q_ptr + rn[:, None] * stride_q + (rk // 2)[None, :], mask=inside, other=0).to(tl.int32)
         code = (byte >> ((rk % 2) * 4)[None, :]) & 0xF  # even column: low nibble, odd: high
         low = tl.load(low_ptr + s_off, mask=inside, other=0.0).to(tl.float32)
-        return code.to(tl.float32) * scale + low
-    q = tl.load(q_ptr + rn[:, None] * stride_q + rk[None, :], mask=inside, other=0).to(tl.float32)
-    return q * scale
+        w = code.to(tl.float32) * scale + low
+    else:
+        w = tl.load(q_ptr + rn[:, None] * stride_q + rk[None, :], mask=inside, other=0).to(tl.float32) * scale
+    return w
 
 
 @triton.jit
