@@ -55,7 +55,8 @@ def test_plan_memory_overrides_change_the_plan(group: FlexrunGroup) -> None:
     small = json.loads(run(*args, "--host-mem", "48GiB", command=group).output)
     assert small["budgets"]["host"] == 48 << 30
     assert small["prediction"]["peak_bytes"]["host"] <= 0.8 * (48 << 30) * (1 + 1e-5) + 4096
-    assert small["placement"]["weights"]["disk"] > 0 and big["placement"]["weights"]["disk"] == 0
+    # With the whole host, at most the position table (0.05% of the weights, read by rows) goes to disk.
+    assert small["placement"]["weights"]["disk"] > 0.1 and big["placement"]["weights"]["disk"] < 1e-3
 
 
 @pytest.mark.parametrize(

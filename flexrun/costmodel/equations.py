@@ -285,6 +285,13 @@ def cost_terms(
     mm_rate_d = hw.mm_decode_rate(B)
     mm_d = max(2 * B * _linear_params(cfg) / tp / mm_rate_d, active_layer_bytes(cfg, B) / tp / hw.device_mem_bw)
     head = 2 * B * _head_params(cfg) / tp / l / mm_rate_d  # logits of the last position only
+    # A weight stored in another dtype than the compute dtype is converted as each matmul reads it, chunk by
+    # chunk (``kernels.cpu.linear``): a pass reading it and writing its copy per call. A prefill calls each
+    # matmul (and the head) once per micro-batch, a decode step once: fewer, bigger micro-batches convert less.
+    if cfg.run_dtype != cfg.dtype and not compress_weight:
+        params = _linear_params(cfg) + _head_params(cfg) / l
+        upcast = params / tp * (dt + cfg.run_dtype_bytes) / hw.device_mem_bw
+        mm_p, mm_d = mm_p + nb * upcast, mm_d + upcast
     attn_p = 4 * B * s * s * h / tp / hw.bmm_flops_prefill  # Q K^T and P V over (s, s) per head
     attn_d = 4 * B * L * h / tp  # FLOPs over the cache, on whichever side holds it
     reduce_p, reduce_d = all_reduce_seconds(cfg, hw, b, s, nb), all_reduce_seconds(cfg, hw, B, 1, 1)

@@ -53,9 +53,9 @@ log = logging.getLogger(__name__)
 
 GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 MAX_GPU_BATCHES = 64
-PRUNED = -1.0
 # Predicted throughputs within this fraction of each other count as a tie.
-TIE = 0.01  # a shape skipped without an LP: it cannot beat the best plan found so far
+TIE = 0.01
+PRUNED = -1.0  # a shape skipped without an LP: it cannot beat (or tie) the best plan found so far
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,10 @@ class _Search:
         terms = cost_terms(self.cfg, self.hw, gbs, nb, self.prompt_len, self.gen_len, cw, cc, ccc)
         if _quick_infeasible(terms, self.hw):
             return None
-        if time_floor(terms) >= min(self.beat, self.best[0] if self.best is not None else math.inf):
+        # A shape that may tie the best is solved: ``choice`` prefers the smaller block, and the fewer
+        # micro-batches, among ties (pruning at the best itself left it only the first shape found).
+        floor = time_floor(terms)
+        if floor >= self.beat or (self.best is not None and floor > self.best[0] * (1 + TIE)):
             return PRUNED
         self.lps += 1
         shares = solve_lp(terms, self.hw, self.fixed)
