@@ -133,6 +133,10 @@ def _check(model: Any, store: TensorStore, placement: Any, tmp_path: Path) -> No
         # With sharing, every distinct prefix is read once; without, every request's tokens are.
         expected = unique_inputs(requests) if share else sum(len(r) for r in requests)
         assert stats.input_tokens == expected
+        # The LM head runs once at each distinct scored position (a question's choices share the first).
+        scored = {r.tokens[:k] for r in requests for k in range(len(r.context), len(r.tokens))}
+        every = sum(len(r.continuation) for r in requests)
+        assert scorer.head_positions == (len(scored) if share else every) and len(scored) < every
     assert unique_inputs(requests) < sum(len(r) for r in requests)
     for a, b in zip(got[True], got[False], strict=True):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-5) and a.is_greedy == b.is_greedy

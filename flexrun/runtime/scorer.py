@@ -68,6 +68,7 @@ class Scorer(Engine):
         self.rope = P.Rope(cfg) if cfg.position == "rotary" else None
 
     def _allocate(self) -> None:
+        self.head_positions = 0  # positions the LM head ran at, each once however many tokens it scored
         self._kv = torch.empty(2, self._kv_elems, dtype=self.dtype, device=self.device)
         # Mixture of experts: each layer's routed experts load after its router ran (runtime.moe).
         self.moe = MoeMlp(self.cfg, self.kernels, ExpertStream(self.weights, self.layout)) if self.cfg.moe else None
@@ -83,9 +84,12 @@ class Scorer(Engine):
         each row's members' results."""
         where = [(r, pad[r] + i) for r, row in enumerate(rows) for scored in row.scored for i in scored]
         targets = torch.tensor([t for row in rows for tg in row.targets for t in tg], device=x.device)
-        at = torch.tensor(where, device=x.device)  # (n, 2): row, column
-        logprobs, greedy = [], []
-        for start in range(0, len(where), HEAD_CHUNK):
+        # Continuations after one context are all scored first from its last token: the head runs once a position.
+        at, which = torch.unique(torch.tensor(where, device=x.device), dim=0, return_inverse=True)  # (u, 2), (n,)
+        self.head_positions += len(at)
+        logprobs = torch.empty(len(where), device=x.device)
+        greedy = torch.empty(len(where), dtype=torch.bool, device=x.device)
+        for start in range(0, len(at), HEAD_CHUNK):
             part = at[start : start + HEAD_CHUNK]
             h = x[part[:, 0], part[:, 1]]  # (c, h)
             if "final_ln_w" in w:
@@ -94,10 +98,11 @@ class Scorer(Engine):
                 h = self.kernels.linear(h, w["project_out"], None)
             head = w["lm_head"] if "lm_head" in w else w["embed_tokens"]
             logits = self.kernels.linear(h, head, w.get("lm_head_b")).float()  # (c, vocab)
-            tgt = targets[start : start + HEAD_CHUNK]
-            greedy.append(logits.argmax(-1) == tgt)
-            logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, tgt[:, None])[:, 0])
-        lp, gr = torch.cat(logprobs).cpu().tolist(), torch.cat(greedy).cpu().tolist()
+            sel = ((which >= start) & (which < start + len(part))).nonzero()[:, 0]  # the scored tokens read here
+            local, tgt = which[sel] - start, targets[sel]
+            greedy[sel] = logits.argmax(-1)[local] == tgt
+            logprobs[sel] = torch.log_softmax(logits, dim=-1)[local, tgt]
+        lp, gr = logprobs.cpu().tolist(), greedy.cpu().tolist()
         out: list[list[Scored]] = []
         k = 0
         for row in rows:
