@@ -30,17 +30,17 @@ activations of one layer boundary, double-buffered weight arenas, one micro-batc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from flexrun.config import OptConfig
+from flexrun.costmodel.affine import Affine, Key
 from flexrun.costmodel.hardware import HardwareSpec
 from flexrun.costmodel.hotset import LARGEST, WHOLE, hot_terms
 from flexrun.layout import active_layer_bytes, expected_experts, expert_bytes, stack_layout
 from flexrun.placement import TIERS
 
 KINDS = ("weights", "cache", "activations")
-Key = tuple[str, str]  # (kind, tier)
 SHARE_KEYS: tuple[Key, ...] = tuple((kind, tier) for kind in KINDS for tier in TIERS)
 
 # FlexGen's group-wise quantization: 4 bits per value, groups of 64 along one dimension, each group with
@@ -74,37 +74,6 @@ def compressed_fraction(dtype_bytes: int, kind: str = "int4") -> float:
 def compression(flag: bool | str) -> str:
     """A compression option as its kind: "" (off), "int8" or "int4" (True, FlexGen's flag, is int4)."""
     return "int4" if flag is True else flag or ""
-
-
-@dataclass(frozen=True)
-class Affine:
-    """``const + sum(coef[k] * share[k])`` over the nine shares, ``k = (kind, tier)``."""
-
-    const: float = 0.0
-    coef: Mapping[Key, float] = field(default_factory=dict)
-
-    @classmethod
-    def share(cls, kind: str, tiers: Iterable[str], scale: float) -> Affine:
-        """``scale`` x the share of ``kind`` on ``tiers`` (e.g. weights on host + disk)."""
-        return cls(0.0, {(kind, t): float(scale) for t in tiers})
-
-    def __add__(self, other: Affine | float) -> Affine:
-        if not isinstance(other, Affine):
-            return Affine(self.const + float(other), self.coef)
-        coef = dict(self.coef)
-        for k, v in other.coef.items():
-            coef[k] = coef.get(k, 0.0) + v
-        return Affine(self.const + other.const, coef)
-
-    __radd__ = __add__
-
-    def __mul__(self, factor: float) -> Affine:
-        return Affine(self.const * factor, {k: v * factor for k, v in self.coef.items()})
-
-    __rmul__ = __mul__
-
-    def value(self, shares: Mapping[Key, float]) -> float:
-        return self.const + sum(v * shares.get(k, 0.0) for k, v in self.coef.items())
 
 
 @dataclass(frozen=True)

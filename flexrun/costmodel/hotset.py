@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from flexrun.config import OptConfig
+from flexrun.costmodel.affine import Key
 from flexrun.layout import GATHER_BUFFER, GATHERED, HotSet, stack_layout
 
 ALIGN = 4096  # diskio.ALIGN, the unit of an O_DIRECT read (repeated: the cost model imports no torch)
-Key = tuple[str, str]
 WHOLE: Key = ("weights", "disk, read whole")
 LARGEST: Key = ("weights", "disk, largest group")
 DISK: Key = ("weights", "disk")
