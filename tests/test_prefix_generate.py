@@ -10,12 +10,15 @@ only (packed rows against padded ones, masked keys added as exact zeros), about 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from flexrun.parallel import init_from_env
+from flexrun.parallel.launch import run_local
 from flexrun.placement import Placement
 from flexrun.runtime.engine import Engine
 from flexrun.runtime.packing import pack_prompts
@@ -201,3 +204,43 @@ def test_generate_shares_prefixes_unless_told_not_to(job_ckpt: Any, stores: Path
     assert summary["input_tokens"] == plain_summary["input_tokens"] == plain_summary["prefilled_tokens"] == total
     assert summary["prefilled_tokens"] == unique_prefixes([r["input_ids"] for r in rows]) < total
     assert "--no-share-prefix" in run("generate", "-h").stdout
+
+
+def _tp_ranks(root: Path) -> None:
+    """One of two tensor-parallel ranks generating PROMPTS with sharing; rank 0 saves what it got."""
+    tp = init_from_env(2)
+    try:
+        placement = place(cache="host=50,disk=50", b=3, n=3)
+        with Engine(TensorStore(root / "store"), placement, MAX_LEN, offload_dir=root / f"off{tp.rank}", tp=tp) as e:
+            if tp.rank > 0:
+                e.follow()
+                return
+            params = SamplingParams(max_new_tokens=NEW, stop_at_eos=False)
+            out, stats, logits = e.generate(PROMPTS, params, return_logits=True)
+            tp.broadcast(None)  # no more work
+        torch.save(
+            (out, logits_by_prompt(logits, PROMPTS, placement.block_size, NEW), stats.prefilled_tokens), root / "tp.pt"
+        )
+    finally:
+        tp.close()
+
+
+def test_two_tensor_parallel_ranks_share_as_one_process(tmp_path: Path) -> None:
+    """BLOOM (ALiBi: each rank's heads keep their slopes) on two ranks: rank 0 shares the prefill as one process
+    does, every rank following; the tokens are HF's and the logits one process's."""
+    model = tiny_decoder("bloom", seed=3, n_head=4)
+    save_and_convert(model, tmp_path)
+    env = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK") if k in os.environ}
+    try:
+        assert run_local(2, lambda argv: _tp_ranks(tmp_path), []) == 0
+    finally:
+        os.environ.update(env)
+    out, logits, prefilled = torch.load(tmp_path / "tp.pt")
+    assert out == hf_greedy(model, PROMPTS, NEW)[0]
+    assert prefilled == unique_prefixes(PROMPTS)
+    alone, _, alone_logits = _generate(
+        TensorStore(tmp_path / "store"), place(cache="host=50,disk=50", b=3, n=3), tmp_path, True
+    )
+    assert out == alone
+    for n in range(len(PROMPTS)):
+        torch.testing.assert_close(logits[n], alone_logits[n], rtol=1e-4, atol=1e-4)
