@@ -19,6 +19,7 @@ import transformers as T
 
 from flexrun.costmodel.equations import cost_terms
 from flexrun.costmodel.hardware import PRESETS
+from flexrun.costmodel.hotset import derived_shares, hot_terms
 from flexrun.costmodel.prediction import placement_shares
 from flexrun.errors import ConfigError
 from flexrun.jobs.report import summary_dict, summary_text
@@ -325,10 +326,15 @@ def test_cost_model_reads_the_expected_routed_experts() -> None:
     glob = (cfg.model_bytes() - cfg.num_hidden_layers * cfg.layer_bytes()) / cfg.num_hidden_layers
     expert = 3 * 40 * 24 * 4
     dense = cfg.layer_bytes() - 6 * expert
-    decode = terms.decode.links["disk->host"].value(placement_shares(pl))
-    assert decode == pytest.approx((glob + dense + expected_experts(cfg, 6) * expert) / 1e8)
-    prefill = terms.prefill.links["disk->host"].value(placement_shares(pl))
-    assert prefill == pytest.approx((glob + dense + 3 * expected_experts(cfg, 8) * expert) / 1e8)
+    # The hot set: the input embeddings are read by rows (a decode step's 6 tokens, a prefill's 3 x 8), the
+    # rest whole.
+    shares, hot, layers = derived_shares(terms.derived, placement_shares(pl)), hot_terms(cfg), cfg.num_hidden_layers
+    whole = glob - hot.hot.gathered / layers + dense
+    decode = terms.decode.links["disk->host"].value(shares)
+    assert decode == pytest.approx((whole + expected_experts(cfg, 6) * expert + hot.rows_bytes(6) / layers) / 1e8)
+    prefill = terms.prefill.links["disk->host"].value(shares)
+    rows = hot.rows_bytes(3 * 8) / layers
+    assert prefill == pytest.approx((whole + 3 * expected_experts(cfg, 8) * expert + rows) / 1e8)
     assert 2 < expected_experts(cfg, 6) < 6
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from flexrun import precision
 from flexrun.costmodel import choice
 from flexrun.costmodel.choice import COMPRESSION_GAIN, choose_compression, compute_dtype_candidates
 from flexrun.costmodel.equations import FUSED_MAX_ROWS, compressed_fraction, cost_terms
@@ -153,7 +154,10 @@ def test_the_compute_dtype_is_the_fastest_the_rates_predict() -> None:
     assert compute_dtype_candidates("float32", "float32", hw) == ["float32"]  # no bfloat16 for a float32 store
 
 
-def test_plan_prints_the_choices_and_their_flags(tmp_path: Path) -> None:
+def test_plan_prints_the_choices_and_their_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The spec's CPU is taken to be this one: make it the AVX2 VM the spec was measured on (no native 16-bit
+    # matmuls), so the float16 model's rule is float32 and bfloat16 is weighed against it on any machine.
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
     spec = _slow_disk().save(tmp_path / "slow.json")
     args = ["plan", "-m", "opt-1.3b", "--hardware", str(spec), "--prompt-len", "32", "--gen-len", "128"]
     result = run(*args, "--max-block-size", "8", "--host-mem", "1GiB")
