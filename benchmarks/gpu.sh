@@ -76,7 +76,7 @@ print(int(c), torch.cuda.get_device_properties(0).total_memory if c else 0)')
 [[ $CUDA == 1 || $SMALL == 1 ]] || { echo "gpu.sh: no CUDA device here; GPU_SH_SMALL=1 runs the CPU dry run" >&2; exit 1; }
 
 # Config dirs, the tokenizer stand-in and the cap of each model; flexrun's stores, several built at once.
-declare -A NAME CAP CAP_COMP POLICY_OF
+declare -A NAME CAP CAP_COMP POLICY_OF REFUSED
 for model in $MODELS; do
   depth=()
   [[ $model == opt-30b ]] && depth=(--layers "$LAYERS_30B")
@@ -172,24 +172,25 @@ run() {
   # same policy once more with the cap lifted, a row of its own, so the run still says how fast it goes.
   if [[ $side == flexrun && $policy != own && $policy != *-nocap && $status != 0 && ${NOCAP_RETRY:-1} == 1 ]] &&
     grep -qE 'placement does not fit: the device tier|OutOfMemoryError|CUDA out of memory' "$WORK/stderr"; then
+    REFUSED["$model $policy"]=1  # later rounds go straight to the cap-lifted run
     run flexrun "$policy-nocap" "$model"
   fi
 }
 
+# Round 1 runs every side of the first model before the next model (accelerate once, in round 1 only: its
+# target is a 20x ratio); later rounds repeat flexgen and flexrun for the medians while the budget lasts.
 for ((r = 1; r <= REPEAT; r++)); do
   say "round $r of $REPEAT"
   for model in $MODELS; do
     for policy in $POLICIES; do
       run flexgen "$policy" "$model"
-      run flexrun "$policy" "$model"
+      if [[ -n ${REFUSED["$model $policy"]:-} ]]; then run flexrun "$policy-nocap" "$model"; else run flexrun "$policy" "$model"; fi
     done
     run flexrun own "$model"
-  done
-  if ((r == 1)); then
-    for model in $MODELS; do
+    if ((r == 1)); then
       for b in $ACC_BATCHES; do run accelerate "b=$b" "$model"; done
-    done
-  fi
+    fi
+  done
 done
 
 {
