@@ -83,6 +83,8 @@ def output_format(fmt: str, output: str | None) -> str:
 )
 @click.option(
     "--share-prefix/--no-share-prefix",
+    "--share-prefixes/--no-share-prefixes",  # score's spelling
+    "share_prefix",
     default=True,
     show_default=True,
     help="Prompts of a block that share a prefix (few-shot examples, a system prompt) prefill it once.",

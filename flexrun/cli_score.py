@@ -52,6 +52,7 @@ def window_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 )
 @click.option(
     "--share-prefixes/--no-share-prefixes",
+    "--share-prefix/--no-share-prefix",  # generate's spelling
     "share",
     default=True,
     show_default=True,
