@@ -43,6 +43,10 @@ def main() -> None:
     L.llama_backend_init()
     mp = L.llama_model_default_params()
     mp.use_mmap = not a.no_mmap
+    # Plain CPU buffers: the extra (repacked) weight buffers copy the weights out of the mapping into anonymous
+    # memory, which is not mmap's paging any more, and they crashed on an AMX machine (issue 23).
+    if hasattr(mp, "use_extra_bufts"):
+        mp.use_extra_bufts = False
     model = L.llama_model_load_from_file(str(a.model).encode(), mp)
     if not model:
         sys.exit(f"llama.cpp could not load {a.model}")
