@@ -62,21 +62,25 @@ def _slow_disk(host: int = 1 * GiB) -> HardwareSpec:
 def test_weights_streamed_from_a_slow_disk_are_compressed_and_the_plan_says_why() -> None:
     result = plan(resolve("opt-1.3b"), _slow_disk(), 32, 128, max_block_size=8)
     pl, weighed = result.placement, result.weighed
-    # Decode reads half the weights from disk every step: int8 halves those bytes, and int4 (repacked for
-    # the fused op as read) beats int8 by more than the gain again.
-    assert pl.compress_weight == "int4" and pl.weights.disk > 0.3
+    # Decode reads a share of the weights from disk every step: int8 halves those bytes, and int4 (repacked
+    # for the fused op as read) beats int8 by more than the gain again. (Its resident codes are held once, in
+    # the fused op's layout, so 1 GiB holds ~90% of its weights: a tenth streams.)
+    assert pl.compress_weight == "int4" and pl.weights.disk > 0.05
     assert weighed["int8/none"] >= COMPRESSION_GAIN * weighed["none/none"]
     assert weighed["int4/none"] >= COMPRESSION_GAIN * weighed["int8/none"]
     assert (
         result.reasons[0].startswith("int4 weights: predicted ")
         and "x over int8 (bound by decode: disk->h" in (result.reasons[0])
     )
-    # The cache's compression gains less than the gain over what is chosen: it stays uncompressed.
-    assert not pl.compress_cache and weighed["int4/int8"] < COMPRESSION_GAIN * weighed["int4/none"]
+    # With the weights that small, decode waits on the cache read from disk: int8 halves it, by more than the
+    # gain over what is chosen (int4 cache by less again).
+    assert pl.compress_cache == "int8" and weighed["int4/int8"] >= COMPRESSION_GAIN * weighed["int4/none"]
+    assert weighed["int4/int4"] < COMPRESSION_GAIN * weighed["int4/int8"]
     # Where int4 read from disk is dequantized every step instead (no repack into the fused op's layout), as
-    # slowly as it was before the repack existed (benchmarks/README.md: ~0.125e9 values/s), int8 is chosen.
+    # slowly as it was before the repack existed (benchmarks/README.md: ~0.125e9 values/s), int8 is chosen
+    # (with 640 MiB of RAM, where most of int4's weights would be read from disk too).
     int4 = {"dequant": 0.125e9, "fused_mm_flops": 40e9}
-    no_repack = dataclasses.replace(_slow_disk(), quant_rates={**CPU.quant_rates, "int4": int4})
+    no_repack = dataclasses.replace(_slow_disk(640 << 20), quant_rates={**CPU.quant_rates, "int4": int4})
     result = plan(resolve("opt-1.3b"), no_repack, 32, 128, max_block_size=8)
     assert result.placement.compress_weight == "int8" and result.weighed["int4/none"] < result.weighed["int8/none"]
     assert result.reasons[0].startswith("int8 weights: predicted ") and "over uncompressed" in result.reasons[0]
@@ -118,10 +122,11 @@ def test_compressed_weights_are_priced_as_the_cpu_kernels_run_them() -> None:
     assert int4.prefill.compute.const > dense
     int8 = cost_terms(cfg, CPU, 8, 1, 32, 16, "int8").decode.compute
     assert not int8.coef  # per-row int8 goes to the fused op from either tier
-    # A resident int4 weight keeps the fused op's packed copy beside its codes: half a byte a weight more.
+    # A resident int4 weight's codes are held once, in the fused op's layout, with its bfloat16 scale and zero
+    # beside the canonical scales: 4 bytes a group of 64 more.
     packed = int4.memory["host"].coef[("weights", "host")] - cfg.model_bytes() * compressed_fraction(2, "int4")
     matrices = sum(math.prod(shape) for shape in cfg.layer_shapes().values() if len(shape) == 2)
-    assert packed == pytest.approx(matrices * cfg.num_hidden_layers / 2)
+    assert packed == pytest.approx(matrices * cfg.num_hidden_layers * 4 / 64)
     # A GPU spec has no such figures: dequantization is priced as passes over memory, wherever the weight is.
     assert not cost_terms(cfg, PRESETS["t4"], 8, 1, 32, 16, "int4").decode.compute.coef
 
@@ -164,7 +169,7 @@ def test_plan_prints_the_choices_and_their_flags(tmp_path: Path, monkeypatch: py
     assert result.exit_code == 0, result.output
     assert "choices:    int4 weights: predicted " in result.output
     assert "compute float32 (bfloat16 not predicted 1.1x faster)" in result.output
-    assert result.output.rstrip().endswith("--compress-weight int4")
+    assert result.output.rstrip().endswith("--compress-weight int4 --compress-cache int8")
     pinned = run(*args, "--max-block-size", "8", "--host-mem", "1GiB", "--compress-weight", "none", "--json")
     data = json.loads(pinned.output)
     assert data["placement"]["compress_weight"] == "" and data["compute_dtype"] == "float32"

@@ -119,19 +119,46 @@ def test_shapes_the_fused_ops_refuse_stay_canonical_and_compute_right() -> None:
 
 @pytest.mark.parametrize("group", [32, 64, 256])
 def test_an_int4_weight_read_from_disk_is_repacked_into_torchs_own_layout(group: int) -> None:
-    w = quantize(_weight(96, 512), QuantSpec.of("int4", group))  # three blocks of 32 output rows
+    w = quantize(_weight(128, 512), QuantSpec.of("int4", group))  # blocks of 32 (AVX2) or 64 (AVX-512) output rows
     theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.codes().to(torch.int32), 1)
     packed = Q.prepare_for_cpu(w)
     assert isinstance(packed, Q.CpuInt4Weight)
     assert torch.equal(packed.packed.view(theirs.shape), theirs)  # the byte shuffle, or torch's converter
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
     canonical = select_kernels(torch.device("cpu")).linear(x, w, None)  # as read from disk
-    if Q._fast_repack_matches():  # torch's AVX2 layout: the byte shuffle per call, then the fused op
+    if Q._held_once(w.shape):  # torch's blocked layout (AVX2, AVX-512): a byte shuffle per call, then the fused op
         torch.testing.assert_close(canonical, Q.cpu_int4_linear(x, packed, None))
-    else:  # another layout (AVX-512): torch's converter costs more than dequantizing, so it is dequantized
+    else:  # another layout: torch's converter costs more than dequantizing, so it is dequantized
         torch.testing.assert_close(canonical, Q.dequantized_linear(x, w, None))
     torch.testing.assert_close(canonical, F.linear(x, w.dequantize()), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(Q.cpu_int4_linear(x, packed, None), F.linear(x, w.dequantize()), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("block", [None, 32, 64])
+def test_a_resident_int4_weight_holds_its_codes_once_and_prefills_as_the_canonical_one(
+    block: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = quantize(_weight(192, 256), QuantSpec.of("int4", 32))
+    if block is None:  # a layout it cannot read back: the canonical codes are kept beside torch's
+        monkeypatch.setattr(Q, "_packed_block", lambda: None)
+    elif block != Q._packed_block():
+        pytest.skip(f"torch writes another int4 layout here than blocks of {block}")
+    held = Q.prepare_for_cpu(w)
+    assert isinstance(held, Q.CpuInt4Weight)
+    assert (held.codes is None) == (block is not None)
+    if block is not None:
+        assert held.scale.data_ptr() != w.scale.data_ptr()  # copied out: the store's buffer can go
+    spec = QuantSpec.of("int4", 32)
+    kept = [held.packed, held.scale_zero, held.scale, held.low] + ([] if held.codes is None else [held.codes])
+    assert Q.prepared_extra_bytes(spec, w.shape) == sum(t.nbytes for t in kept) - sum(
+        t.nbytes for t in (w.q, w.scale, w.low)
+    )
+    # Prefill rows read the codes back from torch's layout: the same float32 values, so the same products
+    # to the bit as the canonical weight's chunked path.
+    x = torch.randn(2, 70, 256, generator=torch.Generator().manual_seed(2))
+    b = torch.randn(192)
+    assert torch.equal(Q.cpu_int4_linear(x, held, b), Q.chunked_dequantized_linear(x, w, b))
+    assert torch.equal(held.dequantize(rows=slice(64, 192)), w.dequantize(rows=slice(64, 192)))
 
 
 # ---- the KV cache --------------------------------------------------------------------------------------

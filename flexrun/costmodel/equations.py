@@ -413,8 +413,9 @@ def cost_terms(
         + Affine.share("activations", ["host"], acts_total)
     )
     if compress_weight == "int4" and cpu_kernels:
-        # The CPU keeps a resident int4 weight's packed copy for the fused op beside its canonical codes.
-        host += Affine.share("weights", ["host"], _linear_params(cfg) * l / 2)
+        # The CPU holds a resident int4 weight's codes once, in the fused op's layout, with the op's bfloat16
+        # scale and zero per group beside the canonical scales (4 bytes a group more).
+        host += Affine.share("weights", ["host"], _linear_params(cfg) * l * 4 / QUANT_GROUP)
     if cpu_cache_compute:
         host += b * (cfg.n_head * S * 4 + 4 * h_tok)  # one micro-batch's scores (fp32) and q, k, v, out
     disk = Affine.share("cache", ["disk"], cache_total * ring_share) + Affine.share("activations", ["disk"], acts_total)

@@ -22,7 +22,7 @@ import torch
 from flexrun.errors import FlexrunError
 from flexrun.kernels import cpu, quantized, reference
 from flexrun.kernels.reference import AddNormFn, NormFn
-from flexrun.quant.formats import Int4Weight, Int8Weight
+from flexrun.quant.formats import Int4Weight, Int8Weight, QuantSpec
 
 #: A matrix slot's value: a dense tensor, or an object of a type registered with ``register_linear``.
 Weight = Any
@@ -58,9 +58,9 @@ class KernelSet:
     apply_rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor] = reference.apply_rotary
     linears: Mapping[type, LinearFn] = field(default_factory=dict)
     #: A resident compressed weight in the layout this set computes it fastest in, derived once at load,
-    #: and the bytes that layout adds (by encoding and shape), for the ledger.
+    #: and the bytes that layout adds over the canonical ones (by compression and shape), for the ledger.
     prepare: Callable[[Weight], Weight] = lambda w: w
-    prepared_extra: Callable[[str, tuple[int, ...]], int] = lambda encoding, shape: 0
+    prepared_extra: Callable[[QuantSpec, tuple[int, ...]], int] = lambda spec, shape: 0
     #: the residual add and the norm after it, by norm kind: (x, delta, w, b, eps) -> (x + delta, its norm)
     add_norms: Mapping[str, AddNormFn] = field(default_factory=lambda: dict(reference.ADD_NORMS))
     #: attention over a KV format's slots, by format type; other formats: ``cached_attention`` over their read

@@ -82,7 +82,8 @@ class WeightManager:
         for name in order:
             meta = store.meta(name)
             if self.tier[name] != "disk":
-                extra = kernels.prepared_extra(meta.encoding, meta.shape) if self._prepared(name) else 0
+                spec = meta.spec
+                extra = kernels.prepared_extra(spec, meta.shape) if spec and self._prepared(name) else 0
                 ledger.add(self.tier[name], "weights", meta.nbytes + extra)
         # The input group's disk-resident tables, read by rows; per group, the disk tensors read whole each
         # step and, on CUDA, everything not on the device.
