@@ -122,6 +122,7 @@ class WeightManager:
                 continue
             w = self.store.decode(name, raw.to(self.device) if tier == "device" else raw)
             self.resident[name] = self.kernels.prepare(w) if self._prepared(name) else w
+        self.store.remember_verified()  # the resident tensors were checked: not hashed again at the next open
         for table in self.rows.values():
             table.allocate()
         for k in (0, 1):

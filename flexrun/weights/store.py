@@ -5,7 +5,10 @@ index records name, dtype, shape, byte size and a CRC32 per tensor, and the mode
 tensor (version 2) also records its encoding (``int4``/``int8``) and group size; its file holds the
 canonical compressed parts (``quant.formats``) and its dtype and shape stay the uncompressed weight's.
 Version-1 stores (nothing compressed) still load. A store is written into a temporary directory and
-renamed into place when complete, so a crash never leaves a store that looks finished.
+renamed into place when complete, so a crash never leaves a store that looks finished. Each tensor's CRC
+is checked on its first read; ``verified.json`` records the size, times and inode of the files that passed,
+and a later open takes a file whose stat is unchanged as checked (it still reads it, but does not hash it
+again at every load); a file written, replaced or renamed since is checked again.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from flexrun.quant.formats import QuantSpec, QuantWeight, decode, encode, quanti
 log = logging.getLogger(__name__)
 
 FORMAT = "flexrun-store"
+VERIFIED = "verified.json"  # {file: [size, mtime_ns, ctime_ns, inode]} of the tensor files whose CRC was checked
 VERSION = 2
 _READABLE = (1, 2)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -255,6 +259,8 @@ class TensorStore:
         self.tensors = {name: _meta_of(index_file, name, m) for name, m in index["tensors"].items()}
         self.verify = verify
         self._verified: set[str] = set()
+        self._stamps = _read_stamps(self.path / VERIFIED) if verify else {}
+        self._new_stamps = False
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.direct: bool | None = None
@@ -311,8 +317,10 @@ class TensorStore:
             raise CheckpointError(f"{file} is missing; the store is incomplete, convert again") from None
         try:
             got = diskio.read_into(fd, buf, 0, meta.padded_nbytes)
+            st = os.fstat(fd)
         finally:
             os.close(fd)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]  # any rewrite, rename or swap changes it
         self.direct = direct if self.direct is None else self.direct and direct
         if got < meta.nbytes:
             raise CheckpointError(f"{file} is truncated ({got} of {meta.nbytes} bytes); convert again")
@@ -321,17 +329,47 @@ class TensorStore:
             self.bytes_read += got
             check = self.verify and name not in self._verified
         if check:
-            if _crc(data) != meta.crc32:
+            trusted = self._stamps.get(meta.file) == stamp  # checked before, and the file unchanged since
+            if not trusted and _crc(data) != meta.crc32:
                 raise CheckpointError(f"{file}: checksum mismatch, the tensor file is corrupted; convert again")
             with self._lock:
                 self._verified.add(name)
+                if not trusted:
+                    self._stamps[meta.file] = stamp
+                    self._new_stamps = True
         return data
+
+    def remember_verified(self) -> None:
+        """Record the files checked so far (``verified.json``), so the next open does not hash them again; a
+        store that cannot be written to only costs that time."""
+        with self._lock:
+            if not self._new_stamps:
+                return
+            stamps, self._new_stamps = dict(self._stamps), False
+        tmp = self.path / f"{VERIFIED}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            tmp.write_text(json.dumps(stamps))
+            os.replace(tmp, self.path / VERIFIED)
+        except OSError as exc:
+            log.debug("cannot record the verified tensors in %s: %s", self.path, exc.strerror)
+            tmp.unlink(missing_ok=True)
 
     def total_bytes(self) -> int:
         return sum(m.nbytes for m in self.tensors.values())
 
     def numel(self, name: str) -> int:
         return math.prod(self.meta(name).shape)
+
+
+def _read_stamps(path: Path) -> dict[str, list[int]]:
+    """``verified.json``'s stamps; none when it is missing or unreadable (every file is then checked)."""
+    try:
+        stamps = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stamps, dict):
+        return {}
+    return {f: v for f, v in stamps.items() if isinstance(v, list) and len(v) == 4}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
