@@ -49,6 +49,15 @@ def _planned_kind(kind: str, both: str | None) -> Any:
     return None if value == AUTO_COMPRESSION else value
 
 
+def _gguf_blocks(model: str) -> Any:
+    """The compression a GGUF file's own blocks are in (``weights.gguf.native_compression``), or None."""
+    from flexrun.resolver import local_source
+    from flexrun.weights.gguf import is_gguf, native_compression
+
+    src = local_source(model)
+    return native_compression(src) if src is not None and is_gguf(src) else None
+
+
 def _plan_text(
     cfg: Any,
     plan: Any,
@@ -56,6 +65,7 @@ def _plan_text(
     rule_dtype: str,
     sources: dict[str, str] | None = None,
     baseline: int | None = None,
+    native: Any = None,
 ) -> str:
     from flexrun.costmodel.search import RELAXATION
     from flexrun.placement import TIERS
@@ -67,6 +77,7 @@ def _plan_text(
     budgets = ", ".join(f"{t} {format_bytes(b)}" for t, b in plan.budgets.items())
     relax = int(RELAXATION["host"] * 100)
     computed = f" computed in {cfg.run_dtype}" if cfg.run_dtype != cfg.dtype else ""
+    kept = [f"{native.describe()} weights: the GGUF file's own blocks, kept as they are"] if native else []
     lines = [
         f"model:      {cfg.name} ({cfg.dtype}{computed}, {format_bytes(cfg.model_bytes())} of weights, "
         f"{cfg.num_hidden_layers} layers)",
@@ -79,7 +90,7 @@ def _plan_text(
         f" (micro-batch size x micro-batches)",
         f"options:    compress weights {pl.compress_weight or 'off'}, compress cache {pl.compress_cache or 'off'},"
         f" host-side attention {on_off[pl.cpu_cache_compute]}",
-        *[f"{'choices:' if i == 0 else '':<12}{r}" for i, r in enumerate(plan.reasons)],
+        *[f"{'choices:' if i == 0 else '':<12}{r}" for i, r in enumerate(kept + list(plan.reasons))],
         "",
         f"{'tier':<8}" + "".join(f"{k:>19}" for k in ("weights", "cache", "activations")),
     ]
@@ -104,6 +115,7 @@ def _plan_text(
     ]
     if pl.compress_weight or pl.compress_cache:
         flags = f" --compress-weight {pl.compress_weight}" if pl.compress_weight else ""
+        flags += f" --group-size {native.group_size}" if native else ""  # the GGUF file's own blocks, kept
         flags += f" --compress-cache {pl.compress_cache}" if pl.compress_cache else ""
         lines[-1] += flags
     if cfg.run_dtype != rule_dtype:  # generate would compute in the rule's dtype when nothing is planned
@@ -277,6 +289,10 @@ def plan_cmd(
         hw = dataclasses.replace(hw, tp_ranks=tp, interconnect_bw=float(interconnect_bw or hw.interconnect_bw))
     # The CPU the spec describes is taken to be this one: its flags say whether 16-bit matmuls are native.
     cfg = with_compute_dtype(cfg, compute_dtype, torch.device("cpu" if hw.device_is_host else "cuda"))
+    weight_kind = _planned_kind(compress_weight, compress)
+    native = _gguf_blocks(model) if weight_kind is None else None
+    if native is not None:  # a GGUF file's Q4/Q8 blocks, which generate and bench keep when it is left to them
+        weight_kind = native.kind
     rule_dtype = cfg.run_dtype
     try:
         result = plan(
@@ -284,7 +300,7 @@ def plan_cmd(
             hw,
             prompt_len,
             gen_len,
-            compress=(_planned_kind(compress_weight, compress), _planned_kind(compress_cache, compress)),
+            compress=(weight_kind, _planned_kind(compress_cache, compress)),
             cpu_cache_compute=_TRI[host_attention],
             max_block_size=max_block_size,
             compute_dtypes=compute_dtype_candidates(cfg.dtype, rule_dtype, hw) if compute_dtype == "auto" else (),
@@ -317,7 +333,7 @@ def plan_cmd(
             out["tensor_parallel"] = {**reduce, "nodes": nodes, "local_ranks": local}
         click.echo(json.dumps(out, indent=2))
         return
-    click.echo(_plan_text(cfg, result, kinds, rule_dtype, sources, baseline))
+    click.echo(_plan_text(cfg, result, kinds, rule_dtype, sources, baseline, native))
     if reduce is not None:
         link = "assumed: gloo over loopback"
         if interconnect_bw or hw.interconnect_bw:

