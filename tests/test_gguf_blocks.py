@@ -147,3 +147,25 @@ def test_a_gguf_model_runs_from_its_own_blocks_unless_told_otherwise(tmp_path: P
     result = run(*args, "--placement", "manual", "--compress-weight", "int8", "--gen-len", "1")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["placement"]["compress_weight"] == "int8"
+
+
+@needs_smollm2
+def test_big_tables_are_read_by_rows_into_the_stores_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A matrix too big to hold in float32 (an embedding table) is dequantized a chunk of rows at a time straight
+    into the store's dtype: the same values as the whole tensor read at once, LLaMA's permuted Q rows in order."""
+    from flexrun.resolver.packaged import packaged_model_path
+    from flexrun.weights import gguf as G
+
+    path = packaged_model_path("smollm2-135m-instruct")
+    assert path is not None
+    ckpt = G.GgufCheckpoint(path)
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+    monkeypatch.setattr(G, "WHOLE_MAX", 1 << 40)
+    whole = {n: ckpt.get(n) for n in names}
+    monkeypatch.setattr(G, "WHOLE_MAX", 0)
+    monkeypatch.setattr(G, "CHUNK", 40_000)  # a few rows a chunk, the last one short
+    for dtype in (torch.float32, torch.bfloat16):
+        ckpt.dtype = dtype
+        for n in names:
+            got = ckpt.get(n)
+            assert got.dtype == dtype and torch.equal(got, whole[n].to(dtype)), n

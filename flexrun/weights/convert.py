@@ -21,7 +21,8 @@ from flexrun.policies import Policy, TensorGetter, config_from_hf, policy_for_hf
 from flexrun.policies.base import Weight, WeightGetter, as_tensor
 from flexrun.quant.formats import QuantSpec, spec_of
 from flexrun.weights.checkpoint import open_checkpoint
-from flexrun.weights.store import StoreWriter, dtype_name
+from flexrun.weights.gguf import GgufCheckpoint
+from flexrun.weights.store import TORCH_DTYPES, StoreWriter, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ def convert_checkpoint(
     if dtype:
         cfg = dataclasses.replace(cfg, dtype=dtype)
     cfg = policy_for_hf_config(hf).fit_checkpoint(cfg, ckpt.has)
+    if isinstance(ckpt, GgufCheckpoint):  # its big tables read straight into the store's dtype
+        ckpt.dtype = TORCH_DTYPES[cfg.dtype]
     packed = compress_plan(cfg, compress)
     get_packed = getattr(ckpt, "get_packed", None)
 

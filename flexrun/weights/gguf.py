@@ -107,11 +107,18 @@ def native_compression(path: str | Path) -> QuantSpec | None:
     return QuantSpec(found[0], found[1]) if found else None
 
 
+# A matrix bigger than this in float32 is read a chunk of rows at a time into the store's dtype.
+WHOLE_MAX = 64 << 20
+CHUNK = 8 << 20
+
+
 class GgufCheckpoint:
-    """A GGUF file's tensors by their Hugging Face names, dequantized to float32 one at a time."""
+    """A GGUF file's tensors by their Hugging Face names, dequantized to float32 one at a time (the big
+    tables straight into ``dtype``, the store's, which the converter sets)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.dtype = torch.float32
         self._hf = gguf_hf_config(self.path)
         try:
             from gguf import GGUFReader
@@ -136,14 +143,38 @@ class GgufCheckpoint:
         self._where = {hf: g for g, hf in gguf_to_hf.items() if g in self._tensors}
 
     def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name``: in float32, or, for a matrix of more than ``WHOLE_MAX`` bytes in float32 whose
+        processing reorders rows only (an embedding table, an untied head), in ``self.dtype``, dequantized a
+        chunk of rows at a time into it (a float32 copy of such a table would not fit a small budget)."""
         from gguf import dequantize
 
         if name not in self._where:
             raise CheckpointError(f"{self.path}: tensor {name} not found in the GGUF file")
         t = self._tensors[self._where[name]]
+        if len(t.shape) == 2 and 4 * int(t.n_elements) > WHOLE_MAX:
+            big = self._get_by_rows(t)
+            if big is not None:
+                return big
         weights = dequantize(t.data, t.tensor_type)
         result = self._processor.process(weights=weights, name=t.name, tensor_key_mapping={}, parsed_parameters={})
         return torch.from_numpy(result.weights.copy()).float()
+
+    def _get_by_rows(self, t: Any) -> torch.Tensor | None:
+        """Matrix ``t`` in ``self.dtype``, its rows dequantized ``CHUNK`` float32 bytes at a time in the order
+        transformers' processing puts them; None when that processing is more than a reordering."""
+        from gguf import dequantize
+
+        k, n = (int(d) for d in t.shape)  # GGUF lists dimensions innermost first
+        order = self._row_order(t.name, n)
+        if order is None:
+            return None
+        out = torch.empty(n, k, dtype=self.dtype)
+        step = max(1, CHUNK // (4 * k))
+        for start in range(0, n, step):
+            rows = order[start : start + step].numpy()
+            chunk = dequantize(np.asarray(t.data[rows]), t.tensor_type).reshape(len(rows), k)
+            out[start : start + len(rows)] = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+        return out
 
     def get_packed(self, name: str, spec: QuantSpec) -> QuantWeight | None:
         """Matrix ``name`` read from its GGUF blocks as compressed in ``spec``, or None when its blocks do
