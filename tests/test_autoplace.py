@@ -41,3 +41,24 @@ def test_when_nothing_fits_the_error_is_the_runtimes(store: TensorStore, tmp_pat
     opts = EngineOptions(ModelOptions("t"), PlacementRequest(mode="auto"), Budgets(host=320 * 1024), str(tmp_path))
     with pytest.raises(BudgetError, match=r"the host tier needs .* but its budget is 320.0 KiB"):
         build_engine(store, store.config, opts, 8, 8, 4)
+
+
+def test_a_plan_made_before_the_process_grew_is_made_again(
+    store: TensorStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A job plans before its store opens; converting the store (a GGUF file's reader, transformers' modules)
+    # can grow the process, so the host budget at the engine's start is smaller than the one planned with.
+    before = Budgets(host=4 << 20)
+    planned = choose_placement(store.config, PlacementRequest(mode="auto"), before, 8, 8, 4, str(tmp_path))
+    assert planned.host_budget is not None and planned.host_budget >= 3 << 20
+    after = Budgets(host=400 * 1024)
+    with pytest.raises(BudgetError):
+        Engine(store, planned.placement, 16, budgets=after, offload_dir=tmp_path)
+    opts = EngineOptions(ModelOptions("t"), PlacementRequest(mode="auto"), after, offload_dir=str(tmp_path))
+    with caplog.at_level("INFO", logger="flexrun.jobs.autoplace"):
+        engine, line = build_engine(store, store.config, opts, 8, 8, 4, planned=planned)
+    # Planned again for what the process may hold now, before any engine is refused for the old plan.
+    assert "the host budget fell from" in caplog.records[0].getMessage()
+    with engine:
+        assert engine.ledger.total("host") <= 400 * 1024
+        assert engine.placement != planned.placement and line is not None and line != planned.line

@@ -55,6 +55,7 @@ class Planned:
     line: str | None = None
     compute_dtype: str = ""
     reasons: tuple[str, ...] = ()
+    host_budget: int | None = None  # the host budget the planner planned within (its reserve taken off)
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,25 @@ def build_engine(
     refused: BudgetError | None = None
     # Weights are compressed when the store is converted: the placement says what the store holds.
     compress_weight = store.weight_compression
+    if planned is not None and planned.host_budget is not None and opts.placement.planned:
+        # Planned before the store opened: converting it (a GGUF file's reader and transformers' modules, which
+        # stay imported) may have grown this process since, and the host budget is what it may hold less that.
+        now = opts.budgets.resolved(offload_root(opts.offload_dir), torch.cuda.is_available())["host"]
+        if now < planned.host_budget:
+            fell = f"{format_bytes(planned.host_budget)} to {format_bytes(now)}"
+            log.info("the host budget fell from %s since the plan; planning again", fell)
+            planned = choose_placement(
+                cfg,
+                opts.placement,
+                opts.budgets,
+                prompt_len,
+                gen_len,
+                num_prompts,
+                opts.offload_dir,
+                None,
+                compress_weight,
+                reasons=planned.reasons,
+            )
     for _ in range(_REPLANS + 1):
         try:
             if planned is None or reserve:
@@ -372,4 +392,4 @@ def choose_placement(
         + "".join(f"; {r}" for r in why)
     )
     log.info("%s", line)
-    return Planned(placement, line, result.compute_dtype or cfg.run_dtype, why)
+    return Planned(placement, line, result.compute_dtype or cfg.run_dtype, why, tiers["host"])
