@@ -9,6 +9,7 @@
 #   DUMMY       1: random weights of MODEL's shape (default 1)
 #   MEM_LIMIT   the cgroup's limit (default 1G); REPEAT (default 3); GEN (new tokens, default 32)
 #   CASES       "1x32 16x128": sequences x prompt length (default both)
+#   SIDES       "flexrun llama.cpp": which sides to run (default both)
 #   GGUF_F16 / GGUF_Q8  GGUF files of one model for llama.cpp (benchmarks/make_gguf.py writes random weights
 #               in a real shape, f16 and q8_0 from one seed); given them with DUMMY=0, flexrun runs the same
 #               files (f16 in bf16, q8_0 as int8) instead of MODEL. Without them, or without
@@ -19,6 +20,7 @@ MODEL=${MODEL:-opt-1.3b}
 DUMMY=${DUMMY:-1}
 GEN=${GEN:-32}
 CASES=${CASES:-"1x32 16x128"}
+SIDES=${SIDES:-flexrun llama.cpp}
 THREADS=${THREADS:-$(nproc)}
 WORK=${WORK:-/tmp/flexrun-bench/bigger}
 mkdir -p "$WORK"
@@ -27,7 +29,9 @@ raw="$OUT/bigger-than-memory-$stamp.txt"
 dummy=()
 [[ $DUMMY == 1 ]] && dummy=(--dummy-weights)
 
-echo "# bigger than memory: $MODEL in a $MEM_LIMIT memory cgroup, $GEN new tokens, $REPEAT runs per case (median)"
+what=$MODEL
+[[ $DUMMY != 1 && -n "${GGUF_F16:-}${GGUF_Q8:-}" ]] && what="$(basename "${GGUF_F16:-}") $(basename "${GGUF_Q8:-}")"
+echo "# bigger than memory: $what in a $MEM_LIMIT memory cgroup, $GEN new tokens, $REPEAT runs per case (median)"
 machine
 echo "threads: $THREADS (torch intra-op; llama.cpp n_threads)"
 export OMP_NUM_THREADS=$THREADS
@@ -87,17 +91,23 @@ flexrun_side() {
 
 printf '\n| case | side | decode tok/s | overall tok/s | peak RSS | planned peak | host budget (source) | disk read (whole run) |\n'
 printf '|---|---|---|---|---|---|---|---|\n'
-if [[ -n "${GGUF_F16:-}${GGUF_Q8:-}" && $DUMMY != 1 ]]; then
-  # The same bytes as llama.cpp's: flexrun reads the GGUF files (f16 computed in bf16; q8_0 as int8 g32).
-  [[ -n "${GGUF_F16:-}" ]] && flexrun_side "$GGUF_F16" "flexrun bf16 ($(basename "$GGUF_F16"))" --dtype bfloat16
+if [[ " $SIDES " != *" flexrun "* ]]; then
+  :
+elif [[ -n "${GGUF_F16:-}${GGUF_Q8:-}" && $DUMMY != 1 ]]; then
+  # The same bytes as llama.cpp's: flexrun reads the GGUF files (f16 stored and computed in bf16, held
+  # uncompressed: left to choose, the planner may re-quantize it to int8; q8_0 as its own int8 g32 blocks).
+  [[ -n "${GGUF_F16:-}" ]] && flexrun_side "$GGUF_F16" "flexrun bf16 ($(basename "$GGUF_F16"))" --dtype bfloat16 \
+    --compress-weight none
   [[ -n "${GGUF_Q8:-}" ]] && flexrun_side "$GGUF_Q8" "flexrun int8 ($(basename "$GGUF_Q8"))" --dtype bfloat16
 else
-  flexrun_side "$MODEL" "flexrun bf16" "${dummy[@]}" --dtype bfloat16
+  flexrun_side "$MODEL" "flexrun bf16" "${dummy[@]}" --dtype bfloat16 --compress-weight none
 fi
 
 # llama.cpp: mmap of the GGUF file, the kernel paging it within the same cgroup; all sequences decoded
 # together (llamacpp_batched.py), medians of REPEAT runs.
-if ! "$PYTHON" -c 'import llama_cpp' 2>/dev/null; then
+if [[ " $SIDES " != *" llama.cpp "* ]]; then
+  :
+elif ! "$PYTHON" -c 'import llama_cpp' 2>/dev/null; then
   echo
   echo "llama.cpp: skipped, llama-cpp-python is not importable with $PYTHON (pip install llama-cpp-python)"
 elif [[ -z "${GGUF_F16:-}" && -z "${GGUF_Q8:-}" ]]; then
