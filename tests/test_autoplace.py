@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flexrun.errors import BudgetError
+from flexrun.errors import BudgetError, PlacementError
 from flexrun.jobs.autoplace import build_engine, choose_placement
 from flexrun.jobs.options import EngineOptions, ModelOptions, PlacementRequest
 from flexrun.runtime.engine import Engine
@@ -62,3 +62,7 @@ def test_a_plan_made_before_the_process_grew_is_made_again(
     with engine:
         assert engine.ledger.total("host") <= 400 * 1024
         assert engine.placement != planned.placement and line is not None and line != planned.line
+    # Grown past what any placement needs: refused in one line that says a rerun starts with the old budget.
+    gone = EngineOptions(ModelOptions("t"), PlacementRequest(mode="auto"), Budgets(host=8 * 1024), str(tmp_path))
+    with pytest.raises(PlacementError, match=r"fell from .* running the same command again"):
+        build_engine(store, store.config, gone, 8, 8, 4, planned=planned)

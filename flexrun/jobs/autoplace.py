@@ -249,18 +249,25 @@ def build_engine(
         if now < planned.host_budget:
             fell = f"{format_bytes(planned.host_budget)} to {format_bytes(now)}"
             log.info("the host budget fell from %s since the plan; planning again", fell)
-            planned = choose_placement(
-                cfg,
-                opts.placement,
-                opts.budgets,
-                prompt_len,
-                gen_len,
-                num_prompts,
-                opts.offload_dir,
-                None,
-                compress_weight,
-                reasons=planned.reasons,
-            )
+            try:
+                planned = choose_placement(
+                    cfg,
+                    opts.placement,
+                    opts.budgets,
+                    prompt_len,
+                    gen_len,
+                    num_prompts,
+                    opts.offload_dir,
+                    None,
+                    compress_weight,
+                    reasons=planned.reasons,
+                )
+            except PlacementError as exc:
+                raise PlacementError(
+                    f"{exc}; the host budget fell from {fell} while the model's store was opened (a conversion "
+                    "leaves its reader's modules in this process): the store is cached now, so running the "
+                    "same command again starts with the budget this plan had"
+                ) from None
     for _ in range(_REPLANS + 1):
         try:
             if planned is None or reserve:
