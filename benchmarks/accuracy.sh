@@ -25,6 +25,7 @@ MATRIX=(
   "--weights host=50,disk=50 --cache host=100 --activations host=100 --gpu-batch-size 8"
   "--weights disk=100 --cache host=100 --activations host=100 --gpu-batch-size 8"
   "--weights host=100 --cache disk=100 --activations host=100 --gpu-batch-size 8"
+  "--weights host=100 --cache host=100 --activations disk=100 --gpu-batch-size 4 --num-gpu-batches 2"
 )
 machine
 echo "calibration cache: $CACHE"
