@@ -17,6 +17,7 @@ from flexrun.cli_options import (
     byte_size,
     compression_kind,
     hardware_spec,
+    non_negative_int,
     positive_int,
 )
 from flexrun.errors import FlexrunError
@@ -84,7 +85,9 @@ def _plan_text(
         f"hardware:   {hw.name}: {hw.source}",
         f"budgets:    {budgets} (the plan uses at most {relax}% of each)",
         *[f"{t + ' from:':<12}{sources[t]}" for t in tiers if sources and t in sources],
-        f"workload:   prompt {pr.prompt_len} + generate {pr.gen_len} tokens",
+        f"workload:   prompt {pr.prompt_len} + generate {pr.gen_len} tokens"
+        if pr.gen_len
+        else f"workload:   score {pr.prompt_len} tokens (prefill only, as flexrun score)",
         "",
         f"block:      {pl.gpu_batch_size} x {pl.num_gpu_batches} = {pl.block_size} sequences"
         f" (micro-batch size x micro-batches)",
@@ -105,8 +108,12 @@ def _plan_text(
         "",
         f"predicted:  prefill {pr.prefill_throughput:.2f} tok/s ({pr.prefill_s:.2f} s), "
         f"decode {pr.decode_throughput:.2f} tok/s ({pr.decode_s:.2f} s), "
-        f"total {pr.throughput:.3g} tok/s ({pr.total_s:.2f} s per block)",
-        f"bottleneck: {pr.bottleneck} (prefill: {pr.prefill.bottleneck}, decode: {pr.decode.bottleneck})",
+        f"total {pr.throughput:.3g} tok/s ({pr.total_s:.2f} s per block)"
+        if pr.gen_len
+        else f"predicted:  scored {pr.prefill_throughput:.2f} tok/s ({pr.prefill_s:.2f} s per block)",
+        f"bottleneck: {pr.bottleneck} (prefill: {pr.prefill.bottleneck}, decode: {pr.decode.bottleneck})"
+        if pr.gen_len
+        else f"bottleneck: {pr.prefill.bottleneck}",
         f"peak:       {peak}"
         + (f" (+ {format_bytes(pr.disk_weight_bytes)} of weights read from the store)" if pr.disk_weight_bytes else ""),
         f"search:     {plan.lps_solved} LPs in {plan.search_s:.2f} s",
@@ -128,7 +135,13 @@ def _plan_text(
 @click.command("plan")
 @click.option("--model", "-m", required=True, help="Model name or checkpoint directory.")
 @click.option("--prompt-len", default=512, show_default=True, callback=positive_int, help="Prompt tokens.")
-@click.option("--gen-len", default=32, show_default=True, callback=positive_int, help="Generated tokens.")
+@click.option(
+    "--gen-len",
+    default=32,
+    show_default=True,
+    callback=non_negative_int,
+    help="Generated tokens; 0 plans a scoring pass (prefill only, no KV cache kept), as `flexrun score` runs.",
+)
 @click.option("--device-mem", callback=byte_size, help="Device memory budget, e.g. 14GiB (replaces the hardware's).")
 @click.option("--host-mem", callback=byte_size, help="Host memory budget, e.g. 200GiB.")
 @click.option("--disk-mem", callback=byte_size, help="Disk budget in the offload dir, e.g. 1.5TB.")

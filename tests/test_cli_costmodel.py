@@ -60,6 +60,20 @@ def test_plan_memory_overrides_change_the_plan(group: FlexrunGroup) -> None:
     assert small["placement"]["weights"]["disk"] > 0.1 and big["placement"]["weights"]["disk"] < 1e-3
 
 
+def test_plan_gen_len_0_plans_a_scoring_pass(group: FlexrunGroup) -> None:
+    """--gen-len 0: the prefill-only pass `flexrun score` runs (no KV cache kept), no decode in the lines."""
+    args = ["plan", "-m", "opt-1.3b", "--hardware", "cpu", "--host-mem", "1GiB", "--prompt-len", "512"]
+    scored = run(*args, "--gen-len", "0", command=group)
+    assert scored.exit_code == 0, scored.output
+    assert "workload:   score 512 tokens (prefill only" in scored.output and "decode" not in scored.output
+    data = json.loads(run(*args, "--gen-len", "0", "--json", command=group).output)
+    generated = json.loads(run(*args, "--gen-len", "32", "--json", command=group).output)
+    assert data["gen_len"] == 0 and data["prediction"]["throughput_tok_s"] > 0
+    # Without a cache to keep, the weights get more of the same host budget.
+    assert data["placement"]["weights"]["host"] > generated["placement"]["weights"]["host"]
+    assert run(*args, "--gen-len", "-1", command=group).exit_code == 2
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
