@@ -43,21 +43,45 @@ def hf(path: Path, ids: list[int], gen: int) -> tuple[float, float, float]:
 
 
 def llama_cpp(path: Path, ids: list[int], gen: int, threads: int) -> tuple[float, float, float]:
-    import llama_cpp  # type: ignore[import-not-found]
+    """llama.cpp through its low-level API (llama_batch, llama_decode), as llamacpp_batched.py drives it: the
+    high-level ``Llama.eval`` of a multi-token prompt segfaulted on an AMX machine (ggml's AMX int8 kernels),
+    with or without its repacked weight buffers; plain CPU buffers, greedy argmax."""
+    import llama_cpp as L  # type: ignore[import-not-found]
+    import numpy as np
+    from llamacpp_batched import fill
 
-    # use_extra_bufts=False: plain CPU buffers (its repacked AMX buffers crashed on an AMX machine, issue 23).
-    llm = llama_cpp.Llama(str(path), n_threads=threads, n_ctx=len(ids) + gen + 8, verbose=False, use_extra_bufts=False)
-    llm.eval(ids[:4])  # warm-up
-    llm.reset()
+    L.llama_backend_init()
+    mp = L.llama_model_default_params()
+    mp.use_extra_bufts = False  # plain CPU buffers (the repacked ones crashed on an AMX machine, issue 23)
+    model = L.llama_model_load_from_file(str(path).encode(), mp)
+    cp = L.llama_context_default_params()
+    cp.n_ctx = len(ids) + gen + 8
+    cp.n_batch = cp.n_ubatch = max(len(ids), 8)
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = L.llama_init_from_model(model, cp)
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    batch = L.llama_batch_init(cp.n_batch, 0, 1)
+
+    def decode(tokens: list[int], at: int) -> int:
+        fill(batch, [(t, at + i, 0, i == len(tokens) - 1) for i, t in enumerate(tokens)])
+        if L.llama_decode(ctx, batch) != 0:
+            raise SystemExit("llama_decode failed")
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, len(tokens) - 1), shape=(n_vocab,))
+        return int(logits.argmax())
+
+    decode(ids[:4], 0)  # warm-up, then a fresh sequence
+    L.llama_memory_clear(L.llama_get_memory(ctx), True)
     start = time.perf_counter()
-    llm.eval(ids)
-    tok = llm.sample(temp=0.0)
+    tok = decode(ids, 0)
     first = time.perf_counter() - start
     start, cpu = time.perf_counter(), time.process_time()
-    for _ in range(gen - 1):
-        llm.eval([tok])
-        tok = llm.sample(temp=0.0)
-    return first, (gen - 1) / (time.perf_counter() - start), (time.process_time() - cpu) / (gen - 1)
+    for step in range(gen - 1):
+        tok = decode([tok], len(ids) + step)
+    result = first, (gen - 1) / (time.perf_counter() - start), (time.process_time() - cpu) / (gen - 1)
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    return result
 
 
 if __name__ == "__main__":
