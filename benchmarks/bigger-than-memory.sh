@@ -69,7 +69,9 @@ flexrun_side() {
         >"$log" 2>&1 || rc=$?
       cat "$log" >>"$raw"
       if [[ $rc != 0 ]]; then
-        echo "| $case | $label | run $r exited $rc (137: killed by the kernel): $(tail -1 "$log") | | | | | |"
+        why=$(grep -m1 '^Error: ' "$log" | cut -c1-300 || true)
+        [[ $rc == 137 ]] && why="killed by the kernel (SIGKILL)"
+        echo "| $case | $label | run $r exited $rc: ${why:-$(tail -1 "$log")} | | | | | |"
         continue
       fi
       decode=$(field "$log" "decode latency" '{for (i = 1; i <= NF; i++) if ($i == "throughput:") print $(i + 1)}')
