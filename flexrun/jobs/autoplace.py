@@ -242,6 +242,7 @@ def build_engine(
     refused: BudgetError | None = None
     # Weights are compressed when the store is converted: the placement says what the store holds.
     compress_weight = store.weight_compression
+    fell = ""
     if planned is not None and planned.host_budget is not None and opts.placement.planned:
         # Planned before the store opened: converting it (a GGUF file's reader and transformers' modules, which
         # stay imported) may have grown this process since, and the host budget is what it may hold less that.
@@ -249,28 +250,9 @@ def build_engine(
         if now < planned.host_budget:
             fell = f"{format_bytes(planned.host_budget)} to {format_bytes(now)}"
             log.info("the host budget fell from %s since the plan; planning again", fell)
-            try:
-                planned = choose_placement(
-                    cfg,
-                    opts.placement,
-                    opts.budgets,
-                    prompt_len,
-                    gen_len,
-                    num_prompts,
-                    opts.offload_dir,
-                    None,
-                    compress_weight,
-                    reasons=planned.reasons,
-                )
-            except PlacementError as exc:
-                raise PlacementError(
-                    f"{exc}; the host budget fell from {fell} while the model's store was opened (a conversion "
-                    "leaves its reader's modules in this process): the store is cached now, so running the "
-                    "same command again starts with the budget this plan had"
-                ) from None
     for _ in range(_REPLANS + 1):
         try:
-            if planned is None or reserve:
+            if planned is None or reserve or fell:
                 again = choose_placement(
                     cfg,
                     opts.placement,
@@ -283,8 +265,14 @@ def build_engine(
                     compress_weight,
                     reasons=planned.reasons if planned else (),
                 )
-                planned = again
-        except PlacementError:
+                planned, fell = again, ""
+        except PlacementError as exc:
+            if fell:
+                raise PlacementError(
+                    f"{exc}; the host budget fell from {fell} while the model's store was opened (a conversion "
+                    "leaves its reader's modules in this process): the store is cached now, so running the "
+                    "same command again starts with the budget this plan had"
+                ) from None
             if refused is None:
                 raise
             raise refused from None  # the runtime's exact figures say more than the planner's on less
