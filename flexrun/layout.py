@@ -27,6 +27,7 @@ MATMUL_SLOTS = ("qkv_w", "out_w", "gate_w", "fc1_w", "fc2_w")
 GATHERED = ("embed_tokens", "embed_positions")
 GATHER_BUFFER = 1 << 20  # bytes of each such table's read buffer (runs of rows longer than that are read in parts)
 EXPERT_PREFIX = "expert"  # an expert's slots are expert{e}_gate_w, expert{e}_fc1_w, expert{e}_fc2_w
+KV_STAGE_BYTES = 32 << 20  # host bytes a disk-resident KV cache may stage ahead through (``kv_stage_depth``)
 
 
 @dataclass(frozen=True)
@@ -196,3 +197,17 @@ def active_params(cfg: OptConfig) -> int:
     """Parameters one token computes with: all but the experts it is not routed to."""
     unused = (cfg.num_experts - cfg.experts_per_token) * expert_bytes(cfg) * cfg.num_hidden_layers
     return (cfg.model_bytes() - unused) // cfg.dtype_bytes
+
+
+def kv_stage_depth(num_batches: int, slot_bytes: float, device_is_host: bool) -> int:
+    """Staging turns a disk-resident KV cache reads through, each one micro-batch's K and V of one layer.
+
+    A small cache read queued behind a streamed weight read waits for it (tens of milliseconds on a virtual
+    disk, measured in issue 25), so on a CPU every micro-batch of the next layer is read at once: a turn per
+    micro-batch and one for the micro-batch computing, within ``KV_STAGE_BYTES``. Where staging also takes
+    device memory (CUDA) the cache is double-buffered.
+    """
+    if not device_is_host:
+        return 2
+    fits = int(KV_STAGE_BYTES // max(2 * slot_bytes, 1))
+    return max(2, min(num_batches + 1, fits))

@@ -33,11 +33,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from flexrun import diskio
 from flexrun.config import OptConfig
 from flexrun.costmodel.affine import Affine, Key
 from flexrun.costmodel.hardware import HardwareSpec
 from flexrun.costmodel.hotset import LARGEST, WHOLE, hot_terms
-from flexrun.layout import active_layer_bytes, expected_experts, expert_bytes, stack_layout
+from flexrun.layout import active_layer_bytes, expected_experts, expert_bytes, kv_stage_depth, stack_layout
 from flexrun.placement import TIERS
 
 KINDS = ("weights", "cache", "activations")
@@ -402,6 +403,7 @@ def cost_terms(
     device += Affine.share("activations", off_device, b * S * h_tok)
     # The disk's double buffer holds the largest group on disk: the next largest until the largest goes too.
     nl, lg = hot.hot.next_largest * per_layer * l, hot.hot.largest * per_layer * l
+    stage_turns = kv_stage_depth(nb, diskio.padded(math.ceil(slot)), hw.device_is_host)
     ex = expert_bytes(cfg) * w_frac if cfg.moe else 0.0  # experts stream through arenas of their own
     arena = Affine(0.0, {WHOLE: 2 * (nl + ex), LARGEST: 2 * (lg - nl)})
     host = (
@@ -409,7 +411,7 @@ def cost_terms(
         + arena
         + Affine.share("weights", ["disk"], hot.buffer_bytes)  # the gathered tables' read buffers
         + Affine.share("cache", ["host"], cache_total)
-        + Affine.share("cache", ["disk"], 4 * slot)
+        + Affine.share("cache", ["disk"], 2 * stage_turns * slot)  # the disk cache's staging turns, K and V
         + Affine.share("activations", ["host"], acts_total)
     )
     if compress_weight == "int4" and cpu_kernels:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -390,23 +392,29 @@ class Engine(StackRunner):
 
 
 class _CacheWalk:
-    """The block's KV cache in schedule order (layer-major, micro-batch minor), each one's fetch started
-    while the one before is in use."""
+    """The block's KV cache in schedule order (layer-major, micro-batch minor), the fetches of the next ones
+    (as many as the cache has staging turns to spare: ``KVCache.depth``) started while one is in use."""
 
     def __init__(self, cache: KVCache, sizes: list[int], windows: list[int], past: int) -> None:
         """``windows``: each layer's attention window (0: global), so a windowed layer reads only its window."""
         self.cache, self.sizes, self.past, self.windows = cache, sizes, past, windows
         self._order = [(i, j) for i in range(len(windows)) for j in range(len(sizes))]
-        self._at = 0
-        self._fut = cache.fetch(0, 0, sizes[0], past, windows[0])
+        self._started = 0
+        self._ahead: deque[Future[tuple[KV, int]]] = deque()
+        self._start()
+
+    def _start(self) -> None:
+        """Start fetches until ``depth - 1`` are in flight: with the one in use, they take every staging turn."""
+        while self._started < len(self._order) and len(self._ahead) < self.cache.depth - 1:
+            i, j = self._order[self._started]
+            self._ahead.append(self.cache.fetch(i, j, self.sizes[j], self.past, self.windows[i]))
+            self._started += 1
 
     def next(self) -> tuple[KV, int]:
-        """The next micro-batch's buffers (k, v) and staging turn, for ``KVCache.store``."""
-        got = self._fut.result()
-        self._at += 1
-        if self._at < len(self._order):
-            i, j = self._order[self._at]
-            self._fut = self.cache.fetch(i, j, self.sizes[j], self.past, self.windows[i])
+        """The next micro-batch's buffers (k, v) and staging turn, for ``KVCache.store`` (called before the
+        next ``next``: the fetch started here may reuse the turn of the one before)."""
+        got = self._ahead.popleft().result()
+        self._start()
         return got
 
 

@@ -15,7 +15,11 @@ class IOPool:
     Both modes run the same tasks in the same order, so they produce identical results.
     """
 
-    def __init__(self, overlap: bool, threads: int = 4) -> None:
+    # Enough for a group's weight load, a layer's KV cache reads (``layout.kv_stage_depth``) and the writes
+    # behind them to be in flight together: the threads wait in system calls, not on the interpreter.
+    THREADS = 8
+
+    def __init__(self, overlap: bool, threads: int = THREADS) -> None:
         self.overlap = overlap
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flexrun-io") if overlap else None
 

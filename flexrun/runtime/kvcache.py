@@ -5,8 +5,9 @@ Row ``t`` holds every sequence's key (value) at position ``t``, so appending a t
 write and reading positions [0, t) is one contiguous read, in memory and on disk alike. Each (layer,
 micro-batch) has one slot sized for the largest micro-batch; a smaller micro-batch uses a prefix of it.
 What a row holds is the format's business (``runtime.kvformat``): the cache moves rows as bytes.
-Disk slots are files in the offload dir, read with O_DIRECT into two reusable staging buffers so that
-the next micro-batch's cache loads while this one computes. A layer with a sliding window shorter than the
+Disk slots are files in the offload dir, read with O_DIRECT into reusable staging buffers so that
+the next micro-batches' cache loads while this one computes: on a CPU every micro-batch of a layer at once
+(``layout.kv_stage_depth``), two on CUDA. A layer with a sliding window shorter than the
 run keeps on disk only a ring of the last ``window`` rows (row t at t mod the ring's rows), read whole and
 put back in place in the staging buffer; the staging rows before the window keep another slot's (finite)
 values, which the window's mask hides.
@@ -29,6 +30,7 @@ import torch
 
 from flexrun import diskio
 from flexrun.errors import PlacementError
+from flexrun.layout import kv_stage_depth
 from flexrun.placement import Shares
 from flexrun.runtime.iopool import IOPool, done
 from flexrun.runtime.kvformat import KVFormat
@@ -88,19 +90,21 @@ class KVCache:
         for i, tier in enumerate(self.tiers):
             size = 2 * (self.region[i] if tier == "disk" else self.slot_bytes)
             ledger.add(tier, "kv cache", num_batches * size)
+        # Staging turns: each holds one micro-batch's K and V of one layer (``depth - 1`` reads in flight).
+        self.depth = kv_stage_depth(num_batches, diskio.padded(self.slot_bytes), not self.staged)
         if any(self.ring):  # a ring read whole, then its rows put in place
-            ledger.add("host", "kv ring buffers", 4 * max(self.ring))
+            ledger.add("host", "kv ring buffers", 2 * self.depth * max(self.ring))
         # Staging: host buffers for disk slots; on CUDA also device buffers for host and disk slots.
         self._needs_host_staging = any(t == "disk" for t in self.tiers)
         self._needs_gpu_staging = self.staged and any(t != "device" for t in self.tiers)
         if self._needs_host_staging:
-            ledger.add("host", "kv staging", 4 * diskio.padded(self.slot_bytes))
+            ledger.add("host", "kv staging", 2 * self.depth * diskio.padded(self.slot_bytes))
         if self._needs_gpu_staging:
-            ledger.add("device", "kv staging", 4 * self.slot_bytes)
+            ledger.add("device", "kv staging", 2 * self.depth * self.slot_bytes)
         self._host_stage: list[KV] = []
         self._ring_stage: list[KV] = []
         self._gpu_stage: list[KV] = []
-        self._stage_pending: list[Future[None] | None] = [None, None]
+        self._stage_pending: list[Future[None] | None] = [None] * self.depth
         self._turn = 0
 
     def allocate(self) -> None:
@@ -127,14 +131,14 @@ class KVCache:
             size = diskio.padded(self.slot_bytes)
             # Zeroed once: rows a windowed read skips must hold finite values (masked, they weigh 0).
             buf = self.mover.host_buffer
-            self._host_stage = [(buf(size).zero_(), buf(size).zero_()) for _ in range(2)]
+            self._host_stage = [(buf(size).zero_(), buf(size).zero_()) for _ in range(self.depth)]
         if any(self.ring):
             size = max(self.ring)
-            self._ring_stage = [(diskio.aligned_empty(size), diskio.aligned_empty(size)) for _ in range(2)]
+            self._ring_stage = [(diskio.aligned_empty(size), diskio.aligned_empty(size)) for _ in range(self.depth)]
         if self._needs_gpu_staging:
             self._gpu_stage = [
                 tuple(torch.empty(self.slot_elems, dtype=self.dtype, device=self.device) for _ in range(2))  # type: ignore[misc]
-                for _ in range(2)
+                for _ in range(self.depth)
             ]
 
     def _shape(self, flat: torch.Tensor, b: int) -> torch.Tensor:
@@ -162,7 +166,7 @@ class KVCache:
             k, v = self._resident[(i, j)]
             return done(((self._shape(k, b), self._shape(v, b)), -1))
         turn = self._turn
-        self._turn ^= 1
+        self._turn = (turn + 1) % self.depth
         # The device buffer of this turn was last read by compute enqueued before now, and last copied out
         # by the latest store: the copy in waits for both.
         after = (self.mover.mark(), self._last_store) if self.staged and not on_host else ()
