@@ -5,7 +5,8 @@ GGUF file mmap-ed (the kernel pages it) unless --no-mmap.
     python benchmarks/llamacpp_batched.py MODEL.gguf N S GEN THREADS [--no-mmap]
 
 Prints one markdown row: case, side, decode tok/s, overall tok/s (generated tokens over prefill + decode),
-peak RSS (VmHWM, which counts the mapped file's resident pages).
+peak RSS (VmHWM, which counts the mapped file's resident pages), and the bytes the process had read from
+the disk per decode step (/proc/self/io read_bytes, which counts the mapping's page faults).
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ from pathlib import Path
 
 import llama_cpp as L
 import numpy as np
+
+
+def read_bytes() -> int:
+    """Bytes this process has had read from storage (its page faults on the mapping included)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
 
 
 def fill(batch: L.llama_batch, entries: list[tuple[int, int, int, bool]]) -> None:
@@ -71,13 +80,14 @@ def main() -> None:
     if L.llama_decode(ctx, batch) != 0:
         sys.exit("llama_decode failed on the prompts")
     last = [argmax(q * a.s + a.s - 1) for q in range(a.n)]
-    t_decode = time.perf_counter()
+    t_decode, read_before = time.perf_counter(), read_bytes()
     for step in range(a.gen - 1):
         fill(batch, [(last[q], a.s + step, q, True) for q in range(a.n)])
         if L.llama_decode(ctx, batch) != 0:
             sys.exit(f"llama_decode failed at step {step}")
         last = [argmax(q) for q in range(a.n)]
     end = time.perf_counter()
+    per_step = (read_bytes() - read_before) / max(a.gen - 1, 1)
     decode, total = end - t_decode, end - start
     # The first new token comes from the prefill; the GEN - 1 others from the decode steps.
     peak = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
@@ -87,7 +97,7 @@ def main() -> None:
     side = f"llama.cpp {a.model.name}" + (" (no mmap)" if a.no_mmap else "")
     print(
         f"| {a.n} x p{a.s} g{a.gen} | {side} | {a.n * (a.gen - 1) / decode:.2f} | {a.n * a.gen / total:.2f} "
-        f"| {peak / 2**20:.0f} MiB | | mmap | |"
+        f"| {peak / 2**20:.0f} MiB | {per_step / 2**30:.3f} GiB |"
     )
 
 

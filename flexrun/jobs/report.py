@@ -125,7 +125,12 @@ def summary_text(cfg: OptConfig, placement: Placement, stats: RunStats, pooling:
         per_step = _experts(cfg, stats)["experts_read_per_layer_step"]
         lines.append(f"experts: {per_step:.2f} of {cfg.num_experts} read per layer per decode step")
     lines += [
-        f"disk read: {format_bytes(stats.disk_bytes_read)} ({io})",
+        f"disk read: {format_bytes(stats.disk_bytes_read)} ({io})"
+        + (
+            f", {format_bytes(stats.decode_bytes_read // stats.decode_steps)} per decode step"
+            if stats.decode_steps and stats.decode_bytes_read
+            else ""
+        ),
         "planned memory: " + ", ".join(_planned(tier, b, stats) for tier, b in planned.items() if b),
         f"planned peak resident memory: {format_bytes(stats.planned_peak)} (the process's baseline "
         f"{format_bytes(max(stats.planned_peak - planned.get('host', 0), 0))} and the host tier's plan)",
