@@ -10,7 +10,6 @@ the next group's weights load on the I/O threads.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -29,7 +28,7 @@ from flexrun.runtime.iopool import IOPool
 from flexrun.runtime.kvformat import kv_format
 from flexrun.runtime.malloc import release_large_frees
 from flexrun.runtime.stats import RunStats, current_rss, device_peak, peak_rss, reset_device_peak, reset_peak_rss
-from flexrun.runtime.tiers import RUNTIME_RSS, Budgets, Ledger, compute_device, make_workdir
+from flexrun.runtime.tiers import RUNTIME_RSS, Budgets, Ledger, compute_device, make_workdir, release_workdir
 from flexrun.runtime.transfer import Mover
 from flexrun.runtime.weights import WeightManager
 from flexrun.units import format_bytes
@@ -168,7 +167,7 @@ class StackRunner:
     def close(self) -> None:
         self.pool.shutdown()
         self.mover.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        release_workdir(self.workdir)
 
     def __enter__(self: R) -> R:
         return self

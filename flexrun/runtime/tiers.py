@@ -8,7 +8,9 @@ between the two.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -224,13 +226,68 @@ def budget_fix(tier: str, have: int, offload_dir: Path | None = None) -> str:
     return f"move shares off {tier} or raise --{tier}-mem"
 
 
+# A run's workdir holds this file locked while the run lives: one whose lock can be taken was left by a run
+# that was killed (SIGKILL, the kernel's OOM killer, a lost machine), and the next run removes it.
+WORKDIR_LOCK = ".flexrun-run.lock"
+_held: dict[Path, int] = {}  # this process's workdirs: the descriptor holding each one's lock
+
+
 def make_workdir(root: Path, prefix: str) -> Path:
-    """A fresh temporary directory under the offload root ``root`` for one run's disk-resident tensors."""
+    """A fresh temporary directory under the offload root ``root`` for one run's disk-resident tensors, locked
+    while this process holds it (``release_workdir`` removes it); the workdirs of killed runs are removed first."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+        sweep_stale_workdirs(root)
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+        # Locked under another name, then renamed: a sweep never sees the lock file unlocked.
+        fd = os.open(path / f"{WORKDIR_LOCK}.new", os.O_CREAT | os.O_RDWR, 0o600)
     except OSError as exc:
         raise PlacementError(f"offload dir {root} is not usable: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(path / f"{WORKDIR_LOCK}.new", path / WORKDIR_LOCK)
+    except OSError:  # a filesystem without locks: the dir is still this run's, it is just not swept if killed
+        log.debug("cannot lock %s; it will not be swept if this run is killed", path)
+    _held[path] = fd
+    return path
+
+
+def release_workdir(path: Path) -> None:
+    """Remove a workdir ``make_workdir`` made, and let go of its lock."""
+    shutil.rmtree(path, ignore_errors=True)
+    fd = _held.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def sweep_stale_workdirs(root: Path) -> int:
+    """Remove the workdirs under ``root`` that runs now dead left behind (their lock is free); returns the bytes
+    freed. A directory without flexrun's lock file is never touched, nor one a live run (of any process,
+    another container's included, where the filesystem shares locks) holds."""
+    freed, dirs = 0, 0
+    for lock in root.glob(f"*/{WORKDIR_LOCK}"):
+        path = lock.parent
+        if path in _held:
+            continue
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: the run is alive
+            os.close(fd)
+            continue
+        try:
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+        if not path.exists():
+            freed, dirs = freed + size, dirs + 1
+    if dirs:
+        log.warning("removed %d offload dir(s) that killed runs left in %s (%s)", dirs, root, format_bytes(freed))
+    return freed
 
 
 def disk_free(path: Path) -> int:
