@@ -250,7 +250,6 @@ def plan_cmd(
     import torch
 
     from flexrun.costmodel.choice import compute_dtype_candidates
-    from flexrun.costmodel.machine import hardware_for
     from flexrun.costmodel.prediction import kind_bytes
     from flexrun.costmodel.search import plan
     from flexrun.errors import PlacementError
@@ -279,7 +278,15 @@ def plan_cmd(
         budgets = Budgets(device=device_mem, host=host_mem, disk=disk_mem, ranks=local)
         tiers, sources = budgets.described(offload_root(None), cuda)
         baseline: int | None = budgets.host_budget().baseline
-        hw = hardware_for(None).with_memory(
+        # Its compute corrected from a probe of one of the model's layers here (measured now the first time);
+        # not for tensor-parallel ranks, whose runs are not recorded either.
+        from flexrun.costmodel.layerprobe import JobShape
+        from flexrun.jobs.calibration import machine_hardware
+        from flexrun.runtime.tiers import compute_device
+
+        here = with_compute_dtype(cfg, compute_dtype, compute_device())
+        job = JobShape(prompt_len, gen_len, block_size=max_block_size, num_prompts=max_block_size)
+        hw = machine_hardware(None, None, here if tp == 1 else None, job).with_memory(
             device=tiers["device"] if cuda else None, host=tiers["host"], disk=tiers["disk"]
         )
     else:

@@ -1,6 +1,7 @@
 """The calibration cache: one file per machine fingerprint holding its measured spec, its disks (one entry
-per filesystem) and the runs recorded since (predicted against measured per phase), from which the planner
-corrects its constants.
+per filesystem), its probes of real layers (``costmodel.layerprobe``, one per layer shape, dtype and shape
+bucket) and the runs recorded since (predicted against measured per phase), from which the planner corrects
+its constants.
 
 A file is ``<cache dir>/calibration/<fingerprint key>.json``. A calibration whose fingerprint does not
 match this machine's is never read (another key); a new calibration starts the run records afresh (they
@@ -35,6 +36,7 @@ MAX_CORRECTION = 4.0
 # What bounds a phase, as the corrections group them: the compute of each phase, the disk, the links
 # between host and device.
 CLASSES = ("prefill compute", "decode compute", "disk", "link")
+MAX_PROBES = 100  # probe records kept, newest last
 
 
 def calibration_dir() -> Path:
@@ -114,6 +116,7 @@ class Calibration:
     spec: HardwareSpec
     disks: dict[str, DiskFigures] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)
+    probes: dict[str, dict[str, Any]] = field(default_factory=dict)  # by ``layerprobe.probe_key``
 
     @property
     def path(self) -> Path:
@@ -129,6 +132,7 @@ class Calibration:
             "spec": self.spec.to_dict(),
             "disks": {k: d.to_dict() for k, d in self.disks.items()},
             "runs": self.runs[-MAX_RUNS:],
+            "probes": dict(list(self.probes.items())[-MAX_PROBES:]),
         }
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -140,27 +144,56 @@ class Calibration:
         self.runs.append({"when": time.strftime("%Y-%m-%dT%H:%M:%S"), **run})
         self.save()
 
-    def corrections(self) -> dict[str, tuple[float, int]]:
-        """{class: (measured / predicted factor, records it rests on)} from the recent runs recorded on a quiet
-        machine (``busy``), bounded."""
-        ratios: dict[str, list[float]] = {c: [] for c in CLASSES}
-        for run in [r for r in self.runs if not busy(r)][-RECENT:]:
-            for phase in run.get("phases", {}).values():
-                try:
-                    predicted, measured = float(phase["predicted_s"]), float(phase["measured_s"])
-                    cls = str(phase["class"])
-                except (KeyError, TypeError, ValueError):
-                    continue
-                if cls in ratios and predicted > 0 and measured > 0:
-                    ratios[cls].append(math.log(measured / predicted))
+    def corrections(self, probe: dict[str, Any] | None = None) -> dict[str, tuple[float, int]]:
+        """{class: (measured / predicted factor, run records it rests on)} from the recent runs recorded on a
+        quiet machine (``busy``), bounded.
+
+        The median of n records is shrunk by n / (n + 1) toward a seed: no change, or, given ``probe`` (a
+        probe record of the job's layer, ``jobs.layerprobe``), the probe's factor for each compute class,
+        which then only runs of that layer in that dtype move (other models' overheads differ)."""
+        seeds = _probe_logs(probe)
+        quiet = [r for r in self.runs if not busy(r)]
+        ratios = _log_ratios(quiet[-RECENT:])
+        if seeds and probe is not None:
+            same = [r for r in quiet if r.get("layer") == probe.get("layer") and r.get("dtype") == probe.get("dtype")]
+            ratios.update({c: logs for c, logs in _log_ratios(same[-RECENT:]).items() if c in seeds})
         out: dict[str, tuple[float, int]] = {}
+        bound = math.log(MAX_CORRECTION)
         for cls, logs in ratios.items():
-            if logs:
-                n = len(logs)
-                shrunk = statistics.median(logs) * n / (n + 1)
-                bound = math.log(MAX_CORRECTION)
+            if logs or cls in seeds:
+                n, seed = len(logs), seeds.get(cls, 0.0)
+                shrunk = seed + (statistics.median(logs) - seed) * n / (n + 1) if logs else seed
                 out[cls] = (math.exp(max(-bound, min(bound, shrunk))), n)
         return out
+
+
+def _log_ratios(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """log(measured / predicted) of every phase of ``runs``, by class."""
+    ratios: dict[str, list[float]] = {c: [] for c in CLASSES}
+    for run in runs:
+        for phase in run.get("phases", {}).values():
+            try:
+                predicted, measured = float(phase["predicted_s"]), float(phase["measured_s"])
+                cls = str(phase["class"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if cls in ratios and predicted > 0 and measured > 0:
+                ratios[cls].append(math.log(measured / predicted))
+    return ratios
+
+
+def _probe_logs(probe: dict[str, Any] | None) -> dict[str, float]:
+    """log(measured / predicted) of a probe record's phases by compute class, bounded before any run weighs in
+    (a wild probe moves a constant no further than wild runs could); {} without a probe."""
+    bound, seeds = math.log(MAX_CORRECTION), {}
+    for phase, figures in (probe or {}).get("phases", {}).items():
+        try:
+            ratio = float(figures["measured_s"]) / float(figures["predicted_s"])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            continue
+        if ratio > 0:
+            seeds[f"{phase} compute"] = max(-bound, min(bound, math.log(ratio)))
+    return seeds
 
 
 def load(fingerprint: dict[str, str]) -> Calibration | None:
@@ -181,7 +214,8 @@ def load(fingerprint: dict[str, str]) -> Calibration | None:
         spec = HardwareSpec.from_dict(dict(data["spec"]), origin=str(path))
         disks = {str(k): DiskFigures.from_dict(v) for k, v in dict(data.get("disks", {})).items()}
         runs = [r for r in data.get("runs", []) if isinstance(r, dict)]
+        probes = {str(k): p for k, p in dict(data.get("probes", {})).items() if isinstance(p, dict)}
     except (ConfigError, KeyError, TypeError, ValueError) as exc:
         log.warning("ignoring calibration %s: %s", path, exc)
         return None
-    return Calibration(dict(fingerprint), spec, disks, runs)
+    return Calibration(dict(fingerprint), spec, disks, runs, probes)

@@ -213,9 +213,11 @@ def cost_terms(
     compress_weight: bool | str = False,
     compress_cache: bool | str = False,
     cpu_cache_compute: bool = False,
+    head: bool = True,
 ) -> CostTerms:
     """The cost model's affine terms for this batch shape and these options (shares left free). ``gen_len`` 0:
-    a scorer's pass (prefill only, nothing generated), which keeps no KV cache."""
+    a scorer's pass (prefill only, nothing generated), which keeps no KV cache. ``head`` False leaves out the
+    LM head's share of each layer's compute: the layers alone, as a probe of one layer times them."""
     hw = hw.for_dtype(cfg.run_dtype)  # the compute rates of the dtype the model runs in
     cpu_cache_compute = cpu_cache_compute and not hw.device_is_host  # the host *is* the device there
     dt, h, l = cfg.dtype_bytes, cfg.hidden_size, cfg.num_hidden_layers
@@ -254,12 +256,13 @@ def cost_terms(
     mm_p = max(2 * B * s * _linear_params(cfg) / tp / hw.mm_flops_prefill, nb * weight_read)
     mm_rate_d = hw.mm_decode_rate(B)
     mm_d = max(2 * B * _linear_params(cfg) / tp / mm_rate_d, active_layer_bytes(cfg, B) / tp / hw.device_mem_bw)
-    head = 2 * B * _head_params(cfg) / tp / l / mm_rate_d  # logits of the last position only
+    head_params = _head_params(cfg) if head else 0
+    head_s = 2 * B * head_params / tp / l / mm_rate_d  # logits of the last position only
     # A weight stored in another dtype than the compute dtype is converted as each matmul reads it, chunk by
     # chunk (``kernels.cpu.linear``): a pass reading it and writing its copy per call. A prefill calls each
     # matmul (and the head) once per micro-batch, a decode step once: fewer, bigger micro-batches convert less.
     if cfg.run_dtype != cfg.dtype and not compress_weight:
-        params = _linear_params(cfg) + _head_params(cfg) / l
+        params = _linear_params(cfg) + head_params / l
         upcast = params / tp * (dt + cfg.run_dtype_bytes) / hw.device_mem_bw
         mm_p, mm_d = mm_p + nb * upcast, mm_d + upcast
     attn_p = 4 * B * s * s * h / tp / hw.bmm_flops_prefill  # Q K^T and P V over (s, s) per head
@@ -336,7 +339,7 @@ def cost_terms(
             "device->host": link("device->host", [a_p["device->host"], c_p["device->host"]]),
             "host->disk": link("host->disk", [a_p["host->disk"], c_p["host->disk"]]),
         },
-        compute=mm_pre + (head + attn_p + quant_w + quant_p + reduce_p),  # prefill attention runs on the device
+        compute=mm_pre + (head_s + attn_p + quant_w + quant_p + reduce_p),  # prefill attention runs on the device
         host_compute=Affine(),
     )
 
@@ -369,7 +372,7 @@ def cost_terms(
         }
     decode = PhaseTerms(
         links={name: link(name, parts) for name, parts in decode_links.items()},
-        compute=mm_dec + (head + quant_w + quant_d + reduce_d) + dev_attn,
+        compute=mm_dec + (head_s + quant_w + quant_d + reduce_d) + dev_attn,
         host_compute=host_attn,
     )
 

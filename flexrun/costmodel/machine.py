@@ -5,6 +5,8 @@ filesystem, its constants corrected by the runs recorded since.
 ``$FLEXRUN_HARDWARE`` when set (a preset or a JSON file), else this machine's calibration from the cache
 (``calcache``) when its fingerprint matches, else a short calibration run now (seconds, a progress line on
 stderr) that is cached for the next job. Presets are for planning another machine (``--hardware t4``).
+A job that knows its model also probes one of its layers first (``jobs.layerprobe``), and plans with
+``machine_spec(entry, offload_dir, probe)``: the compute corrected from that probe on.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import IO, Any
 import torch
 
 from flexrun.costmodel import calcache
-from flexrun.costmodel.calcache import Calibration, DiskFigures, bound_class
+from flexrun.costmodel.calcache import MAX_CORRECTION, Calibration, DiskFigures, bound_class
 from flexrun.costmodel.calibrate import FIRST, measure_disk, measure_machine
 from flexrun.costmodel.hardware import COMPUTE_RATES, HardwareSpec, load_hardware
 from flexrun.costmodel.machine_id import filesystem_key, machine_fingerprint
@@ -49,8 +51,11 @@ def _scaled(rates: Mapping[str, float], keys: tuple[str, ...], factor: float) ->
     return {k: (v / factor if k in keys else v) for k, v in rates.items()}
 
 
-def corrected(spec: HardwareSpec, factors: Mapping[str, tuple[float, int]]) -> HardwareSpec:
-    """``spec`` with each class's constants divided by its measured/predicted factor (``Calibration.corrections``)."""
+def corrected(
+    spec: HardwareSpec, factors: Mapping[str, tuple[float, int]], probe: Mapping[str, Any] | None = None
+) -> HardwareSpec:
+    """``spec`` with each class's constants divided by its measured/predicted factor (``Calibration.corrections``);
+    ``probe``, the probe record the compute factors started from, is named in the source."""
     pre = factors.get("prefill compute", (1.0, 0))[0]
     dec = factors.get("decode compute", (1.0, 0))[0]
     disk = factors.get("disk", (1.0, 0))[0]
@@ -75,10 +80,28 @@ def corrected(spec: HardwareSpec, factors: Mapping[str, tuple[float, int]]) -> H
         "device_to_host_bw": spec.device_to_host_bw / link,
         "device_to_host_cache_bw": spec.device_to_host_cache_bw and spec.device_to_host_cache_bw / link,
     }
-    used = [f"{c} x{f:.2f} ({n} run{'s' if n != 1 else ''})" for c, (f, n) in factors.items() if n]
+    probed = {f"{p} compute" for p in (probe or {}).get("phases", {})}
+    source = spec.source + (_probe_note(probe) if probe else "")
+    used = [
+        f"{c} x{f:.2f} ({'the probe and ' if c in probed else ''}{n} run{'s' if n != 1 else ''}"
+        + (" of this layer)" if c in probed else ")")
+        for c, (f, n) in factors.items()
+        if n
+    ]
     if used:
-        changes["source"] = f"{spec.source}; corrected by recorded runs: {', '.join(used)}"
+        source += f"; corrected by recorded runs: {', '.join(used)}"
+    changes["source"] = source
     return dataclasses.replace(spec, **changes)
+
+
+def _probe_note(probe: Mapping[str, Any]) -> str:
+    """The source's note of a probe: the layer's model, dtype, shape and date, and its factors (bounded)."""
+    ratios = []
+    for phase, f in probe.get("phases", {}).items():
+        bounded = max(1 / MAX_CORRECTION, min(MAX_CORRECTION, f["measured_s"] / f["predicted_s"]))
+        ratios.append(f"{phase} x{bounded:.2f}")
+    where = ", ".join(str(probe[k]) for k in ("dtype", "described", "when") if probe.get(k))
+    return f"; compute probed on one {probe.get('model', '?')} layer ({where}): {', '.join(ratios)}"
 
 
 def _with_disk(spec: HardwareSpec, disk: DiskFigures, where: str) -> HardwareSpec:
@@ -161,17 +184,28 @@ def hardware_for(
         return load_hardware(named)
     entry = machine_calibration(offload_dir, stderr=stderr)
     assert entry is not None
+    return machine_spec(entry, offload_dir)
+
+
+def machine_spec(
+    entry: Calibration, offload_dir: str | Path | None = None, probe: dict[str, Any] | None = None
+) -> HardwareSpec:
+    """``entry``'s spec with the offload filesystem's disk, corrected by ``probe`` (a probe record of the job's
+    layer, ``jobs.layerprobe``; None: none) and the recorded runs, with this process's memory and free disk."""
     _PLANNED["load"] = machine_load()[0]  # before this job's own threads load the machine
-    hw = corrected(base_spec(entry, offload_dir), entry.corrections())
-    probe = offload_root(offload_dir)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return hw.with_memory(host=process_memory().total, disk=int(shutil.disk_usage(probe).free))
+    hw = corrected(base_spec(entry, offload_dir), entry.corrections(probe), probe)
+    where = offload_root(offload_dir)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return hw.with_memory(host=process_memory().total, disk=int(shutil.disk_usage(where).free))
 
 
-def run_record(prediction: Any, stats: Any, placement: Any, cfg_name: str, dtype: str) -> dict[str, Any] | None:
+def run_record(
+    prediction: Any, stats: Any, placement: Any, cfg_name: str, dtype: str, layer: str = ""
+) -> dict[str, Any] | None:
     """The record of one run: predicted (by the uncorrected spec) against measured, per phase, with the
-    class that bounds each; None when the run is too short to say anything."""
+    class that bounds each; None when the run is too short to say anything. ``layer``: the model's
+    ``layerprobe.layer_key``, which the runs that refine a probe's factors are matched by."""
     if stats.total_s < MIN_RECORD_S or stats.blocks < 1:
         return None
     phases: dict[str, dict[str, Any]] = {}
@@ -192,6 +226,8 @@ def run_record(prediction: Any, stats: Any, placement: Any, cfg_name: str, dtype
         return None
     load, cores = machine_load()
     record = {"model": cfg_name, "dtype": dtype, "placement": placement.describe(), "phases": phases}
+    if layer:
+        record["layer"] = layer
     # The machine's load, so that corrections can leave out runs taken while other work filled it (``busy``).
     start = _PLANNED.pop("load", None)
     record |= {"load_end": round(load, 2), "cores": cores, "threads": torch.get_num_threads()}

@@ -21,11 +21,11 @@ import torch
 from flexrun.config import OptConfig
 from flexrun.costmodel.choice import compute_dtype_candidates
 from flexrun.costmodel.hardware import PRESETS
-from flexrun.costmodel.machine import hardware_for
+from flexrun.costmodel.layerprobe import JobShape
 from flexrun.costmodel.prediction import predict
 from flexrun.costmodel.search import plan
 from flexrun.errors import BudgetError, PlacementError
-from flexrun.jobs.calibration import per_rank
+from flexrun.jobs.calibration import machine_hardware, per_rank
 from flexrun.jobs.options import AUTO, EngineOptions, ModelOptions, PlacementRequest
 from flexrun.jobs.tp import announce
 from flexrun.parallel import SLICE_FIX, current, slice_bytes, sliced_at_load
@@ -331,10 +331,11 @@ def choose_placement(
     tiers = budgets.resolved(root, has_cuda)
     host_source = budgets.host_budget().source
     tiers = {t: max(b - (reserve or {}).get(t, 0), 0) for t, b in tiers.items()}
-    hw = hardware_for(request.hardware, offload_dir)
+    gbs, nb = request.gpu_batch_size, request.num_gpu_batches
+    job = JobShape(prompt_len, gen_len, gbs, gbs * nb if gbs and nb else None, num_prompts)
+    hw = machine_hardware(request.hardware, offload_dir, cfg, job)
     hw = per_rank(hw.with_memory(device=tiers["device"] if has_cuda else None, host=tiers["host"], disk=tiers["disk"]))
     fixed = {k: getattr(request, k) for k in KINDS if getattr(request, k) is not None}
-    gbs = request.gpu_batch_size
     # A block bigger than the job only pads; with a micro-batch count given, the size is what it caps.
     max_block = num_prompts if num_prompts and gbs is None else None
     cache = None if request.compress_cache == AUTO else request.compress_cache

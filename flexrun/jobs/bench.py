@@ -10,6 +10,7 @@ from typing import IO, Any
 import torch
 
 from flexrun.config import OptConfig
+from flexrun.costmodel.layerprobe import JobShape
 from flexrun.jobs.autoplace import build_engine, plan_job
 from flexrun.jobs.calibration import job_hardware, record_run
 from flexrun.jobs.options import EngineOptions
@@ -46,7 +47,9 @@ def run_bench(opts: EngineOptions, prompt_len: int, gen_len: int, stderr: IO[str
         n = engine.placement.block_size
         prompts = torch.randint(4, cfg.vocab_size, (n, prompt_len), generator=gen).tolist()
         _, stats, _ = engine.generate(prompts, SamplingParams(max_new_tokens=gen_len, stop_at_eos=False))
-    hw = job_hardware(settled.opts)  # as the planner stands before this run corrects it
+    # As the planner stands before this run corrects it, its compute probed on this model at this shape.
+    pl = engine.placement
+    hw = job_hardware(settled.opts, engine.cfg, JobShape(prompt_len, gen_len, pl.gpu_batch_size, pl.block_size, n))
     roof = roofline(engine.cfg, engine.placement, stats, hw, prompt_len, gen_len)
     record_run(settled.opts, engine.cfg, engine.placement, stats, prompt_len, gen_len)
     return BenchResult(engine.cfg, engine.placement, stats, roof, plan_line)
